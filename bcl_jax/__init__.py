@@ -1,0 +1,1 @@
+"""bcl_jax: backward-compatible representation learning for image retrieval."""

@@ -1,0 +1,1 @@
+"""Datasets: built-in synthetic benchmark, image folders, and the input pipeline."""

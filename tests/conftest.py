@@ -1,0 +1,12 @@
+"""Test set-up: 8 fake CPU devices, so that sharded code runs as on a real slice."""
+import os
+
+# Must be set before jax initialises its backends.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
