@@ -1,0 +1,105 @@
+"""Checkpoints (orbax) and atomic result files: whatever a run has written survives a crash.
+
+A checkpoint holds four items: `weights` (params and BatchNorm statistics: all that a later
+stage needs to use the model), `train` (step, optimizer state, NaN flag), `data` (the input
+iterator's position) and `meta` (stage, model description, seconds trained). Orbax writes each
+step to a temporary folder and renames it when complete, so a killed run resumes from the last
+complete step.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def write_atomic(path: str, text: str | bytes):
+    """Writes a file so that readers see the old content or the new, never a torn one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    mode = 'wb' if isinstance(text, bytes) else 'w'
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-')
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+def _check_meta(saved: dict, expected: dict, directory: str):
+    """A checkpoint of another architecture, size or class count stops with what differs."""
+    diffs = []
+    for key in ('model', 'num_classes'):
+        if key not in expected:
+            continue
+        want, got = expected[key], saved.get(key)
+        if isinstance(want, dict):
+            diffs += [f'{key}.{k}: checkpoint has {got.get(k)!r}, config says {v!r}'
+                      for k, v in want.items() if got.get(k) != v]
+        elif got != want:
+            diffs.append(f'{key}: checkpoint has {got!r}, config says {want!r}')
+    if diffs:
+        raise ValueError(f'checkpoint {directory} does not match the config:\n  '
+                         + '\n  '.join(diffs)
+                         + '\nFix the config to match the checkpoint, or point to the right one.')
+
+
+class Checkpointer:
+    """Thin wrapper over orbax's CheckpointManager for one training stage."""
+
+    def __init__(self, directory: str, *, max_to_keep: int | None, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               read_only=read_only,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=('weights', 'train', 'data', 'meta'))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: dict, data_state: dict, meta: dict):
+        weights = dict(params=state['params'], batch_stats=state['batch_stats'])
+        train = {k: v for k, v in state.items() if k not in weights}
+        self._manager.save(step, args=ocp.args.Composite(
+            weights=ocp.args.StandardSave(weights), train=ocp.args.StandardSave(train),
+            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()
+
+    def _meta(self, step: int, expected: dict) -> dict:
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+        _check_meta(meta, expected, self.directory)
+        return meta
+
+    def restore(self, step: int, state: dict, expected_meta: dict):
+        """(state, data_state, meta) at `step`, onto the shardings of the template `state`."""
+        meta = self._meta(step, expected_meta)
+        weights = dict(params=state['params'], batch_stats=state['batch_stats'])
+        train = {k: v for k, v in state.items() if k not in weights}
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            weights=ocp.args.StandardRestore(_abstract(weights)),
+            train=ocp.args.StandardRestore(_abstract(train)), data=ocp.args.JsonRestore()))
+        return dict(out['train'], **out['weights']), out['data'], meta
+
+    def restore_weights(self, step: int, weights: dict, expected_meta: dict):
+        """(weights, meta) only: what using a finished model needs."""
+        meta = self._meta(step, expected_meta)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            weights=ocp.args.StandardRestore(_abstract(weights))))
+        return out['weights'], meta
+
+    def close(self):
+        self._manager.close()

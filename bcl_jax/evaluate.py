@@ -1,0 +1,88 @@
+"""Retrieval evaluation of old and new models: old/old, new/new and new/old (METHOD.md §7).
+
+Each model embeds the query and the gallery set once; every test is then a pair of embedding
+sets. new/old ("cross-test") searches the old gallery with new queries: the deployment without
+backfilling that bcl_jax exists for. The update gain puts new/old on the scale from old/old (0)
+to an independently trained new model's new/new (1).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from bcl_jax import metrics
+from bcl_jax.data import pipeline
+
+PRIMARY_METRIC = 'mAP'
+
+
+def embed_batches(model, source, *, mesh, batch_size: int):
+    """Yields (embeddings, labels, valid) global arrays, batch by batch, sharded over the mesh."""
+    embed_fn = model.embed_fn(mesh)
+    for batch, valid in pipeline.eval_batches(source, global_batch=batch_size):
+        batch = pipeline.to_global(dict(batch, valid=valid), mesh)
+        yield embed_fn(model.params, model.batch_stats, batch['image']), batch['label'], \
+            batch['valid']
+
+
+def embed(model, source, *, mesh, batch_size: int) -> np.ndarray:
+    """(N, D) float32 embeddings of the whole source, in order, on every host."""
+    chunks = []
+    for emb, _, valid in embed_batches(model, source, mesh=mesh, batch_size=batch_size):
+        emb, valid = multihost_utils.process_allgather((emb, valid), tiled=True)
+        chunks.append(np.asarray(emb)[np.asarray(valid)])
+    return np.concatenate(chunks)
+
+
+def update_gain(new_old: float, old_old: float, reference_new_new: float) -> float:
+    """(new/old − old/old) / (new*/new* − old/old); NaN when the reference does not beat old/old."""
+    denominator = reference_new_new - old_old
+    return float((new_old - old_old) / denominator) if denominator > 0 else float('nan')
+
+
+def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
+    """Metrics of old/old and, per method, new/new and new/old, plus update gains."""
+    def embeddings(model):
+        return tuple(embed(model, s, mesh=mesh, batch_size=eval_cfg.batch_size)
+                     for s in (data.query, data.gallery))
+
+    def test(queries, gallery):
+        m = metrics.retrieval_metrics(queries, np.asarray(data.query.labels), gallery,
+                                      np.asarray(data.gallery.labels), ks=tuple(eval_cfg.ks),
+                                      query_block=eval_cfg.query_block)
+        return {k: float(v) for k, v in m.items()}
+
+    old_q, old_g = embeddings(old)
+    results = dict(primary_metric=PRIMARY_METRIC, old_old=test(old_q, old_g), methods={})
+    for name, model in new_models.items():
+        new_q, new_g = embeddings(model)
+        results['methods'][name] = dict(new_new=test(new_q, new_g), new_old=test(new_q, old_g),
+                                        train_seconds=model.seconds)
+    reference = results['methods'].get('independent')
+    for r in results['methods'].values():
+        r['compatible'] = r['new_old'][PRIMARY_METRIC] > results['old_old'][PRIMARY_METRIC]
+        r['update_gain'] = (float('nan') if reference is None else update_gain(
+            r['new_old'][PRIMARY_METRIC], results['old_old'][PRIMARY_METRIC],
+            reference['new_new'][PRIMARY_METRIC]))
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The results table: one row per test, the primary metric and Recall@K as percentages."""
+    old_old = results['old_old']
+    keys = [PRIMARY_METRIC] + sorted((k for k in old_old if k.startswith('recall@')),
+                                     key=lambda k: int(k.split('@')[1]))
+    head = '| model | test | ' + ' | '.join(keys) + ' | update gain | train s |'
+    lines = [head, '|' + '---|' * (len(keys) + 4)]
+
+    def row(name, test, m, gain='', seconds=''):
+        return f'| {name} | {test} | ' + ' | '.join(f'{100 * m[k]:.2f}' for k in keys) + \
+            f' | {gain} | {seconds} |'
+
+    lines.append(row('old', 'old/old', old_old))
+    for name, r in results['methods'].items():
+        gain = '' if np.isnan(r['update_gain']) else f"{r['update_gain']:.3f}"
+        lines.append(row(name, 'new/new', r['new_new'], seconds=f"{r['train_seconds']:.0f}"))
+        lines.append(row(name, 'new/old', r['new_old'], gain=gain))
+    return '\n'.join(lines) + '\n'

@@ -1,0 +1,68 @@
+"""Class-mean prototype banks (METHOD.md §2): computed by segment sums, stored, reused.
+
+A prototype is the L2-normalised mean of a class's L2-normalised embeddings. The old bank is
+computed once with the frozen old model over the new training set and stored in the work
+directory as `.npy` beside a JSON file naming the old model's weights; a rerun reuses it, and a
+different old model recomputes it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from bcl_jax import checkpoint
+from bcl_jax.evaluate import embed_batches
+
+
+@jax.jit(static_argnames='num_classes')
+def class_sums(emb, labels, valid, *, num_classes: int):
+    """Per-class sums of embeddings and counts; rows with valid=False are ignored."""
+    w = valid.astype(emb.dtype)
+    sums = jax.ops.segment_sum(emb * w[:, None], labels, num_segments=num_classes)
+    counts = jax.ops.segment_sum(w, labels, num_segments=num_classes)
+    return sums, counts
+
+
+def class_means(sums, counts, *, what: str = 'prototype bank'):
+    """Normalised class means; a class without a single image is an error that names it."""
+    counts = np.asarray(counts)
+    if (counts == 0).any():
+        empty = np.flatnonzero(counts == 0)[:10].tolist()
+        raise ValueError(f'{what}: classes {empty} have no images, so they have no prototype')
+    means = np.asarray(sums) / counts[:, None]
+    return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+
+
+def compute(model, source, *, num_classes: int, mesh, batch_size: int) -> np.ndarray:
+    """The (C, D) prototype bank of `model` over `source`, one pass, sums kept on device."""
+    sums = counts = 0
+    for emb, labels, valid in embed_batches(model, source, mesh=mesh, batch_size=batch_size):
+        s, c = class_sums(emb, labels, valid, num_classes=num_classes)
+        sums, counts = sums + s, counts + c
+    return class_means(jax.device_get(sums), jax.device_get(counts))
+
+
+def old_bank(old, source, *, num_classes: int, workdir: str, mesh, batch_size: int):
+    """The old prototypes over the new training set, from the work directory when current."""
+    path = os.path.join(workdir, 'prototypes', 'old.npy')
+    identity = dict(old_model=old.identity(), num_classes=num_classes, num_images=len(source))
+    if os.path.exists(path + '.json') and os.path.exists(path):
+        with open(path + '.json') as f:
+            if json.load(f) == identity:
+                logging.info('old prototypes: reusing %s', path)
+                return np.load(path)
+        logging.info('old prototypes: %s was made by another old model or data; recomputing', path)
+    bank = compute(old, source, num_classes=num_classes, mesh=mesh, batch_size=batch_size)
+    if jax.process_index() == 0:
+        buf = io.BytesIO()
+        np.save(buf, bank)
+        checkpoint.write_atomic(path, buf.getvalue())
+        checkpoint.write_atomic(path + '.json', json.dumps(identity, indent=1))
+    logging.info('old prototypes: %d classes x %d dims -> %s', *bank.shape, path)
+    return bank

@@ -1,0 +1,309 @@
+"""The training loop of bcl_jax, for an old model or a compatible new model.
+
+One function, `train`, read top to bottom: set-up, model and optimizer, sharding, the step
+function, resume, the loop, shutdown. A new model differs from an old one only by the loss
+terms that its method switches on (`METHOD_TERMS`) and by what those terms read: the frozen old
+model and the prototype bank, passed to the step as `aux`. A refresh hook may replace `aux`
+every `refresh_every` steps (NDPP/ODPP perturb the bank there).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bcl_jax import checkpoint, losses
+from bcl_jax.data import pipeline
+from bcl_jax.models.heads import build_model
+
+# The loss terms, besides L_cls, that each method adds with weight config.compat.weight.
+METHOD_TERMS = {
+    'independent': (),
+    'bct': ('comp',),
+    'bct_influence': ('influence',),
+    'l2': ('l2',),
+}
+
+
+@dataclasses.dataclass
+class Trained:
+    """A model's graph and weights, enough to embed images or score classes."""
+    graphdef: Any
+    params: Any
+    batch_stats: Any
+    model_cfg: Any
+    num_classes: int
+    step: int
+    seconds: float = 0.0
+    _embed_fns: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def embed_fn(self, mesh):
+        """A jitted `(params, batch_stats, images) -> embeddings`, images sharded over `mesh`."""
+        if mesh not in self._embed_fns:
+            replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+            graphdef = self.graphdef
+            self._embed_fns[mesh] = jax.jit(
+                lambda params, stats, images: nnx.merge(graphdef, params, stats).embed(images),
+                in_shardings=(replicated, replicated, rows), out_shardings=rows)
+        return self._embed_fns[mesh]
+
+    def identity(self) -> str:
+        """A digest of the weights: names this exact model in prototype banks and results."""
+        h = hashlib.sha256()
+        for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(
+                (self.params, self.batch_stats)), key=lambda kv: jax.tree_util.keystr(kv[0])):
+            h.update(jax.tree_util.keystr(path).encode())
+            h.update(np.asarray(leaf).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _describe(model_cfg) -> dict:
+    return {k: model_cfg[k] for k in ('arch', 'width', 'depth', 'embedding_dim', 'head')}
+
+
+def total_steps(train_cfg, num_examples: int) -> tuple[int, float]:
+    """(steps, steps_per_epoch) of a stage."""
+    per_epoch = num_examples / train_cfg.batch_size
+    steps = train_cfg.steps or int(round(train_cfg.epochs * per_epoch))
+    if steps < 1:
+        raise ValueError('the training stage has 0 steps: raise epochs/steps or lower batch_size')
+    return steps, per_epoch
+
+
+def make_optimizer(train_cfg, steps_per_epoch: float):
+    """SGD with momentum, L2 weight decay added to the gradient (as torch SGD), step schedule."""
+    boundaries = {int(round(e * steps_per_epoch)): train_cfg.lr_drop_factor
+                  for e in train_cfg.lr_drop_epochs}
+    schedule = optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
+    if train_cfg.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, train_cfg.learning_rate, train_cfg.warmup_steps),
+             schedule], [train_cfg.warmup_steps])
+    tx = optax.chain(optax.add_decayed_weights(train_cfg.weight_decay),
+                     optax.sgd(schedule, momentum=train_cfg.momentum))
+    return tx, schedule
+
+
+def init_model(model_cfg, num_classes: int, seed: int):
+    model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(seed))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, params.to_pure_dict(), stats.to_pure_dict()
+
+
+def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None):
+    """The pure step `(state, batch, aux) -> (state, metrics)`; jit it with shardings."""
+    head = dict(kind=model_cfg.head, scale=model_cfg.scale, margin=model_cfg.margin)
+
+    def loss_fn(params, batch_stats, batch, aux):
+        model = nnx.merge(graphdef, params, batch_stats)
+        emb, logits = model(batch['image'], train=True)
+        labels = batch['label']
+        terms = {'cls': losses.classification_loss(logits, labels, **head)}
+        if 'comp' in weights:
+            terms['comp'] = losses.compatibility_loss(
+                emb, labels, aux['prototypes'], temperature=compat_cfg.temperature,
+                positive_prototypes=aux.get('positive_prototypes'))
+        if 'influence' in weights:
+            old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
+            terms['influence'] = losses.influence_loss(
+                old_model.classifier(emb), labels, aux['old_label'], kind=old.model_cfg.head,
+                scale=old.model_cfg.scale, margin=old.model_cfg.margin)
+        if 'l2' in weights:
+            old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
+            old_emb = jax.lax.stop_gradient(old_model(batch['image'], train=False)[0])
+            terms['l2'] = losses.l2_loss(emb, old_emb)
+        total = terms['cls'] + sum(weights[k] * terms[k] for k in weights)
+        new_stats = nnx.split(model, nnx.Param, nnx.BatchStat)[2].to_pure_dict()
+        return total, (terms, new_stats)
+
+    def train_step(state, batch, aux):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (total, (terms, new_stats)), grads = grad_fn(state['params'], state['batch_stats'],
+                                                     batch, aux)
+        updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+        # Remember the first step whose loss was not finite; the host checks it at each log.
+        bad = ~jnp.isfinite(total)
+        first_bad = jnp.where((state['first_nonfinite_step'] < 0) & bad, state['step'],
+                              state['first_nonfinite_step'])
+        new_state = dict(state, step=state['step'] + 1,
+                         params=optax.apply_updates(state['params'], updates),
+                         batch_stats=new_stats, opt_state=opt_state,
+                         first_nonfinite_step=first_bad)
+        return new_state, dict(terms, loss=total)
+
+    return train_step
+
+
+def make_mesh(mesh_cfg):
+    n = jax.device_count() if mesh_cfg.data == -1 else mesh_cfg.data
+    if n != jax.device_count():
+        raise ValueError(f'config.mesh.data={mesh_cfg.data} does not match the '
+                         f'{jax.device_count()} devices; use -1 for all devices')
+    return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class _Log:
+    """metrics.jsonl + TensorBoard + a progress line; only process 0 writes."""
+
+    def __init__(self, directory: str, stage: str, resume_step: int):
+        self.stage, self.writer = stage, None
+        self.path = os.path.join(directory, 'metrics.jsonl')
+        if jax.process_index() != 0:
+            return
+        # Drop lines a killed run wrote after its last checkpoint: they are about to be redone.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+            checkpoint.write_atomic(self.path, ''.join(kept))
+        from tensorboardX import SummaryWriter  # TF-free event writer
+        self.writer = SummaryWriter(os.path.join(directory, 'tb'))
+
+    def write(self, record: dict):
+        if self.writer is None:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        for k, v in record.items():
+            if isinstance(v, float):
+                self.writer.add_scalar(f'{self.stage}/{k}', v, record['step'])
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _check_finite(state, stage: str, ckpt_dir: str):
+    bad = int(state['first_nonfinite_step'])
+    if bad >= 0:
+        raise FloatingPointError(
+            f'[{stage}] the loss became NaN or Inf at step {bad}. The last good checkpoint is in '
+            f'{ckpt_dir}; lower the learning rate or check the data, then rerun to resume.')
+
+
+def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes: int,
+          mesh, seed: int, data_cfg, ckpt_cfg, log_every_steps: int, method: str = 'independent',
+          compat_cfg=None, old: Trained | None = None, aux: dict | None = None,
+          refresh: Callable[[int, dict, dict], dict] | None = None,
+          stop_after_steps: int | None = None) -> Trained:
+    """Trains (or resumes, or just loads a finished) model of one stage; returns it."""
+    # ---------------------------------------------------------------- set-up
+    if method not in METHOD_TERMS:
+        raise ValueError(f'unknown method {method!r}; known: {sorted(METHOD_TERMS)}')
+    weights = {t: compat_cfg.weight for t in METHOD_TERMS[method]}
+    if weights and old is None:
+        raise ValueError(f'method {method!r} needs the old model')
+    pipeline.check_source(source, f'{stage} training set')
+    directory = os.path.join(workdir, stage)
+    steps, per_epoch = total_steps(train_cfg, len(source))
+    batch = train_cfg.batch_size
+    pipeline.local_batch_size(batch)  # fails early on a batch the devices cannot split
+
+    # ---------------------------------------------------------------- model + optimizer
+    graphdef, params, stats = init_model(model_cfg, num_classes, seed)
+    tx, schedule = make_optimizer(train_cfg, per_epoch)
+    state = dict(step=jnp.int32(0), params=params, batch_stats=stats,
+                 opt_state=tx.init(params), first_nonfinite_step=jnp.int32(-1))
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+
+    # ---------------------------------------------------------------- sharding
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P('data'))
+    state = jax.device_put(state, replicated)
+    aux = jax.device_put(dict(aux or {}), replicated)
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, weights=weights, model_cfg=model_cfg,
+                        compat_cfg=compat_cfg, old=old),
+        in_shardings=(replicated, data_sharding, replicated),
+        out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+    # ---------------------------------------------------------------- resume
+    ckpt = checkpoint.Checkpointer(os.path.join(directory, 'ckpt'),
+                                   max_to_keep=ckpt_cfg.max_to_keep)
+    meta = dict(stage=stage, model=_describe(model_cfg), num_classes=num_classes,
+                total_steps=steps, method=method)
+    stream = pipeline.train_stream(source, global_batch=batch, seed=seed,
+                                   crop_padding=data_cfg.crop_padding, flip=data_cfg.flip,
+                                   num_threads=data_cfg.num_threads)
+    start, seconds = 0, 0.0
+    if ckpt.latest_step() is not None:
+        state, data_state, saved = ckpt.restore(ckpt.latest_step(), state, meta)
+        stream.set_state(data_state)
+        start, seconds = int(state['step']), saved.get('seconds', 0.0)
+        logging.info('[%s] resumed at step %d/%d from %s', stage, start, steps, ckpt.directory)
+    if start >= steps:
+        ckpt.close()
+        return Trained(graphdef, state['params'], state['batch_stats'], model_cfg, num_classes,
+                       start, seconds)
+    logging.info('[%s] method=%s params=%s steps=%d (%.1f epochs of %d images) global batch=%d '
+                 '(%d per device on %d devices)', stage, method, f'{num_params:,}', steps,
+                 steps / per_epoch, len(source), batch, batch // jax.device_count(),
+                 jax.device_count())
+
+    # ---------------------------------------------------------------- loop
+    log = _Log(directory, stage, start)
+    end = steps if stop_after_steps is None else min(steps, stop_after_steps)
+    pending, t_log, step_log = [], time.time(), start
+    for step in range(start, end):
+        if refresh is not None:
+            aux = refresh(step, state, aux)
+        images = pipeline.to_global(next(stream), mesh)
+        state, metrics = step_fn(state, images, aux)
+        pending.append(metrics)
+        done = step + 1
+        if done % log_every_steps == 0 or done == end:
+            _check_finite(state, stage, ckpt.directory)
+            now = time.time()
+            seconds += now - t_log
+            means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+            rate = (done - step_log) * batch / (now - t_log)
+            eta = (steps - done) * batch / max(rate, 1e-9)
+            log.write(dict(stage=stage, step=done, lr=float(schedule(done - 1)),
+                           images_per_sec=rate, **means))
+            logging.info('[%s] %d/%d %s lr %.4g | %.0f img/s | ETA %s', stage, done, steps,
+                         ' '.join(f'{k} {v:.4f}' for k, v in means.items()),
+                         float(schedule(done - 1)), rate, _hms(eta))
+            pending, t_log, step_log = [], now, done
+        if done % ckpt_cfg.every_steps == 0 or done == steps:
+            _check_finite(state, stage, ckpt.directory)
+            ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
+
+    # ---------------------------------------------------------------- shutdown
+    log.close()
+    ckpt.close()
+    return Trained(graphdef, state['params'], state['batch_stats'], model_cfg, num_classes,
+                   int(state['step']), seconds)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def load(directory: str, model_cfg, num_classes: int, mesh) -> Trained:
+    """A finished model from a stage's checkpoint directory (e.g. a given old model)."""
+    graphdef, params, stats = init_model(model_cfg, num_classes, seed=0)
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f'no checkpoint in {directory}: give the directory that holds '
+                                'the numbered step folders of a finished old-model run')
+    target = jax.device_put(dict(params=params, batch_stats=stats), NamedSharding(mesh, P()))
+    weights, meta = ckpt.restore_weights(step, target, dict(model=_describe(model_cfg),
+                                                            num_classes=num_classes))
+    ckpt.close()
+    return Trained(graphdef, weights['params'], weights['batch_stats'], model_cfg, num_classes,
+                   step, meta.get('seconds', 0.0))
