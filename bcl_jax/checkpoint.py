@@ -21,6 +21,9 @@ def write_atomic(path: str, text: str | bytes):
     mode = 'wb' if isinstance(text, bytes) else 'w'
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-')
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode of a plain open(); mkstemp's is 0600
         with os.fdopen(fd, mode) as f:
             f.write(text)
             f.flush()

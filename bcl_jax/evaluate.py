@@ -35,10 +35,10 @@ def embed(model, source, *, mesh, batch_size: int) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def update_gain(new_old: float, old_old: float, reference_new_new: float) -> float:
-    """(new/old − old/old) / (new*/new* − old/old); NaN when the reference does not beat old/old."""
+def update_gain(new_old: float, old_old: float, reference_new_new: float) -> float | None:
+    """(new/old − old/old) / (new*/new* − old/old); None when the reference does not beat old/old."""
     denominator = reference_new_new - old_old
-    return float((new_old - old_old) / denominator) if denominator > 0 else float('nan')
+    return float((new_old - old_old) / denominator) if denominator > 0 else None
 
 
 def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
@@ -62,7 +62,7 @@ def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
     reference = results['methods'].get('independent')
     for r in results['methods'].values():
         r['compatible'] = r['new_old'][PRIMARY_METRIC] > results['old_old'][PRIMARY_METRIC]
-        r['update_gain'] = (float('nan') if reference is None else update_gain(
+        r['update_gain'] = (None if reference is None else update_gain(
             r['new_old'][PRIMARY_METRIC], results['old_old'][PRIMARY_METRIC],
             reference['new_new'][PRIMARY_METRIC]))
     return results
@@ -82,7 +82,7 @@ def markdown(results: dict) -> str:
 
     lines.append(row('old', 'old/old', old_old))
     for name, r in results['methods'].items():
-        gain = '' if np.isnan(r['update_gain']) else f"{r['update_gain']:.3f}"
+        gain = '' if r['update_gain'] is None else f"{r['update_gain']:.3f}"
         lines.append(row(name, 'new/new', r['new_new'], seconds=f"{r['train_seconds']:.0f}"))
         lines.append(row(name, 'new/old', r['new_old'], gain=gain))
     return '\n'.join(lines) + '\n'

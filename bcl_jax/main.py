@@ -69,7 +69,7 @@ def run(config, workdir: str) -> dict:
     table = evaluate.markdown(results)
     if jax.process_index() == 0:
         checkpoint.write_atomic(os.path.join(workdir, 'results.json'),
-                                json.dumps(results, indent=1))
+                                json.dumps(results, indent=1, allow_nan=False))
         checkpoint.write_atomic(os.path.join(workdir, 'results.md'), table)
     print(table, flush=True)
     return results

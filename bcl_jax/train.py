@@ -84,14 +84,21 @@ def total_steps(train_cfg, num_examples: int) -> tuple[int, float]:
 
 
 def make_optimizer(train_cfg, steps_per_epoch: float):
-    """SGD with momentum, L2 weight decay added to the gradient (as torch SGD), step schedule."""
-    boundaries = {int(round(e * steps_per_epoch)): train_cfg.lr_drop_factor
-                  for e in train_cfg.lr_drop_epochs}
-    schedule = optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
-    if train_cfg.warmup_steps:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, train_cfg.learning_rate, train_cfg.warmup_steps),
-             schedule], [train_cfg.warmup_steps])
+    """SGD with momentum, L2 weight decay added to the gradient (as torch SGD), step schedule.
+
+    Drops count absolute steps (a warmup does not delay them); drops that fall on one step
+    compound.
+    """
+    boundaries = {}
+    for epoch in train_cfg.lr_drop_epochs:
+        at = int(round(epoch * steps_per_epoch))
+        boundaries[at] = boundaries.get(at, 1.0) * train_cfg.lr_drop_factor
+    drops = optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
+    warmup = train_cfg.warmup_steps
+
+    def schedule(count):
+        return drops(count) * (jnp.minimum(1.0, count / warmup) if warmup else 1.0)
+
     tx = optax.chain(optax.add_decayed_weights(train_cfg.weight_decay),
                      optax.sgd(schedule, momentum=train_cfg.momentum))
     return tx, schedule
@@ -100,7 +107,7 @@ def make_optimizer(train_cfg, steps_per_epoch: float):
 def init_model(model_cfg, num_classes: int, seed: int):
     model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(seed))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, params.to_pure_dict(), stats.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
 def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None):
@@ -126,7 +133,7 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
             old_emb = jax.lax.stop_gradient(old_model(batch['image'], train=False)[0])
             terms['l2'] = losses.l2_loss(emb, old_emb)
         total = terms['cls'] + sum(weights[k] * terms[k] for k in weights)
-        new_stats = nnx.split(model, nnx.Param, nnx.BatchStat)[2].to_pure_dict()
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return total, (terms, new_stats)
 
     def train_step(state, batch, aux):
@@ -134,12 +141,14 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
         (total, (terms, new_stats)), grads = grad_fn(state['params'], state['batch_stats'],
                                                      batch, aux)
         updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-        # Remember the first step whose loss was not finite; the host checks it at each log.
-        bad = ~jnp.isfinite(total)
-        first_bad = jnp.where((state['first_nonfinite_step'] < 0) & bad, state['step'],
+        params = optax.apply_updates(state['params'], updates)
+        # Remember the first step (counted from 1, as in the logs) whose loss or weights are not
+        # finite; the host checks it at each log and before each checkpoint.
+        finite = jnp.isfinite(total) & jnp.all(jnp.array(
+            [jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+        first_bad = jnp.where((state['first_nonfinite_step'] < 0) & ~finite, state['step'] + 1,
                               state['first_nonfinite_step'])
-        new_state = dict(state, step=state['step'] + 1,
-                         params=optax.apply_updates(state['params'], updates),
+        new_state = dict(state, step=state['step'] + 1, params=params,
                          batch_stats=new_stats, opt_state=opt_state,
                          first_nonfinite_step=first_bad)
         return new_state, dict(terms, loss=total)
@@ -190,8 +199,8 @@ def _check_finite(state, stage: str, ckpt_dir: str):
     bad = int(state['first_nonfinite_step'])
     if bad >= 0:
         raise FloatingPointError(
-            f'[{stage}] the loss became NaN or Inf at step {bad}. The last good checkpoint is in '
-            f'{ckpt_dir}; lower the learning rate or check the data, then rerun to resume.')
+            f'[{stage}] the loss or the weights became NaN or Inf at step {bad}. The last good '
+            f'checkpoint is in {ckpt_dir}; lower the learning rate or check the data, then rerun to resume.')
 
 
 def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes: int,

@@ -42,8 +42,8 @@ def base_config():
       num_threads=2,
       synthetic=config_dict.ConfigDict(dict(
           seed=0,  # the benchmark itself: which classes and images exist
-          train_families=40, test_families=10, siblings_per_family=10,
-          train_images_per_class=40, test_images_per_class=20, queries_per_class=5,
+          train_families=100, siblings_per_family=10, test_siblings_per_family=2,
+          train_images_per_class=10, test_images_per_class=10, queries_per_class=3,
           coarse_bases=24, fine_bases=24, sibling_scale=0.35, nuisance_scale=0.3,
           noise_scale=0.15, max_shift=3)),
       folder=config_dict.ConfigDict(dict(

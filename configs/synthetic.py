@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.methods = ('independent', 'bct')
     if arg == 'smoke':
         s = c.data.synthetic
-        s.train_families, s.test_families, s.siblings_per_family = 4, 2, 4
+        s.train_families, s.siblings_per_family, s.test_siblings_per_family = 4, 4, 2
         s.train_images_per_class, s.test_images_per_class, s.queries_per_class = 8, 6, 2
         c.data.image_size = 16
         for stage in (c.old, c.new):

@@ -14,9 +14,11 @@ random gain, an image-specific nuisance pattern (`nuisance_scale`) and pixel noi
 (`noise_scale`), so that a class is a distribution rather than one picture.
 
 Difficulty. `sibling_scale` sets how close siblings are (smaller: closer, harder);
-`nuisance_scale` and `noise_scale` set the intra-class spread. Test classes are new families and
-new siblings drawn from the same bases, disjoint from the training classes, so evaluation measures
-how well the learned features transfer to unseen classes, as in image retrieval.
+`nuisance_scale` and `noise_scale` set the intra-class spread. Test classes are new siblings
+(`test_siblings_per_family` per family) of the training families: classes that no model has
+seen, disjoint from the training classes, in the categories the models were trained on — as a
+product-search gallery gets new products of known kinds. Retrieving them needs the fine features
+that separate siblings, which a weak old model trained on few classes lacks.
 """
 from __future__ import annotations
 
@@ -33,12 +35,12 @@ class SyntheticSpec:
 
   seed: int = 0
   image_size: int = 32
-  train_families: int = 40
-  test_families: int = 10
+  train_families: int = 100
   siblings_per_family: int = 10
-  train_images_per_class: int = 40
-  test_images_per_class: int = 20
-  queries_per_class: int = 5
+  test_siblings_per_family: int = 2
+  train_images_per_class: int = 10
+  test_images_per_class: int = 10
+  queries_per_class: int = 3
   coarse_bases: int = 24
   fine_bases: int = 24
   sibling_scale: float = 0.35
@@ -52,7 +54,7 @@ class SyntheticSpec:
           f'queries_per_class={self.queries_per_class} must be between 1 and '
           f'test_images_per_class-1={self.test_images_per_class - 1} so that every test class '
           'has both queries and gallery images.')
-    for name in ('train_families', 'test_families', 'siblings_per_family',
+    for name in ('train_families', 'test_siblings_per_family', 'siblings_per_family',
                  'train_images_per_class', 'coarse_bases', 'fine_bases', 'image_size'):
       if getattr(self, name) < 1:
         raise ValueError(f'synthetic data: {name} must be >= 1, got {getattr(self, name)}')
@@ -83,16 +85,17 @@ class SyntheticBenchmark:
     self.coarse = _gratings(rng, spec.coarse_bases, spec.image_size, max_freq=3)
     self.fine = _gratings(rng, spec.fine_bases, spec.image_size, max_freq=6)
     self.nuisance = _gratings(rng, spec.coarse_bases, spec.image_size, max_freq=4)
-    self.patterns = {_TRAIN: self._class_patterns(rng, spec.train_families),
-                     _TEST: self._class_patterns(rng, spec.test_families)}
+    family = (rng.normal(size=(spec.train_families, spec.coarse_bases))
+              / np.sqrt(spec.coarse_bases)) @ self.coarse
+    self.patterns = {_TRAIN: self._sibling_patterns(rng, family, spec.siblings_per_family),
+                     _TEST: self._sibling_patterns(rng, family, spec.test_siblings_per_family)}
 
-  def _class_patterns(self, rng, families):
+  def _sibling_patterns(self, rng, family, siblings):
+    """(families * siblings, pixels): each family's pattern plus a faint pattern per sibling."""
     s = self.spec
-    family_codes = rng.normal(size=(families, s.coarse_bases)) / np.sqrt(s.coarse_bases)
-    sibling_codes = rng.normal(size=(families, s.siblings_per_family, s.fine_bases))
-    sibling_codes /= np.sqrt(s.fine_bases)
-    pattern = (family_codes @ self.coarse)[:, None] + s.sibling_scale * (sibling_codes @ self.fine)
-    return pattern.reshape(families * s.siblings_per_family, -1).astype(np.float32)
+    codes = rng.normal(size=(len(family), siblings, s.fine_bases)) / np.sqrt(s.fine_bases)
+    pattern = family[:, None] + s.sibling_scale * (codes @ self.fine)
+    return pattern.reshape(len(family) * siblings, -1).astype(np.float32)
 
   @property
   def num_train_classes(self) -> int:
@@ -100,11 +103,13 @@ class SyntheticBenchmark:
 
   @property
   def num_test_classes(self) -> int:
-    return self.spec.test_families * self.spec.siblings_per_family
+    return self.spec.train_families * self.spec.test_siblings_per_family
 
-  def family_of(self, label):
-    """Family index of a training class label: siblings share it."""
-    return np.asarray(label) // self.spec.siblings_per_family
+  def family_of(self, label, split: str = 'train'):
+    """Family index of a class label of a split: siblings share it."""
+    per_family = (self.spec.siblings_per_family if split == 'train'
+                  else self.spec.test_siblings_per_family)
+    return np.asarray(label) // per_family
 
   def image(self, split: int, label: int, index: int) -> np.ndarray:
     """The uint8 (size, size, 3) image number `index` of class `label`; pure in its arguments."""

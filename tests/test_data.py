@@ -1,0 +1,407 @@
+"""Tests for bcl_jax.data: the synthetic benchmark, old/new splits, the grain pipeline, build()."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bcl_jax.data as data
+from bcl_jax.data import pipeline, splits
+from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
+from configs import synthetic as synthetic_config
+
+SMALL = dict(image_size=12, train_families=3, test_siblings_per_family=2, siblings_per_family=3,
+             train_images_per_class=4, test_images_per_class=5, queries_per_class=2)
+
+
+def _images(source):
+    return np.stack([source[i]['image'] for i in range(len(source))])
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_images_are_pure_in_seed_split_label_index():
+    a = SyntheticBenchmark(SyntheticSpec(seed=5, **SMALL))
+    b = SyntheticBenchmark(SyntheticSpec(seed=5, **SMALL))
+    other = SyntheticBenchmark(SyntheticSpec(seed=6, **SMALL))
+    for split, label, index in [(0, 0, 0), (0, 7, 3), (1, 2, 4)]:
+        img = a.image(split, label, index)
+        assert img.shape == (12, 12, 3) and img.dtype == np.uint8
+        np.testing.assert_array_equal(img, b.image(split, label, index))
+        np.testing.assert_array_equal(img, a.image(split, label, index))  # no hidden state
+        assert np.abs(img.astype(int) - other.image(split, label, index)).mean() > 5
+    # Index, label and split each change the image.
+    base = a.image(0, 1, 1).astype(int)
+    for args in [(0, 1, 2), (0, 2, 1), (1, 1, 1)]:
+        assert np.abs(base - a.image(*args)).mean() > 5
+    # Sources read the same images, whatever the access order.
+    src_a, src_b = a.split('train'), b.split('train')
+    for i in [35, 0, 17]:
+        np.testing.assert_array_equal(src_a[i]['image'], src_b[i]['image'])
+        np.testing.assert_array_equal(src_a[i]['image'], a.image(0, i // 4, i % 4))
+
+
+def test_synthetic_split_sizes_and_labels():
+    bench = SyntheticBenchmark(SyntheticSpec(seed=0, **SMALL))
+    train, query, gallery = (bench.split(n) for n in ('train', 'query', 'gallery'))
+    assert (train.num_classes, len(train)) == (9, 9 * 4)
+    assert (query.num_classes, len(query)) == (6, 6 * 2)
+    assert (gallery.num_classes, len(gallery)) == (6, 6 * 3)
+    np.testing.assert_array_equal(train.labels, np.repeat(np.arange(9), 4))
+    np.testing.assert_array_equal(query.labels, np.repeat(np.arange(6), 2))
+    np.testing.assert_array_equal(gallery.labels, np.repeat(np.arange(6), 3))
+    for src in (train, query, gallery):
+        for i in (0, len(src) - 1):
+            rec = src[i]
+            assert rec['label'] == src.labels[i] and rec['label'].dtype == np.int32
+    np.testing.assert_array_equal(bench.family_of([0, 2, 3, 8]), [0, 0, 1, 2])
+    with pytest.raises(ValueError, match='unknown synthetic split'):
+        bench.split('test')
+
+
+def test_query_and_gallery_are_different_images_and_not_training_images():
+    bench = SyntheticBenchmark(SyntheticSpec(seed=1, **SMALL))
+    q, g, t = (_images(bench.split(n)).astype(int) for n in ('query', 'gallery', 'train'))
+    q_labels, g_labels = bench.split('query').labels, bench.split('gallery').labels
+    for c in range(6):
+        for qi in q[q_labels == c]:
+            for gi in g[g_labels == c]:
+                assert np.abs(qi - gi).mean() > 5
+    # Query k of class c is test image k; gallery image j is test image queries + j.
+    np.testing.assert_array_equal(q[1], bench.image(1, 0, 1))
+    np.testing.assert_array_equal(g[0], bench.image(1, 0, 2))
+    # Test class 0 is not training class 0.
+    assert np.abs(q[0] - bench.image(0, 0, 0)).mean() > 5
+
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_siblings_are_closer_than_other_families(seed):
+    spec = SyntheticSpec(seed=seed, image_size=16, train_families=5, siblings_per_family=3,
+                         train_images_per_class=6)
+    train = SyntheticBenchmark(spec).split('train')
+    x = _images(train).reshape(len(train), -1).astype(np.float64)
+    labels = np.asarray(train.labels)
+    family = labels // 3
+    dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    sibling = (family[:, None] == family[None]) & (labels[:, None] != labels[None])
+    other = family[:, None] != family[None]
+    assert dist[sibling].mean() < 0.99 * dist[other].mean()
+    means = np.stack([x[labels == c].mean(0) for c in range(15)])
+    cfam = np.arange(15) // 3
+    dm = np.sqrt(((means[:, None] - means[None]) ** 2).sum(-1))
+    sib_m = (cfam[:, None] == cfam[None]) & ~np.eye(15, dtype=bool)
+    assert dm[sib_m].mean() < 0.95 * dm[cfam[:, None] != cfam[None]].mean()
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(queries_per_class=0), 'queries_per_class=0'),
+    (dict(queries_per_class=5, test_images_per_class=5), 'queries_per_class=5'),
+    (dict(train_families=0), 'train_families must be >= 1'),
+    (dict(image_size=0), 'image_size must be >= 1'),
+])
+def test_synthetic_spec_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SyntheticSpec(**bad)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_old_split_classes_mode():
+    c, per = 20, 3
+    labels = np.repeat(np.arange(c), per)
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    s = splits.old_split(labels, c, fraction=0.3, mode='classes', seed=7)
+    old_classes = np.flatnonzero(s.old_label >= 0)
+    assert len(old_classes) == s.num_old_classes == 6  # round(0.3 * 20)
+    assert s.old_label.dtype == np.int32 and s.old_label.shape == (c,)
+    np.testing.assert_array_equal(np.sort(s.old_label[old_classes]), np.arange(6))  # dense
+    assert (s.old_label[s.old_label < 0] == -1).all()
+    # Indices: exactly the images of the old classes, sorted.
+    np.testing.assert_array_equal(s.indices, np.flatnonzero(np.isin(labels, old_classes)))
+    assert len(s.indices) == 6 * per
+
+    again = splits.old_split(labels, c, fraction=0.3, mode='classes', seed=7)
+    np.testing.assert_array_equal(again.old_label, s.old_label)
+    np.testing.assert_array_equal(again.indices, s.indices)
+    others = [splits.old_split(labels, c, fraction=0.3, mode='classes', seed=k).old_label
+              for k in (8, 9)]
+    assert any(not np.array_equal(o, s.old_label) for o in others)
+
+
+@pytest.mark.parametrize('c,expect', [(7, 2), (40, 12), (3, 1), (1, 1)])
+def test_old_split_class_count(c, expect):
+    labels = np.arange(c)
+    assert splits.old_split(labels, c, fraction=0.3, mode='classes',
+                            seed=0).num_old_classes == expect
+
+
+def test_old_split_images_mode():
+    sizes = [10, 1, 2, 7, 3]  # round(0.3 * n), at least 1: 3, 1, 1, 2, 1
+    labels = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)])
+    labels = labels[np.random.default_rng(1).permutation(len(labels))]
+    s = splits.old_split(labels, 5, fraction=0.3, mode='images', seed=0)
+    np.testing.assert_array_equal(s.old_label, np.arange(5))  # every class is old
+    assert s.num_old_classes == 5
+    assert (np.diff(s.indices) > 0).all()
+    np.testing.assert_array_equal(np.bincount(labels[s.indices], minlength=5), [3, 1, 1, 2, 1])
+    again = splits.old_split(labels, 5, fraction=0.3, mode='images', seed=0)
+    np.testing.assert_array_equal(again.indices, s.indices)
+    others = [splits.old_split(labels, 5, fraction=0.3, mode='images', seed=k).indices
+              for k in (1, 2)]
+    assert any(not np.array_equal(o, s.indices) for o in others)
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(mode='families', fraction=0.3), 'old_split'),
+    (dict(mode='classes', fraction=0.0), 'old_fraction'),
+    (dict(mode='images', fraction=1.5), 'old_fraction'),
+    (dict(mode='classes', fraction=-0.1), 'old_fraction'),
+])
+def test_old_split_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        splits.old_split(np.arange(4), 4, seed=0, **kw)
+
+
+class _ArraySource:
+    """A random-access source over arrays; label i of image i unless labels are given."""
+
+    def __init__(self, images, labels, num_classes):
+        self.images, self.num_classes = images, num_classes
+        self.labels = np.asarray(labels, np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {'image': self.images[int(i)], 'label': self.labels[int(i)]}
+
+
+def _indexed(n, size=6, num_classes=None, labels=None):
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    if labels is None:
+        labels = np.arange(n)
+    return _ArraySource(images, labels, num_classes or n)
+
+
+def test_relabeled_view():
+    src = _indexed(6, labels=[0, 1, 2, 0, 1, 2], num_classes=3)
+    label_map = np.array([-1, 1, 0], np.int32)
+    view = splits.Relabeled(src, np.array([1, 2, 4, 5]), label_map)
+    assert len(view) == 4 and view.num_classes == 2
+    np.testing.assert_array_equal(view.labels, [1, 0, 1, 0])
+    for k, i in enumerate([1, 2, 4, 5]):
+        rec = view[k]
+        np.testing.assert_array_equal(rec['image'], src.images[i])
+        assert rec['label'] == view.labels[k] and rec['label'].dtype == np.int32
+    assert src[1]['label'] == 1  # the underlying source is untouched
+    with pytest.raises(ValueError, match='outside the label map'):
+        splits.Relabeled(src, np.array([0, 1]), label_map)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def test_train_stream_epochs_without_augmentation():
+    src = _indexed(24)
+    it = pipeline.train_stream(src, global_batch=8, seed=0)
+    batches = _take(it, 9)  # 3 epochs of 3 batches
+    for b in batches:
+        assert b['image'].shape == (8, 6, 6, 3) and b['label'].shape == (8,)
+    labels = np.concatenate([b['label'] for b in batches])
+    epochs = labels.reshape(3, 24)
+    for e in epochs:
+        np.testing.assert_array_equal(np.sort(e), np.arange(24))  # each example once per epoch
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    assert not np.array_equal(epochs[0], np.arange(24))  # shuffled
+    for b in batches:  # without augmentation the images are the source's, untouched
+        np.testing.assert_array_equal(b['image'], src.images[b['label']])
+
+    same = np.concatenate([b['label'] for b in _take(
+        pipeline.train_stream(src, global_batch=8, seed=0), 9)])
+    np.testing.assert_array_equal(same, labels)
+    other = np.concatenate([b['label'] for b in _take(
+        pipeline.train_stream(src, global_batch=8, seed=1), 9)])
+    assert not np.array_equal(other, labels)
+
+
+def test_train_stream_epochs_straddle_batches():
+    # 20 examples, batch 8: the stream is still one permutation per 20 examples.
+    it = pipeline.train_stream(_indexed(20), global_batch=8, seed=3)
+    labels = np.concatenate([b['label'] for b in _take(it, 5)])
+    for e in labels.reshape(2, 20):
+        np.testing.assert_array_equal(np.sort(e), np.arange(20))
+
+
+def _is_augmentation_of(out, img, pad):
+    """True if `out` is a crop of the reflect-padded `img`, maybe mirrored left-right."""
+    h, w = img.shape[:2]
+    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode='reflect')
+    for y in range(2 * pad + 1):
+        for x in range(2 * pad + 1):
+            window = padded[y:y + h, x:x + w]
+            if np.array_equal(out, window) or np.array_equal(out, window[:, ::-1]):
+                return True
+    return False
+
+
+def test_train_stream_augmentation():
+    src = _indexed(16, size=8)
+    it = pipeline.train_stream(src, global_batch=8, seed=0, crop_padding=2, flip=True)
+    identical = 0
+    for b in _take(it, 6):
+        assert b['image'].shape == (8, 8, 8, 3) and b['image'].dtype == np.uint8
+        assert b['label'].dtype == np.int32
+        for out, i in zip(b['image'], b['label']):
+            assert _is_augmentation_of(out, src.images[i], 2)
+            identical += np.array_equal(out, src.images[i])
+    assert identical < 48 // 2  # most crops move or flip the image
+    # Flip only: each output is the image or its mirror, and both happen.
+    it = pipeline.train_stream(src, global_batch=8, seed=0, flip=True)
+    flipped = []
+    for b in _take(it, 4):
+        for out, i in zip(b['image'], b['label']):
+            same = np.array_equal(out, src.images[i])
+            assert same or np.array_equal(out, src.images[i][:, ::-1])
+            flipped.append(not same)
+    assert 0 < sum(flipped) < len(flipped)
+
+
+def test_train_stream_resumes_on_the_next_batch():
+    src = _indexed(20, size=8)
+    kw = dict(global_batch=8, seed=4, crop_padding=2, flip=True)
+    it = pipeline.train_stream(src, **kw)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+    expected = _take(it, 4)
+    resumed = pipeline.train_stream(src, **kw)
+    resumed.set_state(state)
+    got = _take(resumed, 4)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a['label'], b['label'])
+        np.testing.assert_array_equal(a['image'], b['image'])
+    # A fresh iterator does not start there: the check above can fail.
+    fresh = next(pipeline.train_stream(src, **kw))
+    assert not np.array_equal(fresh['label'], expected[0]['label'])
+
+
+def test_eval_batches_cover_every_example_in_order():
+    src = _indexed(21)
+    out = list(pipeline.eval_batches(src, global_batch=8))
+    assert len(out) == 3
+    for batch, valid in out:
+        assert batch['image'].shape == (8, 6, 6, 3) and valid.shape == (8,)
+        assert valid.dtype == bool
+    valid = np.concatenate([v for _, v in out])
+    np.testing.assert_array_equal(valid, np.arange(24) < 21)
+    labels = np.concatenate([b['label'] for b, _ in out])
+    images = np.concatenate([b['image'] for b, _ in out])
+    np.testing.assert_array_equal(labels[valid], np.arange(21))
+    np.testing.assert_array_equal(images[valid], src.images)
+    # Exact multiple: no padding at all.
+    out = list(pipeline.eval_batches(_indexed(16), global_batch=8))
+    assert len(out) == 2 and all(v.all() for _, v in out)
+
+
+def test_check_source_errors():
+    pipeline.check_source(_indexed(4, labels=[0, 1, 2, 1], num_classes=3), 'ok')
+    with pytest.raises(ValueError, match='old training set: the dataset is empty'):
+        pipeline.check_source(_indexed(0, labels=[], num_classes=3), 'old training set')
+    with pytest.raises(ValueError, match=r'new training set: classes \[1, 3\] have no images'):
+        pipeline.check_source(_indexed(3, labels=[0, 2, 2], num_classes=4), 'new training set')
+
+
+def test_local_batch_size():
+    assert pipeline.local_batch_size(16) == 16  # one process holds all 8 devices
+    with pytest.raises(ValueError, match='batch size 12 is not divisible by the 8 devices'):
+        pipeline.local_batch_size(12)
+    with pytest.raises(ValueError, match='not divisible'):
+        pipeline.train_stream(_indexed(8), global_batch=4, seed=0)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def test_build_synthetic_smoke():
+    cfg = synthetic_config.get_config('smoke').data
+    d = data.build(cfg)
+    # smoke: 4 families x 4 siblings, 8 train images per class; 2 test families, 2 queries of 6.
+    assert d.num_classes == 16 and len(d.train) == 16 * 8
+    assert len(d.query) == 8 * 2 and len(d.gallery) == 8 * 4
+    assert d.train[0]['image'].shape == (16, 16, 3)
+    assert 'synthetic' in d.description
+    old = np.flatnonzero(d.old_label >= 0)
+    assert len(old) == 5  # round(0.3 * 16)
+    np.testing.assert_array_equal(np.sort(d.old_label[old]), np.arange(5))
+    assert len(d.old_train) == 5 * 8 and d.old_train.num_classes == 5
+    train_labels = np.asarray(d.train.labels)
+    in_old = np.flatnonzero(np.isin(train_labels, old))
+    for k in (0, len(d.old_train) - 1):
+        rec = d.old_train[k]
+        np.testing.assert_array_equal(rec['image'], d.train[in_old[k]]['image'])
+        assert rec['label'] == d.old_label[train_labels[in_old[k]]]
+    # Same config, same data and split.
+    again = data.build(cfg)
+    np.testing.assert_array_equal(again.old_label, d.old_label)
+    np.testing.assert_array_equal(again.train[5]['image'], d.train[5]['image'])
+    # data.split_seed draws another old split of the same data.
+    cfg.split_seed = 1
+    reseeded = data.build(cfg)
+    assert not np.array_equal(reseeded.old_label, d.old_label)
+    np.testing.assert_array_equal(reseeded.train[5]['image'], d.train[5]['image'])
+
+
+def _write_folder(root, classes, per_class, seed):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            arr = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f'{k}.png')
+
+
+def test_build_folder(tmp_path):
+    _write_folder(tmp_path / 'train', ['a', 'b', 'c', 'd'], 3, 0)
+    _write_folder(tmp_path / 'query', ['x', 'y'], 1, 1)
+    _write_folder(tmp_path / 'gallery', ['x', 'y', 'z'], 2, 2)
+    cfg = synthetic_config.get_config('smoke').data
+    cfg.name = 'folder'
+    cfg.image_size = 8
+    cfg.folder.train_dir = str(tmp_path / 'train')
+    cfg.folder.query_dir = str(tmp_path / 'query')
+    cfg.folder.gallery_dir = str(tmp_path / 'gallery')
+    d = data.build(cfg)
+    assert d.num_classes == 4 and len(d.train) == 12
+    np.testing.assert_array_equal(d.train.labels, np.repeat(np.arange(4), 3))
+    assert d.train[0]['image'].shape == (8, 8, 3)
+    # Query and gallery share one label mapping: x=0, y=1, z=2.
+    np.testing.assert_array_equal(d.query.labels, [0, 1])
+    np.testing.assert_array_equal(d.gallery.labels, [0, 0, 1, 1, 2, 2])
+    assert (d.old_label >= 0).sum() == 1  # round(0.3 * 4)
+    assert len(d.old_train) == 3 and d.old_train.num_classes == 1
+    # An 'images' split keeps every class with round(0.3 * 3) = 1 image each.
+    cfg.old_split = 'images'
+    d = data.build(cfg)
+    np.testing.assert_array_equal(d.old_label, np.arange(4))
+    np.testing.assert_array_equal(d.old_train.labels, np.arange(4))
+
+
+def test_build_folder_needs_train_dir():
+    cfg = synthetic_config.get_config('smoke').data
+    cfg.name = 'folder'
+    with pytest.raises(ValueError, match='data.folder.train_dir'):
+        data.build(cfg)
+
+
+def test_build_unknown_name():
+    cfg = synthetic_config.get_config('smoke').data
+    cfg.name = 'imagenet'
+    with pytest.raises(ValueError, match="unknown data.name 'imagenet'"):
+        data.build(cfg)
