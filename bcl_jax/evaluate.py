@@ -68,21 +68,45 @@ def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
     return results
 
 
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and standard deviation (ddof=1) over seeds of every number in the results."""
+    def combine(values, reducer):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: combine([v[k] for v in values], reducer) for k in first}
+        if isinstance(first, bool) or first is None or isinstance(first, str):
+            return first if all(v == first for v in values) else None
+        return float(reducer(np.asarray(values, np.float64)))
+
+    keys = ('old_old', 'methods')
+    std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
+    return dict(primary_metric=per_seed[0]['primary_metric'],
+                **{k: combine([r[k] for r in per_seed], np.mean) for k in keys},
+                std={k: combine([r[k] for r in per_seed], std) for k in keys})
+
+
 def markdown(results: dict) -> str:
-    """The results table: one row per test, the primary metric and Recall@K as percentages."""
-    old_old = results['old_old']
-    keys = [PRIMARY_METRIC] + sorted((k for k in old_old if k.startswith('recall@')),
+    """The results table: the primary metric and Recall@K as percentages (± std over seeds)."""
+    std = results.get('std')
+    keys = [PRIMARY_METRIC] + sorted((k for k in results['old_old'] if k.startswith('recall@')),
                                      key=lambda k: int(k.split('@')[1]))
-    head = '| model | test | ' + ' | '.join(keys) + ' | update gain | train s |'
-    lines = [head, '|' + '---|' * (len(keys) + 4)]
 
-    def row(name, test, m, gain='', seconds=''):
-        return f'| {name} | {test} | ' + ' | '.join(f'{100 * m[k]:.2f}' for k in keys) + \
-            f' | {gain} | {seconds} |'
+    def cell(value, spread, scale=100.0, digits=2):
+        if value is None:
+            return ''
+        return f'{scale * value:.{digits}f}' + (f' ± {scale * spread:.{digits}f}' if std else '')
 
-    lines.append(row('old', 'old/old', old_old))
+    def row(name, test, m, s, gain='', seconds=''):
+        return '| ' + ' | '.join([name, test] + [cell(m[k], s and s[k]) for k in keys]
+                                 + [gain, seconds]) + ' |'
+
+    lines = ['| model | test | ' + ' | '.join(keys) + ' | update gain | train s |',
+             '|' + '---|' * (len(keys) + 4),
+             row('old', 'old/old', results['old_old'], std and std['old_old'])]
     for name, r in results['methods'].items():
-        gain = '' if r['update_gain'] is None else f"{r['update_gain']:.3f}"
-        lines.append(row(name, 'new/new', r['new_new'], seconds=f"{r['train_seconds']:.0f}"))
-        lines.append(row(name, 'new/old', r['new_old'], gain=gain))
+        rs = std and std['methods'][name]
+        lines.append(row(name, 'new/new', r['new_new'], rs and rs['new_new'],
+                         seconds=cell(r['train_seconds'], rs and rs['train_seconds'], 1, 0)))
+        lines.append(row(name, 'new/old', r['new_old'], rs and rs['new_old'],
+                         gain=cell(r['update_gain'], rs and rs['update_gain'], 1, 3)))
     return '\n'.join(lines) + '\n'

@@ -8,11 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bcl_jax.models.heads import l2_normalize
+
 HEADS = ('softmax', 'cosface', 'arcface')
-
-
-def _normalize(x, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def margin_logits(logits, labels, *, kind: str, scale: float, margin: float):
@@ -72,4 +70,4 @@ def influence_loss(old_logits, labels, old_label, *, kind: str, scale: float = 3
 
 def l2_loss(emb, old_emb):
   """L2 regression baseline: ||f − normalize(φ_o(x))||², averaged over the batch."""
-  return jnp.mean(jnp.sum((emb - _normalize(old_emb)) ** 2, axis=-1))
+  return jnp.mean(jnp.sum((emb - l2_normalize(old_emb)) ** 2, axis=-1))

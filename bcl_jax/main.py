@@ -24,6 +24,32 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the ru
 
 
 def run(config, workdir: str) -> dict:
+    """One run, or with `config.seeds` one run per seed (DIR/seed_<s>) and their mean ± std."""
+    if not config.seeds:
+        return run_one(config, workdir)
+    start, per_seed = time.time(), []
+    for seed in config.seeds:
+        seeded = config.copy_and_resolve_references()
+        seeded.seed, seeded.seeds = seed, ()
+        per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
+    results = evaluate.aggregate(per_seed)
+    results.update(benchmark=per_seed[0]['benchmark'], seeds=list(config.seeds),
+                   machine=per_seed[0]['machine'], wall_seconds=time.time() - start,
+                   config=json.loads(config.to_json()))
+    _write_results(results, workdir)
+    return results
+
+
+def _write_results(results: dict, workdir: str):
+    table = evaluate.markdown(results)
+    if jax.process_index() == 0:
+        checkpoint.write_atomic(os.path.join(workdir, 'results.json'),
+                                json.dumps(results, indent=1, allow_nan=False))
+        checkpoint.write_atomic(os.path.join(workdir, 'results.md'), table)
+    print(table, flush=True)
+
+
+def run_one(config, workdir: str) -> dict:
     start = time.time()
     mesh = train.make_mesh(config.mesh)
     logging.info('bcl_jax: %d process(es), %d device(s) (%s), mesh %s', jax.process_count(),
@@ -36,7 +62,8 @@ def run(config, workdir: str) -> dict:
                  len(data.train), data.old_train.num_classes, len(data.old_train),
                  len(data.query), len(data.gallery))
     common = dict(workdir=workdir, mesh=mesh, data_cfg=config.data, ckpt_cfg=config.ckpt,
-                  log_every_steps=config.log_every_steps, compat_cfg=config.compat)
+                  log_every_steps=config.log_every_steps, compat_cfg=config.compat,
+                  perturb_cfg=config.perturb)
 
     # 1. The old model: given, or trained on the old split.
     if config.old.checkpoint:
@@ -66,12 +93,7 @@ def run(config, workdir: str) -> dict:
                    machine=f'{platform.machine()} {os.cpu_count()} cores, '
                            f'{jax.device_count()} {jax.devices()[0].platform} device(s)',
                    wall_seconds=time.time() - start, config=json.loads(config.to_json()))
-    table = evaluate.markdown(results)
-    if jax.process_index() == 0:
-        checkpoint.write_atomic(os.path.join(workdir, 'results.json'),
-                                json.dumps(results, indent=1, allow_nan=False))
-        checkpoint.write_atomic(os.path.join(workdir, 'results.md'), table)
-    print(table, flush=True)
+    _write_results(results, workdir)
     return results
 
 

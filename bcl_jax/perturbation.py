@@ -150,6 +150,7 @@ def _perturb(old, s, s_idx, t, t_idx, new, alpha, beta, row_block):
 @functools.partial(jax.jit, static_argnames=('k', 'exclude_self', 'query_block',
                                              'gallery_block'))
 def _ndpp_jit(old, new, alpha, beta, *, k, exclude_self, query_block, gallery_block):
+    old, new = old.astype(jnp.float32), new.astype(jnp.float32)
     blocks = dict(query_block=query_block, gallery_block=gallery_block)
     s, s_idx = knn.topk(old, old, k, exclude_self=True, **blocks)
     t, t_idx = knn.topk(old, new, k, exclude_self=exclude_self, **blocks)
@@ -160,6 +161,7 @@ def _ndpp_jit(old, new, alpha, beta, *, k, exclude_self, query_block, gallery_bl
                                              'gallery_block', 'mesh', 'axis'))
 def _ndpp_sharded_jit(old, new, alpha, beta, *, k, exclude_self, query_block, gallery_block,
                       mesh, axis):
+    old, new = old.astype(jnp.float32), new.astype(jnp.float32)
     blocks = dict(query_block=query_block, gallery_block=gallery_block, mesh=mesh, axis=axis)
     s, s_idx = knn.sharded_topk(old, old, k, exclude_self=True, **blocks)
     t, t_idx = knn.sharded_topk(old, new, k, exclude_self=exclude_self, **blocks)
@@ -204,15 +206,12 @@ def ndpp(old, new, *, k: int = 100, alpha: float = 0.16, beta: float = 0.004,
     query_block = min(query_block, c)
     hyper = (jnp.float32(alpha), jnp.float32(beta))
     if mesh is None:
-        return _ndpp_jit(_replicated(old), _replicated(new), *hyper, k=k, exclude_self=bool(exclude_self),
-                         query_block=query_block, gallery_block=_even_block(c, gallery_block))
+        return _ndpp_jit(_replicated(old), _replicated(new), *hyper, k=k,
+                         exclude_self=bool(exclude_self), query_block=query_block,
+                         gallery_block=_even_block(c, gallery_block))
     axis = tuple(mesh.axis_names) if axis is None else axis
     axis = axis if isinstance(axis, str) else tuple(axis)
-    axes = (axis,) if isinstance(axis, str) else axis
-    missing = [a for a in axes if a not in mesh.shape]
-    if missing:
-        raise ValueError(f'Mesh axes {missing} not in mesh {dict(mesh.shape)}.')
-    shard_rows = -(-c // math.prod(mesh.shape[a] for a in axes))
+    shard_rows = -(-c // knn._axis_size(mesh, axis))  # also checks that the axes exist
     return _ndpp_sharded_jit(
         _replicated(old, mesh), _replicated(new, mesh), *hyper, k=k,
         exclude_self=bool(exclude_self), query_block=query_block,
@@ -342,8 +341,9 @@ def odpp(old, new, delta0, key, *, steps: int, pairs_per_step: int = 1024,
         raise ValueError(f'steps must be an int >= 0; got {steps!r}.')
     if not isinstance(pairs_per_step, (int, np.integer)) or pairs_per_step < 1:
         raise ValueError(f'pairs_per_step must be a positive int; got {pairs_per_step!r}.')
-    if not gamma >= 0:
-        raise ValueError(f'gamma must be >= 0; got {gamma}.')
+    for name, value in (('lambda_old', lambda_old), ('lambda_new', lambda_new), ('gamma', gamma)):
+        if not 0 <= value < math.inf:
+            raise ValueError(f'{name} must be finite and >= 0; got {value}.')
     if not learning_rate > 0:
         raise ValueError(f'learning_rate must be > 0; got {learning_rate}.')
     c = old.shape[0]
@@ -368,6 +368,9 @@ def perturbation_stats(old, perturbed) -> dict[str, float]:
     among the perturbed prototypes (perturbation should lower the latter)."""
     if old.shape != perturbed.shape:
         raise ValueError(f'Shapes differ: old {old.shape}, perturbed {perturbed.shape}.')
-    top1 = lambda x: float(jnp.mean(knn.topk(x, x, 1, exclude_self=True)[0]))  # noqa: E731
+    old, perturbed = _replicated(old), _replicated(perturbed)
+    blocks = dict(query_block=256, gallery_block=_even_block(old.shape[0], 131072))
+    top1 = lambda x: float(jnp.mean(  # noqa: E731
+        knn.topk(x, x, 1, exclude_self=True, **blocks)[0]))
     shift = jnp.mean(jnp.linalg.norm(jnp.asarray(perturbed) - jnp.asarray(old), axis=1))
     return dict(mean_shift=float(shift), top1_old=top1(old), top1_perturbed=top1(perturbed))

@@ -29,6 +29,17 @@ def class_sums(emb, labels, valid, *, num_classes: int):
     return sums, counts
 
 
+def ema_class_means(bank, emb, labels, *, decay: float):
+    """One EMA update of per-class means: bank_c <- decay·bank_c + (1 − decay)·mean of the batch's
+    class-c embeddings, for the classes in the batch; absent classes keep their value."""
+    num_classes = bank.shape[0]
+    sums = jax.ops.segment_sum(emb, labels, num_segments=num_classes)
+    counts = jax.ops.segment_sum(jnp.ones_like(labels, emb.dtype), labels,
+                                 num_segments=num_classes)
+    means = sums / jnp.maximum(counts, 1)[:, None]
+    return jnp.where(counts[:, None] > 0, decay * bank + (1 - decay) * means, bank)
+
+
 def class_means(sums, counts, *, what: str = 'prototype bank'):
     """Normalised class means; a class without a single image is an error that names it."""
     counts = np.asarray(counts)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, losses
+from bcl_jax import checkpoint, losses, perturbation, prototypes
 from bcl_jax.data import pipeline
-from bcl_jax.models.heads import build_model
+from bcl_jax.models.heads import build_model, l2_normalize
 
 # The loss terms, besides L_cls, that each method adds with weight config.compat.weight.
 METHOD_TERMS = {
@@ -35,7 +35,10 @@ METHOD_TERMS = {
     'bct': ('comp',),
     'bct_influence': ('influence',),
     'l2': ('l2',),
+    'ndpp': ('comp',),
+    'odpp': ('comp',),
 }
+PERTURBATIONS = ('ndpp', 'odpp')  # methods whose positive prototypes are perturbed
 
 
 @dataclasses.dataclass
@@ -110,8 +113,13 @@ def init_model(model_cfg, num_classes: int, seed: int):
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None):
-    """The pure step `(state, batch, aux) -> (state, metrics)`; jit it with shardings."""
+def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None,
+                    perturb_cfg=None):
+    """The pure step `(state, batch, aux) -> (state, metrics)`; jit it with shardings.
+
+    With a perturbation method, `state['bank']` holds the perturbed positive prototypes that
+    L_comp reads and the running new-model prototypes (`new`, updated here when they are an EMA).
+    """
     head = dict(kind=model_cfg.head, scale=model_cfg.scale, margin=model_cfg.margin)
 
     def loss_fn(params, batch_stats, batch, aux):
@@ -120,9 +128,12 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
         labels = batch['label']
         terms = {'cls': losses.classification_loss(logits, labels, **head)}
         if 'comp' in weights:
+            positive = aux.get('positive_prototypes')
+            negatives = (positive if positive is not None and perturb_cfg.perturb_negatives
+                         else aux['prototypes'])
             terms['comp'] = losses.compatibility_loss(
-                emb, labels, aux['prototypes'], temperature=compat_cfg.temperature,
-                positive_prototypes=aux.get('positive_prototypes'))
+                emb, labels, negatives, temperature=compat_cfg.temperature,
+                positive_prototypes=positive)
         if 'influence' in weights:
             old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
             terms['influence'] = losses.influence_loss(
@@ -134,12 +145,14 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
             terms['l2'] = losses.l2_loss(emb, old_emb)
         total = terms['cls'] + sum(weights[k] * terms[k] for k in weights)
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-        return total, (terms, new_stats)
+        return total, (terms, new_stats, emb)
 
     def train_step(state, batch, aux):
+        if 'bank' in state:
+            aux = dict(aux, positive_prototypes=state['bank']['positive'])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (total, (terms, new_stats)), grads = grad_fn(state['params'], state['batch_stats'],
-                                                     batch, aux)
+        (total, (terms, new_stats, emb)), grads = grad_fn(state['params'], state['batch_stats'],
+                                                          batch, aux)
         updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         # Remember the first step (counted from 1, as in the logs) whose loss or weights are not
@@ -151,6 +164,10 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
         new_state = dict(state, step=state['step'] + 1, params=params,
                          batch_stats=new_stats, opt_state=opt_state,
                          first_nonfinite_step=first_bad)
+        if 'bank' in state and perturb_cfg.new_prototypes == 'ema':
+            new_state['bank'] = dict(state['bank'], new=prototypes.ema_class_means(
+                state['bank']['new'], jax.lax.stop_gradient(emb), batch['label'],
+                decay=perturb_cfg.ema_decay))
         return new_state, dict(terms, loss=total)
 
     return train_step
@@ -174,8 +191,16 @@ class _Log:
             return
         # Drop lines a killed run wrote after its last checkpoint: they are about to be redone.
         if os.path.exists(self.path):
+            records = []
             with open(self.path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+                for line in f:
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # the last line, torn by a kill
+            # A refresh logged at the resume step is redone too (it precedes that step's update).
+            kept = [json.dumps(r) + '\n' for r in records if r['step'] < resume_step or (
+                r['step'] == resume_step and 'event' not in r)]
             checkpoint.write_atomic(self.path, ''.join(kept))
         from tensorboardX import SummaryWriter  # TF-free event writer
         self.writer = SummaryWriter(os.path.join(directory, 'tb'))
@@ -206,8 +231,7 @@ def _check_finite(state, stage: str, ckpt_dir: str):
 def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes: int,
           mesh, seed: int, data_cfg, ckpt_cfg, log_every_steps: int, method: str = 'independent',
           compat_cfg=None, old: Trained | None = None, aux: dict | None = None,
-          refresh: Callable[[int, dict, dict], dict] | None = None,
-          stop_after_steps: int | None = None) -> Trained:
+          perturb_cfg=None, stop_after_steps: int | None = None) -> Trained:
     """Trains (or resumes, or just loads a finished) model of one stage; returns it."""
     # ---------------------------------------------------------------- set-up
     if method not in METHOD_TERMS:
@@ -226,6 +250,14 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     tx, schedule = make_optimizer(train_cfg, per_epoch)
     state = dict(step=jnp.int32(0), params=params, batch_stats=stats,
                  opt_state=tx.init(params), first_nonfinite_step=jnp.int32(-1))
+    perturbing = method in PERTURBATIONS
+    if perturbing:
+        # Until the first refresh p̃ = p; a class's new prototype starts at its old one.
+        bank = np.asarray(aux['prototypes'])  # each leaf its own buffer: the state is donated
+        state['bank'] = dict(positive=jnp.array(bank), new=jnp.array(bank),
+                             delta=jnp.zeros_like(bank))
+        start_step = int(round(perturb_cfg.start_epochs * per_epoch))
+        every = max(1, int(round(perturb_cfg.refresh_every_epochs * per_epoch)))
     num_params = sum(x.size for x in jax.tree.leaves(params))
 
     # ---------------------------------------------------------------- sharding
@@ -235,7 +267,7 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     aux = jax.device_put(dict(aux or {}), replicated)
     step_fn = jax.jit(
         make_train_step(graphdef, tx, weights=weights, model_cfg=model_cfg,
-                        compat_cfg=compat_cfg, old=old),
+                        compat_cfg=compat_cfg, old=old, perturb_cfg=perturb_cfg),
         in_shardings=(replicated, data_sharding, replicated),
         out_shardings=(replicated, replicated), donate_argnums=(0,))
 
@@ -266,9 +298,16 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     log = _Log(directory, stage, start)
     end = steps if stop_after_steps is None else min(steps, stop_after_steps)
     pending, t_log, step_log = [], time.time(), start
+    current = Trained(graphdef, None, None, model_cfg, num_classes, start)
     for step in range(start, end):
-        if refresh is not None:
-            aux = refresh(step, state, aux)
+        if perturbing and step >= start_step and (step - start_step) % every == 0:
+            current.params, current.batch_stats = state['params'], state['batch_stats']
+            state, stats = refresh_bank(state, old=aux['prototypes'], method=method,
+                                        cfg=perturb_cfg, step=step,
+                                        seed=seed, model=current, source=source, mesh=mesh)
+            log.write(dict(stage=stage, step=step, event='refresh', **stats))
+            logging.info('[%s] refresh at step %d: %s', stage, step,
+                         ' '.join(f'{k} {v:.4g}' for k, v in stats.items()))
         images = pipeline.to_global(next(stream), mesh)
         state, metrics = step_fn(state, images, aux)
         pending.append(metrics)
@@ -291,10 +330,49 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
             ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
 
     # ---------------------------------------------------------------- shutdown
+    if perturbing and end == steps and jax.process_index() == 0:
+        from bcl_jax import plots  # matplotlib only where a figure is made
+        plots.perturbation_figure(
+            np.asarray(aux['prototypes']), np.asarray(state['bank']['positive']),
+            np.asarray(l2_normalize(state['bank']['new'])),
+            os.path.join(directory, 'perturbation.png'), title=f'{stage}: {method}')
     log.close()
     ckpt.close()
     return Trained(graphdef, state['params'], state['batch_stats'], model_cfg, num_classes,
                    int(state['step']), seconds)
+
+
+def refresh_bank(state, *, old, method: str, cfg, step: int, seed: int, model: Trained, source,
+                 mesh):
+    """Recomputes the perturbed positive prototypes from the current new prototypes.
+
+    The new prototypes q are the EMA kept by the step, or an exact pass of the current model
+    over the training set (`cfg.new_prototypes`). NDPP perturbs the old bank p directly; ODPP
+    warm-starts its offset Δ from the last refresh. Returns the new state and what to log.
+    """
+    bank = state['bank']
+    if cfg.new_prototypes == 'exact':
+        new = jnp.asarray(prototypes.compute(model, source, num_classes=bank['new'].shape[0],
+                                             mesh=mesh, batch_size=cfg.exact_batch_size))
+    elif cfg.new_prototypes == 'ema':
+        new = l2_normalize(bank['new'])
+    else:
+        raise ValueError(f"perturb.new_prototypes={cfg.new_prototypes!r}: use 'ema' or 'exact'")
+    stats = {}
+    if method == 'ndpp':
+        positive, delta = perturbation.ndpp(old, new, **cfg.ndpp.to_dict()), bank['delta']
+    else:
+        options = cfg.odpp.to_dict()
+        steps = perturbation.passes_to_steps(old.shape[0], options.pop('passes'),
+                                             options['pairs_per_step'])
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        delta, curve = perturbation.odpp(old, new, bank['delta'], key, steps=steps, **options)
+        positive = l2_normalize(old + delta)
+        stats = dict(odpp_loss_first=float(curve[0]), odpp_loss_last=float(curve[-1]))
+    stats = dict(perturbation.perturbation_stats(old, positive), **stats)
+    new_bank = jax.device_put(dict(positive=positive, new=bank['new'] if cfg.new_prototypes ==
+                                   'ema' else new, delta=delta), bank['positive'].sharding)
+    return dict(state, bank=new_bank), stats
 
 
 def _hms(seconds: float) -> str:

@@ -3,9 +3,13 @@
 Groups: data, old (model, train, checkpoint), new (model, train), compat (loss weights and
 temperature), eval, ckpt, mesh. Units are in the names (`*_steps`, `*_epochs`).
 """
+import dataclasses
+
 from ml_collections import config_dict
 
-METHODS = ('independent', 'bct', 'bct_influence', 'l2')
+from bcl_jax.data.synthetic import SyntheticSpec
+
+METHODS = ('independent', 'bct', 'bct_influence', 'l2', 'ndpp', 'odpp')
 
 
 def model(arch='cifar_resnet', width=16, depth=20, embedding_dim=128, head='cosface'):
@@ -31,21 +35,19 @@ def train(epochs=30.0, batch_size=128, learning_rate=0.1, lr_drop_epochs=(15.0, 
 def base_config():
   c = config_dict.ConfigDict()
   c.seed = 0
+  c.seeds = ()  # e.g. (0, 1, 2): one run per seed under DIR/seed_<s>, then mean ± std
   c.data = config_dict.ConfigDict(dict(
       name='synthetic',   # synthetic | folder
-      image_size=32,
+      image_size=16,
       old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
       old_fraction=0.3,
       split_seed=0,
-      crop_padding=4,
+      crop_padding=2,
       flip=True,
       num_threads=2,
-      synthetic=config_dict.ConfigDict(dict(
-          seed=0,  # the benchmark itself: which classes and images exist
-          train_families=100, siblings_per_family=10, test_siblings_per_family=2,
-          train_images_per_class=10, test_images_per_class=10, queries_per_class=3,
-          coarse_bases=24, fine_bases=24, sibling_scale=0.35, nuisance_scale=0.3,
-          noise_scale=0.15, max_shift=3)),
+      # The built-in benchmark's spec: bcl_jax/data/synthetic.py explains every field.
+      synthetic=config_dict.ConfigDict(
+          {k: v for k, v in dataclasses.asdict(SyntheticSpec()).items() if k != 'image_size'}),
       folder=config_dict.ConfigDict(dict(
           train_dir='', query_dir='', gallery_dir='', skip_corrupt=False)),
   ))
@@ -59,6 +61,18 @@ def base_config():
   c.compat = config_dict.ConfigDict(dict(
       weight=1.0,         # λ of the method's compatibility term
       temperature=0.07,   # τ of L_comp
+  ))
+  c.perturb = config_dict.ConfigDict(dict(  # NDPP / ODPP (METHOD.md §4-§6)
+      start_epochs=2.0,          # p̃ = p before this (perturb_start)
+      refresh_every_epochs=1.0,  # recompute p̃ this often (refresh_every)
+      new_prototypes='ema',      # ema: per-class EMA in the train state | exact: a pass over the data
+      ema_decay=0.9,             # per appearance of a class in a batch
+      exact_batch_size=256,
+      perturb_negatives=False,   # True: L_comp uses p̃ for every class, not only the positive
+      ndpp=config_dict.ConfigDict(dict(k=100, alpha=0.16, beta=0.004, exclude_self=True)),
+      odpp=config_dict.ConfigDict(dict(
+          passes=100, pairs_per_step=1024, learning_rate=1e-3, pairs='random', k=100,
+          margin_old=0.9, margin_new=0.9, lambda_old=1.0, lambda_new=1.0, gamma=0.0)),
   ))
   c.eval = config_dict.ConfigDict(dict(batch_size=256, ks=(1, 5, 10), query_block=256))
   c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))

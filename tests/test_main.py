@@ -90,7 +90,7 @@ def test_results_file_layout(e2e, data):
     assert on_disk['benchmark'] == 'synthetic (seed 0)'
     assert on_disk['config'] == json.loads(cfg.to_json())
     assert read_json(os.path.join(workdir, 'config.json')) == json.loads(cfg.to_json())
-    assert list(on_disk['methods']) == list(cfg.methods) == ['independent', 'bct']
+    assert list(on_disk['methods']) == list(cfg.methods) == ['independent', 'bct', 'ndpp', 'odpp']
 
     def check_test(m):
         assert m['mAP'] > 0
@@ -252,6 +252,45 @@ def test_interrupted_training_resumes_to_the_same_params(e2e, data, tmp_path, st
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
     # A third call finds the stage finished and trains nothing.
     assert run_old_stage(cfg, data, workdir).step == 5
+
+
+def test_interrupted_odpp_training_resumes_to_the_same_params_and_bank(e2e, data, tmp_path):
+    """ODPP keeps Δ, p̃ and the EMA prototypes in the checkpoint: a run stopped between
+    refreshes ends where the uninterrupted one did, with each refresh logged once."""
+    cfg, e2e_dir, _, _ = e2e
+    old = train.load(os.path.join(e2e_dir, 'old', 'ckpt'), cfg.old.model,
+                     data.old_train.num_classes, mesh())
+    aux = dict(prototypes=np.load(os.path.join(e2e_dir, 'prototypes', 'old.npy')),
+               old_params=old.params, old_batch_stats=old.batch_stats, old_label=data.old_label)
+
+    def run(**kw):
+        return train.train(stage='new_odpp', method='odpp', workdir=str(tmp_path),
+                           model_cfg=cfg.new.model, train_cfg=cfg.new.train, source=data.train,
+                           num_classes=data.num_classes, mesh=mesh(), seed=cfg.seed + 1,
+                           data_cfg=cfg.data, ckpt_cfg=cfg.ckpt,
+                           log_every_steps=cfg.log_every_steps, compat_cfg=cfg.compat,
+                           old=old, aux=aux, perturb_cfg=cfg.perturb, **kw)
+
+    assert run(stop_after_steps=9).step == 9   # killed after checkpoint 8, past refresh 4
+    final = run()
+    reference = train.load(os.path.join(e2e_dir, 'new_odpp', 'ckpt'), cfg.new.model,
+                           data.num_classes, mesh())
+    for a, b in zip(jax.tree.leaves((final.params, final.batch_stats)),
+                    jax.tree.leaves((reference.params, reference.batch_stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    def log(workdir):
+        with open(os.path.join(workdir, 'new_odpp', 'metrics.jsonl')) as f:
+            return [json.loads(l) for l in f]
+
+    resumed, straight = log(str(tmp_path)), log(e2e_dir)
+    assert [(r['step'], 'event' in r) for r in resumed] == \
+        [(r['step'], 'event' in r) for r in straight]
+    refreshes = [r for r in straight if r.get('event') == 'refresh']
+    assert len(refreshes) >= 2 and all(r['mean_shift'] > 0 for r in refreshes)
+    for a, b in zip(resumed, straight):
+        assert a.get('loss', 0) == pytest.approx(b.get('loss', 0), rel=1e-4)
+        assert a.get('mean_shift', 0) == pytest.approx(b.get('mean_shift', 0), rel=1e-4)
 
 
 # --------------------------------------------------------------------------- bad input

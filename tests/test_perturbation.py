@@ -234,9 +234,10 @@ def test_pairs_sweep_permutation_each_pass():
     c, per_step = 10, 4
     key_perm, key_pair = jax.random.split(jax.random.key(0))
     perm = jnp.zeros((c,), jnp.int32)
+    draw = jax.jit(pt._draw_pairs, static_argnames=('pairs_per_step', 'pairs'))
     seen = []
     for s in range(6):  # two passes of 3 steps
-        i, j, perm = pt._draw_pairs(key_perm, key_pair, jnp.int32(s), perm, None,
+        i, j, perm = draw(key_perm, key_pair, jnp.int32(s), perm, None,
                                     pairs_per_step=per_step, pairs='random')
         seen.append(np.asarray(i))
         assert np.asarray(j).min() >= 0 and np.asarray(j).max() < c
@@ -302,11 +303,13 @@ def test_odpp_neighbour_pairs():
 def test_odpp_warm_start_continues(crowded):
     old, new = crowded
     zero = np.zeros_like(old)
-    kwargs = dict(steps=30, pairs_per_step=64)
+    kwargs = dict(steps=30, pairs_per_step=64, learning_rate=3e-3)
     d1, _ = pt.odpp(old, new, zero, jax.random.key(0), **kwargs)
     d2, _ = pt.odpp(old, new, d1, jax.random.key(1), **kwargs)
+    cold, _ = pt.odpp(old, new, zero, jax.random.key(1), **kwargs)
     j0, j1, j2 = (_full_objective(d, old, new) for d in (zero, d1, d2))
     assert j0 > j1 > j2
+    assert j2 < 0.8 * _full_objective(cold, old, new)  # the second call built on the first
     assert not np.array_equal(np.asarray(d1), np.asarray(d2))
 
 
@@ -324,7 +327,10 @@ def test_odpp_gamma_limits_offset(crowded):
     (dict(pairs='nearest'), 'pairs must be one of'),
     (dict(steps=-1), 'steps must be an int'),
     (dict(pairs_per_step=0), 'pairs_per_step must be a positive int'),
-    (dict(gamma=-1.0), 'gamma must be >= 0'),
+    (dict(gamma=-1.0), 'gamma must be finite and >= 0'),
+    (dict(lambda_old=float('nan')), 'lambda_old must be finite and >= 0'),
+    (dict(lambda_new=-0.5), 'lambda_new must be finite and >= 0'),
+    (dict(margin_old=float('nan')), 'margin_old=nan is outside'),
     (dict(learning_rate=0.0), 'learning_rate must be > 0'),
     (dict(pairs='neighbours', k=0), 'k must be a positive int'),
     (dict(delta0=np.zeros((64, 8), np.float32)), r'delta0 bank has shape \(64, 8\)'),
@@ -337,3 +343,26 @@ def test_odpp_errors(crowded, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         pt.odpp(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark script
+# ----------------------------------------------------------------------------------------------
+
+def test_bench_quick_writes_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / 'bench.json'
+    subprocess.run([sys.executable, '-m', 'bcl_jax.bench', '--quick', f'--out={out}'],
+                   check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert set(report) == {'config', 'environment', 'results'}
+    results = report['results']
+    assert list(results) == ['floor', 'ndpp', 'odpp']
+    assert results['floor']['seconds'] > 0 and results['floor']['gflops'] > 0
+    assert results['ndpp']['ratio_to_floor'] > 0 and results['ndpp']['target_ratio'] == 2.0
+    odpp = results['odpp']
+    assert odpp['steps'] == pt.passes_to_steps(odpp['classes'], odpp['passes'],
+                                               odpp['pairs_per_step'])
+    assert odpp['ratio_to_ndpp'] > 0 and odpp['target_ratio'] == 10.0

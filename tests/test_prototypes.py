@@ -193,3 +193,18 @@ def test_old_bank_writes_reuses_and_recomputes(model, source, mesh8, tmp_path, m
     np.testing.assert_array_equal(np.load(path), new_bank)
     with open(path + '.json') as f:
         assert json.load(f)['old_model'] == other.identity()
+
+
+def test_ema_class_means_matches_numpy():
+    """Classes present in the batch move towards their batch mean; absent ones keep their value."""
+    from bcl_jax import prototypes
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(6, 4)).astype(np.float32)
+    emb = rng.normal(size=(9, 4)).astype(np.float32)
+    labels = np.array([0, 0, 2, 2, 2, 5, 0, 5, 2], np.int32)
+    got = np.asarray(prototypes.ema_class_means(bank, emb, labels, decay=0.75))
+    want = bank.astype(np.float64).copy()
+    for c in np.unique(labels):
+        want[c] = 0.75 * bank[c] + 0.25 * emb[labels == c].astype(np.float64).mean(0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[[1, 3, 4]], bank[[1, 3, 4]])

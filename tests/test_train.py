@@ -78,13 +78,13 @@ def old_model_and_aux():
     return old, aux
 
 
-def run_step(mesh, method, state, batch, aux, *, graphdef, tx, model_cfg, old):
+def run_step(mesh, method, state, batch, aux, *, graphdef, tx, model_cfg, old, perturb=None):
     """One step jitted the way train.train jits it, on `mesh`."""
     compat = ml_collections.ConfigDict(dict(weight=1.0, temperature=0.07))
     weights = {t: compat.weight for t in train.METHOD_TERMS[method]}
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     step = jax.jit(train.make_train_step(graphdef, tx, weights=weights, model_cfg=model_cfg,
-                                         compat_cfg=compat, old=old),
+                                         compat_cfg=compat, old=old, perturb_cfg=perturb),
                    in_shardings=(replicated, rows, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
     new_state, metrics = step(jax.device_put(host(state), replicated),
@@ -108,6 +108,16 @@ LR, WD, MOMENTUM = 0.05, 1e-3, 0.9
 _STEPS = {}
 
 
+def perturbed_bank_state(state, aux):
+    """The state of an NDPP/ODPP run after a refresh: a perturbed positive bank and an EMA."""
+    rng = np.random.default_rng(11)
+    positive = aux['prototypes'] + 0.3 * rng.normal(size=aux['prototypes'].shape)
+    positive /= np.linalg.norm(positive, axis=1, keepdims=True)
+    return dict(state, bank=dict(positive=positive.astype(np.float32),
+                                 new=rng.normal(size=positive.shape).astype(np.float32),
+                                 delta=np.zeros_like(positive, np.float32)))
+
+
 def one_step(method, mesh_name):
     """(initial state, batch, new state, metrics) of one step from the same start; cached, as
     each (method, mesh) pair costs a compilation."""
@@ -116,18 +126,22 @@ def one_step(method, mesh_name):
         train_cfg = tiny_train_cfg(learning_rate=LR, weight_decay=WD, momentum=MOMENTUM)
         graphdef, tx, state = initial_state(model_cfg, train_cfg)
         old, aux = old_model_and_aux() if method != 'independent' else (None, {})
+        perturb = None
+        if method in train.PERTURBATIONS:
+            state = perturbed_bank_state(state, aux)
+            perturb = common.base_config().perturb
         batch = make_batch()
         mesh = (train.make_mesh(ml_collections.ConfigDict(dict(data=-1))) if mesh_name == '8'
                 else one_device_mesh())
         new_state, metrics = run_step(mesh, method, state, batch, aux, graphdef=graphdef, tx=tx,
-                                      model_cfg=model_cfg, old=old)
+                                      model_cfg=model_cfg, old=old, perturb=perturb)
         _STEPS[method, mesh_name] = dict(graphdef=graphdef, model_cfg=model_cfg, state=state,
                                          batch=batch, new_state=new_state, metrics=metrics,
                                          mesh_size=mesh.devices.size)
     return _STEPS[method, mesh_name]
 
 
-@pytest.mark.parametrize('method', ['independent', 'bct', 'bct_influence', 'l2'])
+@pytest.mark.parametrize('method', ['independent', 'bct', 'bct_influence', 'l2', 'ndpp'])
 def test_step_on_8_devices_equals_step_on_1_device(method):
     assert jax.device_count() == 8
     r8, r1 = one_step(method, '8'), one_step(method, '1')
@@ -151,6 +165,34 @@ def test_step_on_8_devices_equals_step_on_1_device(method):
         term = train.METHOD_TERMS[method][0]
         assert m8[term] > 0
         assert m8['loss'] == pytest.approx(m8['cls'] + m8[term], rel=1e-5)
+
+
+def test_perturbation_step_reads_the_perturbed_bank_and_updates_the_ema():
+    """NDPP/ODPP: L_comp takes the positive prototype from state['bank'] and the step moves the
+    EMA of the batch's classes towards their batch mean, on 8 devices as on 1."""
+    r8, r1 = one_step('ndpp', '8'), one_step('ndpp', '1')
+    assert_trees_close(r8['new_state']['bank'], r1['new_state']['bank'])
+    bank = r8['state']['bank']
+    np.testing.assert_array_equal(r8['new_state']['bank']['positive'], bank['positive'])
+
+    # Independent reference from the model's embeddings of the batch (BatchNorm in train mode).
+    model = nnx.merge(r8['graphdef'], r8['state']['params'], r8['state']['batch_stats'])
+    emb, _ = model(jnp.asarray(r8['batch']['image']), train=True)
+    emb, labels = np.asarray(emb, np.float64), r8['batch']['label']
+    decay = common.base_config().perturb.ema_decay
+    want = bank['new'].astype(np.float64).copy()
+    for c in np.unique(labels):
+        want[c] = decay * bank['new'][c] + (1 - decay) * emb[labels == c].mean(0)
+    np.testing.assert_allclose(r8['new_state']['bank']['new'], want, rtol=1e-5, atol=1e-5)
+
+    _, aux = old_model_and_aux()
+    pos, neg = bank['positive'].astype(np.float64), aux['prototypes'].astype(np.float64)
+    logits = emb @ neg.T
+    logits[np.arange(len(labels)), labels] = np.sum(emb * pos[labels], axis=1)
+    z = logits / 0.07
+    z -= z.max(axis=1, keepdims=True)
+    comp = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels])
+    assert r8['metrics']['comp'] == pytest.approx(comp, rel=1e-4)
 
 
 # --------------------------------------------------------------------------- optimizer

@@ -34,7 +34,7 @@ class SyntheticSpec:
   """Everything that defines the benchmark; the same spec always gives the same images."""
 
   seed: int = 0
-  image_size: int = 32
+  image_size: int = 16
   train_families: int = 100
   siblings_per_family: int = 10
   test_siblings_per_family: int = 2
@@ -43,9 +43,9 @@ class SyntheticSpec:
   queries_per_class: int = 3
   coarse_bases: int = 24
   fine_bases: int = 24
-  sibling_scale: float = 0.35
-  nuisance_scale: float = 0.3
-  noise_scale: float = 0.15
+  sibling_scale: float = 0.25
+  nuisance_scale: float = 0.5
+  noise_scale: float = 0.2
   max_shift: int = 3
 
   def __post_init__(self):
