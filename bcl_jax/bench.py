@@ -19,7 +19,32 @@ Every timing is of a jitted computation after a warm-up call (which compiles), w
 `block_until_ready`; the warm-up time (compile + first run) is reported beside it. Banks are
 random unit vectors: the work does not depend on the data. `--quick` shrinks every size so the
 whole run takes seconds (for tests).
+
+What was found on a 2-core x86 CPU (XLA:CPU, JAX 0.10.2), shared with other jobs, so timings
+vary by up to 2x from minute to minute; compare only numbers from one run:
+
+- Profile of one NDPP refresh (jax.profiler, C = 40,000): matmuls ~50%, `lax.top_k` ~40%,
+  the self mask ~4%, weighted neighbour sums (gather + einsum) ~6%. The matmul runs on both
+  cores; XLA:CPU's TopK is one thread, so NDPP / floor ~ 1 + t(top-k) / t(matmul) and rises
+  when the machine is quiet (the matmul speeds up, the top-k does not).
+- Wide gallery blocks (the whole bank, up to 131,072 rows, in one block; default in `ndpp`):
+  expected a large gain, since each top-k call costs ~7 us per row plus a merge per block.
+  Measured at C = 40,000: 3 blocks of 13,440 -> 1 block: NDPP / floor 1.67 -> 1.20 (same run).
+  At 4,096-wide blocks (knn's default) an estimate from per-call costs gives ~4.4.
+- Group-max pre-filter before the top-k (exact: top-k of the K best 16-wide groups), tried in
+  knn's block top-k: expected -40% top-k time (microbenchmark on an 81k-wide row: 128 -> 70
+  us/row). Measured in place, C = 40,000: -4 to -8% end to end (the masked 16-wide group max
+  costs 0.6 ns/element and eats most of it; padding to a multiple of 16 made it slower).
+  Not adopted.
+- Both searches fused in one loop over query blocks, hoping XLA overlaps one search's
+  one-thread top-k with the other's matmul: expected up to -25%; measured 0. Not adopted.
+- ndpp(mesh=...) over 2 host devices on the same 2 cores: slower (2.4x vs 1.75x).
+- Floor: a bare row max after the dot is fused by XLA:CPU into the YNNPACK matmul kernel and
+  runs 2-3x slower (88 s vs 26 s at full size), hence the probe between two variants.
+- ODPP at 24,393 classes is bound by the dense Adam update of the (C, D) offset (~8 ms/step,
+  memory traffic of Δ, m, v and the gradient), ~2.7x one NDPP refresh at that C.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +52,7 @@ import json
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +73,7 @@ flags.DEFINE_list('measure', ['floor', 'ndpp', 'odpp'], 'Measurements to run, in
 flags.DEFINE_string('out', 'bench.json', 'Where to write the JSON results.')
 flags.DEFINE_bool('quick', False, 'Small sizes (seconds), for tests.')
 
-QUICK = dict(classes=600, dim=32, k=10, odpp_classes=300, odpp_passes=2,
-             odpp_pairs_per_step=64)
+QUICK = dict(classes=600, dim=32, k=10, odpp_classes=300, odpp_passes=2, odpp_pairs_per_step=64)
 
 MEASUREMENTS: dict[str, Callable[[dict, dict], dict]] = {}
 
@@ -58,6 +82,7 @@ def measurement(name: str):
     def register(fn):
         MEASUREMENTS[name] = fn
         return fn
+
     return register
 
 
@@ -83,52 +108,80 @@ def _banks(cfg, classes):
     return random_bank(0, classes, cfg['dim']), random_bank(1, classes, cfg['dim'])
 
 
-@jax.jit(static_argnames=('block', 'masked'))
-def similarity_floor(old, new, *, block: int = 256, masked: bool = False):
+@jax.jit(static_argnames=('block', 'masked', 'rows'))
+def similarity_floor(old, new, *, block: int = 256, masked: bool = False, rows: int | None = None):
     """Row maxima of old·oldᵀ and old·newᵀ, `block` query rows at a time: the matmuls of NDPP's
     two searches with nothing else (the max is a trivial reduction so C × C is never held).
-    `masked` first sets the self-similarities to -inf, as the searches do."""
+    `masked` first sets the self-similarities to -inf, as the searches do. `rows` limits the
+    queries to the first rows of `old` (for a quick probe)."""
     c, d = old.shape
-    padded = -(-c // block) * block
-    queries = jnp.pad(old, ((0, padded - c), (0, 0))).reshape(-1, block, d)
+    q = c if rows is None else min(rows, c)
+    padded = -(-q // block) * block
+    queries = jnp.pad(old[:q], ((0, padded - q), (0, 0))).reshape(-1, block, d)
     starts = jnp.arange(padded // block, dtype=jnp.int32) * block
     cols = jnp.arange(c, dtype=jnp.int32)
 
     def one(args):
-        q, start = args
+        queries, start = args
 
-        def row_max(g):
-            s = lax.dot_general(q, g, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                                preferred_element_type=jnp.float32)
+        def row_max(gallery):
+            s = lax.dot_general(
+                queries,
+                gallery,
+                (((1,), (1,)), ((), ())),
+                precision=lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32,
+            )
             if masked:
-                rows = start + jnp.arange(block, dtype=jnp.int32)
-                s = jnp.where(rows[:, None] == cols[None, :], -jnp.inf, s)
+                ids = start + jnp.arange(block, dtype=jnp.int32)
+                s = jnp.where(ids[:, None] == cols[None, :], -jnp.inf, s)
             return jnp.max(s, axis=1)
 
         return row_max(old), row_max(new)
 
     maxima = lax.map(one, (queries, starts))
-    return tuple(m.reshape(padded)[:c] for m in maxima)
+    return tuple(m.reshape(padded)[:q] for m in maxima)
+
+
+FLOOR_VARIANTS = {'row_max': False, 'masked_row_max': True}
 
 
 @measurement('floor')
 def bench_floor(cfg, results):
-    """The fastest of two trivial reductions: how XLA fuses the dot with what follows matters
-    (on XLA:CPU 0.10 a bare row max is fused into the matmul kernel and runs ~2x slower)."""
+    """The floor is the faster of two trivial reductions, chosen on a probe of 2,048 query rows
+    and then timed in full: how XLA fuses the matmul with what follows matters (XLA:CPU in JAX
+    0.10 fuses a bare row max into its YNNPACK matmul kernel, which then runs ~2-3x slower;
+    with the self mask in between it does not)."""
     old, new = _banks(cfg, cfg['classes'])
-    variants = {name: timed(functools.partial(similarity_floor, masked=masked), old, new,
-                            repeats=cfg['repeats'])
-                for name, masked in (('row_max', False), ('masked_row_max', True))}
-    best = min(variants, key=lambda name: variants[name]['seconds'])
+    probe_rows = min(2048, cfg['classes'])
+    probes = {
+        name: timed(functools.partial(similarity_floor, masked=masked, rows=probe_rows), old, new)[
+            'seconds'
+        ]
+        for name, masked in FLOOR_VARIANTS.items()
+    }
+    best = min(probes, key=probes.get)
+    out = timed(
+        functools.partial(similarity_floor, masked=FLOOR_VARIANTS[best]),
+        old,
+        new,
+        repeats=cfg['repeats'],
+    )
     flops = 2 * 2 * cfg['classes'] ** 2 * cfg['dim']
-    return dict(variants[best], variant=best, variants=variants, classes=cfg['classes'],
-                dim=cfg['dim'], gflops=flops / variants[best]['seconds'] / 1e9)
+    return dict(
+        out,
+        variant=best,
+        probe_rows=probe_rows,
+        probe_seconds=probes,
+        classes=cfg['classes'],
+        dim=cfg['dim'],
+        gflops=flops / out['seconds'] / 1e9,
+    )
 
 
 def _ndpp(cfg, classes):
     old, new = _banks(cfg, classes)
-    return timed(lambda o, n: perturbation.ndpp(o, n, k=cfg['k']), old, new,
-                 repeats=cfg['repeats'])
+    return timed(lambda o, n: perturbation.ndpp(o, n, k=cfg['k']), old, new, repeats=cfg['repeats'])
 
 
 @measurement('ndpp')
@@ -146,14 +199,20 @@ def bench_ndpp_parts(cfg, results):
     c, k = cfg['classes'], min(cfg['k'], cfg['classes'] - 1)
     old, new = _banks(cfg, c)
     blocks = dict(query_block=256, gallery_block=perturbation._even_block(c, 131072))
-    search_old = timed(lambda o: knn.topk(o, o, k, exclude_self=True, **blocks), old,
-                       repeats=cfg['repeats'])
-    search_new = timed(lambda o, n: knn.topk(o, n, k, exclude_self=True, **blocks), old, new,
-                       repeats=cfg['repeats'])
+    search_old = timed(
+        lambda o: knn.topk(o, o, k, exclude_self=True, **blocks), old, repeats=cfg['repeats']
+    )
+    search_new = timed(
+        lambda o, n: knn.topk(o, n, k, exclude_self=True, **blocks),
+        old,
+        new,
+        repeats=cfg['repeats'],
+    )
     out = dict(search_old=search_old, search_new=search_new)
     if 'ndpp' in results:
-        out['rest_seconds'] = (results['ndpp']['seconds'] - search_old['seconds']
-                               - search_new['seconds'])
+        out['rest_seconds'] = (
+            results['ndpp']['seconds'] - search_old['seconds'] - search_new['seconds']
+        )
     return out
 
 
@@ -163,20 +222,39 @@ def bench_odpp(cfg, results):
     steps = perturbation.passes_to_steps(c, cfg['odpp_passes'], per_step)
     old, new = _banks(cfg, c)
     delta0 = jnp.zeros_like(old)
-    odpp = timed(lambda o, n, d: perturbation.odpp(o, n, d, jax.random.key(0), steps=steps,
-                                                   pairs_per_step=per_step)[0],
-                 old, new, delta0, repeats=cfg['repeats'])
+    odpp = timed(
+        lambda o, n, d: perturbation.odpp(
+            o, n, d, jax.random.key(0), steps=steps, pairs_per_step=per_step
+        )[0],
+        old,
+        new,
+        delta0,
+        repeats=cfg['repeats'],
+    )
     ndpp = _ndpp(cfg, c)
-    return dict(odpp, classes=c, passes=cfg['odpp_passes'], steps=steps,
-                pairs_per_step=per_step, ms_per_step=1e3 * odpp['seconds'] / max(steps, 1),
-                ndpp_seconds=ndpp['seconds'], ndpp_warmup_seconds=ndpp['warmup_seconds'],
-                ratio_to_ndpp=odpp['seconds'] / ndpp['seconds'], target_ratio=10.0)
+    return dict(
+        odpp,
+        classes=c,
+        passes=cfg['odpp_passes'],
+        steps=steps,
+        pairs_per_step=per_step,
+        ms_per_step=1e3 * odpp['seconds'] / max(steps, 1),
+        ndpp_seconds=ndpp['seconds'],
+        ndpp_warmup_seconds=ndpp['warmup_seconds'],
+        ratio_to_ndpp=odpp['seconds'] / ndpp['seconds'],
+        target_ratio=10.0,
+    )
 
 
 def environment() -> dict:
-    return dict(jax=jax.__version__, backend=jax.default_backend(),
-                devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
-                machine=platform.machine(), python=platform.python_version())
+    return dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        devices=[str(d) for d in jax.devices()],
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        python=platform.python_version(),
+    )
 
 
 def run(cfg: dict) -> dict:
@@ -192,9 +270,17 @@ def run(cfg: dict) -> dict:
 
 def main(argv):
     del argv
-    cfg = dict(classes=FLAGS.classes, dim=FLAGS.dim, k=FLAGS.k, odpp_classes=FLAGS.odpp_classes,
-               odpp_passes=FLAGS.odpp_passes, odpp_pairs_per_step=FLAGS.odpp_pairs_per_step,
-               repeats=FLAGS.repeats, measure=list(FLAGS.measure), quick=FLAGS.quick)
+    cfg = dict(
+        classes=FLAGS.classes,
+        dim=FLAGS.dim,
+        k=FLAGS.k,
+        odpp_classes=FLAGS.odpp_classes,
+        odpp_passes=FLAGS.odpp_passes,
+        odpp_pairs_per_step=FLAGS.odpp_pairs_per_step,
+        repeats=FLAGS.repeats,
+        measure=list(FLAGS.measure),
+        quick=FLAGS.quick,
+    )
     if FLAGS.quick:
         cfg.update(QUICK)
     report = run(cfg)

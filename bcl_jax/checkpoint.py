@@ -6,6 +6,7 @@ iterator's position) and `meta` (stage, model description, seconds trained). Orb
 step to a temporary folder and renames it when complete, so a killed run resumes from the last
 complete step.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,7 @@ def write_atomic(path: str, text: str | bytes):
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _check_meta(saved: dict, expected: dict, directory: str):
@@ -47,14 +47,19 @@ def _check_meta(saved: dict, expected: dict, directory: str):
             continue
         want, got = expected[key], saved.get(key)
         if isinstance(want, dict):
-            diffs += [f'{key}.{k}: checkpoint has {got.get(k)!r}, config says {v!r}'
-                      for k, v in want.items() if got.get(k) != v]
+            diffs += [
+                f'{key}.{k}: checkpoint has {got.get(k)!r}, config says {v!r}'
+                for k, v in want.items()
+                if got.get(k) != v
+            ]
         elif got != want:
             diffs.append(f'{key}: checkpoint has {got!r}, config says {want!r}')
     if diffs:
-        raise ValueError(f'checkpoint {directory} does not match the config:\n  '
-                         + '\n  '.join(diffs)
-                         + '\nFix the config to match the checkpoint, or point to the right one.')
+        raise ValueError(
+            f'checkpoint {directory} does not match the config:\n  '
+            + '\n  '.join(diffs)
+            + '\nFix the config to match the checkpoint, or point to the right one.'
+        )
 
 
 class Checkpointer:
@@ -64,11 +69,15 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                               read_only=read_only,
-                                               enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=False,
+        )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=('weights', 'train', 'data', 'meta'))
+            self.directory, options=options, item_names=('weights', 'train', 'data', 'meta')
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -76,14 +85,21 @@ class Checkpointer:
     def save(self, step: int, state: dict, data_state: dict, meta: dict):
         weights = dict(params=state['params'], batch_stats=state['batch_stats'])
         train = {k: v for k, v in state.items() if k not in weights}
-        self._manager.save(step, args=ocp.args.Composite(
-            weights=ocp.args.StandardSave(weights), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                weights=ocp.args.StandardSave(weights),
+                train=ocp.args.StandardSave(train),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
         self._manager.wait_until_finished()
 
     def _meta(self, step: int, expected: dict) -> dict:
-        meta = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            'meta'
+        ]
         _check_meta(meta, expected, self.directory)
         return meta
 
@@ -92,16 +108,22 @@ class Checkpointer:
         meta = self._meta(step, expected_meta)
         weights = dict(params=state['params'], batch_stats=state['batch_stats'])
         train = {k: v for k, v in state.items() if k not in weights}
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            weights=ocp.args.StandardRestore(_abstract(weights)),
-            train=ocp.args.StandardRestore(_abstract(train)), data=ocp.args.JsonRestore()))
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                weights=ocp.args.StandardRestore(_abstract(weights)),
+                train=ocp.args.StandardRestore(_abstract(train)),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
         return dict(out['train'], **out['weights']), out['data'], meta
 
     def restore_weights(self, step: int, weights: dict, expected_meta: dict):
         """(weights, meta) only: what using a finished model needs."""
         meta = self._meta(step, expected_meta)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            weights=ocp.args.StandardRestore(_abstract(weights))))
+        out = self._manager.restore(
+            step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(_abstract(weights)))
+        )
         return out['weights'], meta
 
     def close(self):

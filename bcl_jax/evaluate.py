@@ -5,9 +5,9 @@ sets. new/old ("cross-test") searches the old gallery with new queries: the depl
 backfilling that bcl_jax exists for. The update gain puts new/old on the scale from old/old (0)
 to an independently trained new model's new/new (1).
 """
+
 from __future__ import annotations
 
-import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -22,8 +22,11 @@ def embed_batches(model, source, *, mesh, batch_size: int):
     embed_fn = model.embed_fn(mesh)
     for batch, valid in pipeline.eval_batches(source, global_batch=batch_size):
         batch = pipeline.to_global(dict(batch, valid=valid), mesh)
-        yield embed_fn(model.params, model.batch_stats, batch['image']), batch['label'], \
-            batch['valid']
+        yield (
+            embed_fn(model.params, model.batch_stats, batch['image']),
+            batch['label'],
+            batch['valid'],
+        )
 
 
 def embed(model, source, *, mesh, batch_size: int) -> np.ndarray:
@@ -43,33 +46,49 @@ def update_gain(new_old: float, old_old: float, reference_new_new: float) -> flo
 
 def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
     """Metrics of old/old and, per method, new/new and new/old, plus update gains."""
+
     def embeddings(model):
-        return tuple(embed(model, s, mesh=mesh, batch_size=eval_cfg.batch_size)
-                     for s in (data.query, data.gallery))
+        return tuple(
+            embed(model, s, mesh=mesh, batch_size=eval_cfg.batch_size)
+            for s in (data.query, data.gallery)
+        )
 
     def test(queries, gallery):
-        m = metrics.retrieval_metrics(queries, np.asarray(data.query.labels), gallery,
-                                      np.asarray(data.gallery.labels), ks=tuple(eval_cfg.ks),
-                                      query_block=eval_cfg.query_block)
+        m = metrics.retrieval_metrics(
+            queries,
+            np.asarray(data.query.labels),
+            gallery,
+            np.asarray(data.gallery.labels),
+            ks=tuple(eval_cfg.ks),
+            query_block=eval_cfg.query_block,
+        )
         return {k: float(v) for k, v in m.items()}
 
     old_q, old_g = embeddings(old)
     results = dict(primary_metric=PRIMARY_METRIC, old_old=test(old_q, old_g), methods={})
     for name, model in new_models.items():
         new_q, new_g = embeddings(model)
-        results['methods'][name] = dict(new_new=test(new_q, new_g), new_old=test(new_q, old_g),
-                                        train_seconds=model.seconds)
+        results['methods'][name] = dict(
+            new_new=test(new_q, new_g), new_old=test(new_q, old_g), train_seconds=model.seconds
+        )
     reference = results['methods'].get('independent')
     for r in results['methods'].values():
         r['compatible'] = r['new_old'][PRIMARY_METRIC] > results['old_old'][PRIMARY_METRIC]
-        r['update_gain'] = (None if reference is None else update_gain(
-            r['new_old'][PRIMARY_METRIC], results['old_old'][PRIMARY_METRIC],
-            reference['new_new'][PRIMARY_METRIC]))
+        r['update_gain'] = (
+            None
+            if reference is None
+            else update_gain(
+                r['new_old'][PRIMARY_METRIC],
+                results['old_old'][PRIMARY_METRIC],
+                reference['new_new'][PRIMARY_METRIC],
+            )
+        )
     return results
 
 
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and standard deviation (ddof=1) over seeds of every number in the results."""
+
     def combine(values, reducer):
         first = values[0]
         if isinstance(first, dict):
@@ -80,16 +99,20 @@ def aggregate(per_seed: list[dict]) -> dict:
 
     keys = ('old_old', 'methods')
     std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
-    return dict(primary_metric=per_seed[0]['primary_metric'],
-                **{k: combine([r[k] for r in per_seed], np.mean) for k in keys},
-                std={k: combine([r[k] for r in per_seed], std) for k in keys})
+    return dict(
+        primary_metric=per_seed[0]['primary_metric'],
+        **{k: combine([r[k] for r in per_seed], np.mean) for k in keys},
+        std={k: combine([r[k] for r in per_seed], std) for k in keys},
+    )
 
 
 def markdown(results: dict) -> str:
     """The results table: the primary metric and Recall@K as percentages (± std over seeds)."""
     std = results.get('std')
-    keys = [PRIMARY_METRIC] + sorted((k for k in results['old_old'] if k.startswith('recall@')),
-                                     key=lambda k: int(k.split('@')[1]))
+    keys = [PRIMARY_METRIC] + sorted(
+        (k for k in results['old_old'] if k.startswith('recall@')),
+        key=lambda k: int(k.split('@')[1]),
+    )
 
     def cell(value, spread, scale=100.0, digits=2):
         if value is None:
@@ -97,16 +120,35 @@ def markdown(results: dict) -> str:
         return f'{scale * value:.{digits}f}' + (f' ± {scale * spread:.{digits}f}' if std else '')
 
     def row(name, test, m, s, gain='', seconds=''):
-        return '| ' + ' | '.join([name, test] + [cell(m[k], s and s[k]) for k in keys]
-                                 + [gain, seconds]) + ' |'
+        return (
+            '| '
+            + ' | '.join([name, test] + [cell(m[k], s and s[k]) for k in keys] + [gain, seconds])
+            + ' |'
+        )
 
-    lines = ['| model | test | ' + ' | '.join(keys) + ' | update gain | train s |',
-             '|' + '---|' * (len(keys) + 4),
-             row('old', 'old/old', results['old_old'], std and std['old_old'])]
+    lines = [
+        '| model | test | ' + ' | '.join(keys) + ' | update gain | train s |',
+        '|' + '---|' * (len(keys) + 4),
+        row('old', 'old/old', results['old_old'], std and std['old_old']),
+    ]
     for name, r in results['methods'].items():
         rs = std and std['methods'][name]
-        lines.append(row(name, 'new/new', r['new_new'], rs and rs['new_new'],
-                         seconds=cell(r['train_seconds'], rs and rs['train_seconds'], 1, 0)))
-        lines.append(row(name, 'new/old', r['new_old'], rs and rs['new_old'],
-                         gain=cell(r['update_gain'], rs and rs['update_gain'], 1, 3)))
+        lines.append(
+            row(
+                name,
+                'new/new',
+                r['new_new'],
+                rs and rs['new_new'],
+                seconds=cell(r['train_seconds'], rs and rs['train_seconds'], 1, 0),
+            )
+        )
+        lines.append(
+            row(
+                name,
+                'new/old',
+                r['new_old'],
+                rs and rs['new_old'],
+                gain=cell(r['update_gain'], rs and rs['update_gain'], 1, 3),
+            )
+        )
     return '\n'.join(lines) + '\n'

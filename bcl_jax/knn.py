@@ -7,6 +7,7 @@ query_block × gallery_block scores.
 
 Ties are broken towards the lower gallery index, in both `topk` and `sharded_topk`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +28,8 @@ def _check_args(queries, gallery, k, exclude_self, query_block, gallery_block):
     if queries.ndim != 2 or gallery.ndim != 2:
         raise ValueError(
             f"queries and gallery must be 2-D (rows, dim); got shapes {queries.shape} and "
-            f"{gallery.shape}.")
+            f"{gallery.shape}."
+        )
     (q, d_q), (n, d_g) = queries.shape, gallery.shape
     if d_q != d_g:
         raise ValueError(f"Embedding dims differ: queries have {d_q}, gallery has {d_g}.")
@@ -36,14 +38,16 @@ def _check_args(queries, gallery, k, exclude_self, query_block, gallery_block):
     if exclude_self and q != n:
         raise ValueError(
             f"exclude_self=True needs queries and gallery to be the same set (Q == N); got "
-            f"Q={q}, N={n}.")
+            f"Q={q}, N={n}."
+        )
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int; got {k!r}.")
     eligible = n - 1 if exclude_self else n
     if k > eligible:
         raise ValueError(
             f"k={k} exceeds the {eligible} eligible gallery items (N={n}"
-            f"{', minus self' if exclude_self else ''}); lower k.")
+            f"{', minus self' if exclude_self else ''}); lower k."
+        )
     if query_block < 1 or gallery_block < 1:
         raise ValueError(f"Block sizes must be >= 1; got {query_block}, {gallery_block}.")
     return q, n
@@ -61,8 +65,9 @@ def _merge(scores_a, idx_a, scores_b, idx_b, k):
     return top, jnp.take_along_axis(idx, pos, axis=1)
 
 
-def _blocked_topk(queries, gallery, k, *, query_block, gallery_block, col_offset, num_valid,
-                  exclude_self):
+def _blocked_topk(
+    queries, gallery, k, *, query_block, gallery_block, col_offset, num_valid, exclude_self
+):
     """Top-k of `queries` against a (local piece of a) gallery, by blocks.
 
     queries (Qp, D) and gallery (Np, D) are already padded to block multiples. Gallery row r has
@@ -87,8 +92,12 @@ def _blocked_topk(queries, gallery, k, *, query_block, gallery_block, col_offset
 
         def block_topk(g_block, g_start):
             scores = lax.dot_general(
-                q_block, g_block, (((1,), (1,)), ((), ())),
-                precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+                q_block,
+                g_block,
+                (((1,), (1,)), ((), ())),
+                precision=lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32,
+            )
             cols = g_start + jnp.arange(gallery_block, dtype=jnp.int32)
             invalid = (cols >= num_valid)[None, :]
             if exclude_self:
@@ -125,21 +134,32 @@ def _pad_rows(x, rows):
     return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "query_block", "gallery_block",
-                                             "exclude_self"))
+@functools.partial(jax.jit, static_argnames=("k", "query_block", "gallery_block", "exclude_self"))
 def _topk_jit(queries, gallery, *, k, query_block, gallery_block, exclude_self):
     q, n = queries.shape[0], gallery.shape[0]
     queries, gallery = _unsharded(queries), _unsharded(gallery)
     top, idx = _blocked_topk(
         _pad_rows(queries, _round_up(q, query_block)),
         _pad_rows(gallery, _round_up(n, gallery_block)),
-        k, query_block=query_block, gallery_block=gallery_block, col_offset=0, num_valid=n,
-        exclude_self=exclude_self)
+        k,
+        query_block=query_block,
+        gallery_block=gallery_block,
+        col_offset=0,
+        num_valid=n,
+        exclude_self=exclude_self,
+    )
     return top[:q], idx[:q]
 
 
-def topk(queries, gallery, k: int, *, query_block: int = 1024, gallery_block: int = 4096,
-         exclude_self: bool = False):
+def topk(
+    queries,
+    gallery,
+    k: int,
+    *,
+    query_block: int = 1024,
+    gallery_block: int = 4096,
+    exclude_self: bool = False,
+):
     """Exact top-k gallery rows for each query by dot product.
 
     Args:
@@ -157,8 +177,14 @@ def topk(queries, gallery, k: int, *, query_block: int = 1024, gallery_block: in
       scores (Q, k) float32, descending, and indices (Q, k) int32 into the gallery.
     """
     q, n = _check_args(queries, gallery, k, exclude_self, query_block, gallery_block)
-    return _topk_jit(queries, gallery, k=k, query_block=min(query_block, q),
-                     gallery_block=min(gallery_block, n), exclude_self=exclude_self)
+    return _topk_jit(
+        queries,
+        gallery,
+        k=k,
+        query_block=min(query_block, q),
+        gallery_block=min(gallery_block, n),
+        exclude_self=exclude_self,
+    )
 
 
 def _constrain(x, sharding):
@@ -167,8 +193,12 @@ def _constrain(x, sharding):
     JAX refuses the other pairings, and `jax.make_mesh` meshes are Explicit by default.
     """
     mesh = sharding.mesh
-    named = [a for entry in sharding.spec if entry is not None
-             for a in ((entry,) if isinstance(entry, str) else entry)]
+    named = [
+        a
+        for entry in sharding.spec
+        if entry is not None
+        for a in ((entry,) if isinstance(entry, str) else entry)
+    ]
     type_of = dict(zip(mesh.axis_names, mesh.axis_types))
     types = [type_of[a] for a in named] if named else mesh.axis_types
     if any(t == AxisType.Explicit for t in types):
@@ -184,28 +214,45 @@ def _axis_size(mesh, axis) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "mesh", "axis", "exclude_self", "query_block",
-                                             "gallery_block", "shard_rows"))
-def _sharded_topk_jit(queries, gallery, *, k, mesh, axis, exclude_self, query_block,
-                      gallery_block, shard_rows):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "k",
+        "mesh",
+        "axis",
+        "exclude_self",
+        "query_block",
+        "gallery_block",
+        "shard_rows",
+    ),
+)
+def _sharded_topk_jit(
+    queries, gallery, *, k, mesh, axis, exclude_self, query_block, gallery_block, shard_rows
+):
     q, n = queries.shape[0], gallery.shape[0]
     n_shards = _axis_size(mesh, axis)
     queries = _pad_rows(_unsharded(queries), _round_up(q, query_block))
     queries = _constrain(queries, NamedSharding(mesh, P()))
-    gallery = _constrain(_pad_rows(gallery, shard_rows * n_shards),
-                         NamedSharding(mesh, P(axis)))
+    gallery = _constrain(_pad_rows(gallery, shard_rows * n_shards), NamedSharding(mesh, P(axis)))
 
     def local(q_rep, g_shard):
         offset = lax.axis_index(axis).astype(jnp.int32) * shard_rows
-        return _blocked_topk(q_rep, g_shard, k, query_block=query_block,
-                             gallery_block=gallery_block, col_offset=offset, num_valid=n,
-                             exclude_self=exclude_self)
+        return _blocked_topk(
+            q_rep,
+            g_shard,
+            k,
+            query_block=query_block,
+            gallery_block=gallery_block,
+            col_offset=offset,
+            num_valid=n,
+            exclude_self=exclude_self,
+        )
 
     # Each shard's (Qp, k) candidates are concatenated along columns in shard order, so lower
     # global indices come first and the final top_k breaks ties as `topk` does.
     cand_scores, cand_idx = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(axis)),
-        out_specs=(P(None, axis), P(None, axis)))(queries, gallery)
+        local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(None, axis), P(None, axis))
+    )(queries, gallery)
     replicated = NamedSharding(mesh, P())
     cand_scores = _constrain(cand_scores, replicated)
     cand_idx = _constrain(cand_idx, replicated)
@@ -213,9 +260,17 @@ def _sharded_topk_jit(queries, gallery, *, k, mesh, axis, exclude_self, query_bl
     return top[:q], jnp.take_along_axis(cand_idx, pos, axis=1)[:q]
 
 
-def sharded_topk(queries, gallery, k: int, *, mesh: jax.sharding.Mesh,
-                 axis: str | Sequence[str], exclude_self: bool = False,
-                 query_block: int = 1024, gallery_block: int = 4096):
+def sharded_topk(
+    queries,
+    gallery,
+    k: int,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis: str | Sequence[str],
+    exclude_self: bool = False,
+    query_block: int = 1024,
+    gallery_block: int = 4096,
+):
     """`topk` with the gallery sharded by rows over mesh axis `axis`; same result.
 
     Each device takes a local top-k over its gallery shard (with global indices), the
@@ -233,6 +288,13 @@ def sharded_topk(queries, gallery, k: int, *, mesh: jax.sharding.Mesh,
     shard_rows = -(-n // n_shards)
     gallery_block = min(gallery_block, shard_rows)
     return _sharded_topk_jit(
-        queries, gallery, k=k, mesh=mesh, axis=axis, exclude_self=exclude_self,
-        query_block=min(query_block, q), gallery_block=gallery_block,
-        shard_rows=_round_up(shard_rows, gallery_block))
+        queries,
+        gallery,
+        k=k,
+        mesh=mesh,
+        axis=axis,
+        exclude_self=exclude_self,
+        query_block=min(query_block, q),
+        gallery_block=gallery_block,
+        shard_rows=_round_up(shard_rows, gallery_block),
+    )

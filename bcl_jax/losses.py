@@ -2,6 +2,7 @@
 
 All embeddings are L2-normalised by the model. Every loss returns the mean over the batch.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,60 +15,65 @@ HEADS = ('softmax', 'cosface', 'arcface')
 
 
 def margin_logits(logits, labels, *, kind: str, scale: float, margin: float):
-  """Logits after the head's margin: plain for softmax; s·(cos − m) or s·cos(θ + m) on the target."""
-  if kind == 'softmax':
-    return logits
-  target = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-  if kind == 'cosface':
-    return scale * jnp.where(target, logits - margin, logits)
-  if kind == 'arcface':
-    cos = jnp.clip(logits, -1.0 + 1e-7, 1.0 - 1e-7)
-    with_margin = jnp.cos(jnp.arccos(cos) + margin)
-    # Past θ = π − m, cos(θ + m) stops decreasing; fall back to the CosFace-like penalty there.
-    with_margin = jnp.where(cos > jnp.cos(jnp.pi - margin), with_margin,
-                            cos - margin * jnp.sin(margin))
-    return scale * jnp.where(target, with_margin, cos)
-  raise ValueError(f'unknown head {kind!r}; use one of {HEADS}')
+    """Logits after the head's margin: plain for softmax; s·(cos − m) or s·cos(θ + m) on the target."""
+    if kind == 'softmax':
+        return logits
+    target = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    if kind == 'cosface':
+        return scale * jnp.where(target, logits - margin, logits)
+    if kind == 'arcface':
+        cos = jnp.clip(logits, -1.0 + 1e-7, 1.0 - 1e-7)
+        with_margin = jnp.cos(jnp.arccos(cos) + margin)
+        # Past θ = π − m, cos(θ + m) stops decreasing; fall back to the CosFace-like penalty there.
+        with_margin = jnp.where(
+            cos > jnp.cos(jnp.pi - margin), with_margin, cos - margin * jnp.sin(margin)
+        )
+        return scale * jnp.where(target, with_margin, cos)
+    raise ValueError(f'unknown head {kind!r}; use one of {HEADS}')
 
 
 def classification_loss(logits, labels, *, kind: str, scale: float = 30.0, margin: float = 0.3):
-  """L_cls: softmax cross-entropy over a classifier's logits (cosines for cosface/arcface)."""
-  z = margin_logits(logits, labels, kind=kind, scale=scale, margin=margin)
-  return optax.softmax_cross_entropy_with_integer_labels(z.astype(jnp.float32), labels).mean()
+    """L_cls: softmax cross-entropy over a classifier's logits (cosines for cosface/arcface)."""
+    z = margin_logits(logits, labels, kind=kind, scale=scale, margin=margin)
+    return optax.softmax_cross_entropy_with_integer_labels(z.astype(jnp.float32), labels).mean()
 
 
-def compatibility_loss(emb, labels, prototypes, *, temperature: float = 0.07,
-                       positive_prototypes=None):
-  """L_comp: cross-entropy of the new embedding against the old prototypes as a classifier.
+def compatibility_loss(
+    emb, labels, prototypes, *, temperature: float = 0.07, positive_prototypes=None
+):
+    """L_comp: cross-entropy of the new embedding against the old prototypes as a classifier.
 
-  `prototypes` (C, D) are the negatives (and positives unless given apart);
-  `positive_prototypes` (C, D), when given, replace the ground-truth class's prototype: with the
-  perturbed bank this is NDPP/ODPP, without it plain prototype BCT.
-  """
-  logits = emb @ prototypes.T
-  if positive_prototypes is not None:
-    positive = jnp.sum(emb * positive_prototypes[labels], axis=-1)
-    target = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    logits = jnp.where(target, positive[:, None], logits)
-  return optax.softmax_cross_entropy_with_integer_labels(
-      (logits / temperature).astype(jnp.float32), labels).mean()
+    `prototypes` (C, D) are the negatives (and positives unless given apart);
+    `positive_prototypes` (C, D), when given, replace the ground-truth class's prototype: with the
+    perturbed bank this is NDPP/ODPP, without it plain prototype BCT.
+    """
+    logits = emb @ prototypes.T
+    if positive_prototypes is not None:
+        positive = jnp.sum(emb * positive_prototypes[labels], axis=-1)
+        target = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+        logits = jnp.where(target, positive[:, None], logits)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        (logits / temperature).astype(jnp.float32), labels
+    ).mean()
 
 
-def influence_loss(old_logits, labels, old_label, *, kind: str, scale: float = 30.0,
-                   margin: float = 0.3):
-  """Classic BCT (Shen et al. 2020): the frozen old classifier applied to new embeddings.
+def influence_loss(
+    old_logits, labels, old_label, *, kind: str, scale: float = 30.0, margin: float = 0.3
+):
+    """Classic BCT (Shen et al. 2020): the frozen old classifier applied to new embeddings.
 
-  `old_logits` (B, C_old) come from the old classifier on the new embeddings; `old_label` maps new
-  labels to old ones (-1: a class the old model never saw, left out of the mean).
-  """
-  mapped = old_label[labels]
-  valid = mapped >= 0
-  z = margin_logits(old_logits, jnp.maximum(mapped, 0), kind=kind, scale=scale, margin=margin)
-  per_sample = optax.softmax_cross_entropy_with_integer_labels(
-      z.astype(jnp.float32), jnp.maximum(mapped, 0))
-  return jnp.sum(jnp.where(valid, per_sample, 0.0)) / jnp.maximum(valid.sum(), 1)
+    `old_logits` (B, C_old) come from the old classifier on the new embeddings; `old_label` maps new
+    labels to old ones (-1: a class the old model never saw, left out of the mean).
+    """
+    mapped = old_label[labels]
+    valid = mapped >= 0
+    z = margin_logits(old_logits, jnp.maximum(mapped, 0), kind=kind, scale=scale, margin=margin)
+    per_sample = optax.softmax_cross_entropy_with_integer_labels(
+        z.astype(jnp.float32), jnp.maximum(mapped, 0)
+    )
+    return jnp.sum(jnp.where(valid, per_sample, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
 def l2_loss(emb, old_emb):
-  """L2 regression baseline: ||f − normalize(φ_o(x))||², averaged over the batch."""
-  return jnp.mean(jnp.sum((emb - l2_normalize(old_emb)) ** 2, axis=-1))
+    """L2 regression baseline: ||f − normalize(φ_o(x))||², averaged over the batch."""
+    return jnp.mean(jnp.sum((emb - l2_normalize(old_emb)) ** 2, axis=-1))

@@ -4,6 +4,7 @@ Runs the stages of a backward-compatible upgrade: train (or load) the old model,
 prototypes, train each new model of `config.methods`, evaluate old/old, new/new and new/old, and
 write results.json and results.md. Every stage resumes or is skipped when the command is rerun.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,15 @@ from ml_collections import config_flags
 from bcl_jax import checkpoint, evaluate, prototypes, train
 from bcl_jax import data as data_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'experiment config file', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the run writes')
 
 
 def run(config, workdir: str) -> dict:
     """One run, or with `config.seeds` one run per seed (DIR/seed_<s>) and their mean ± std."""
+    train.check_config(config)  # before anything trains: a typo must not cost an old model
     if not config.seeds:
         return run_one(config, workdir)
     start, per_seed = time.time(), []
@@ -33,9 +36,13 @@ def run(config, workdir: str) -> dict:
         seeded.seed, seeded.seeds = seed, ()
         per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
     results = evaluate.aggregate(per_seed)
-    results.update(benchmark=per_seed[0]['benchmark'], seeds=list(config.seeds),
-                   machine=per_seed[0]['machine'], wall_seconds=time.time() - start,
-                   config=json.loads(config.to_json()))
+    results.update(
+        benchmark=per_seed[0]['benchmark'],
+        seeds=list(config.seeds),
+        machine=per_seed[0]['machine'],
+        wall_seconds=time.time() - start,
+        config=json.loads(config.to_json()),
+    )
     _write_results(results, workdir)
     return results
 
@@ -43,8 +50,9 @@ def run(config, workdir: str) -> dict:
 def _write_results(results: dict, workdir: str):
     table = evaluate.markdown(results)
     if jax.process_index() == 0:
-        checkpoint.write_atomic(os.path.join(workdir, 'results.json'),
-                                json.dumps(results, indent=1, allow_nan=False))
+        checkpoint.write_atomic(
+            os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, allow_nan=False)
+        )
         checkpoint.write_atomic(os.path.join(workdir, 'results.md'), table)
     print(table, flush=True)
 
@@ -52,47 +60,94 @@ def _write_results(results: dict, workdir: str):
 def run_one(config, workdir: str) -> dict:
     start = time.time()
     mesh = train.make_mesh(config.mesh)
-    logging.info('bcl_jax: %d process(es), %d device(s) (%s), mesh %s', jax.process_count(),
-                 jax.device_count(), jax.devices()[0].platform, dict(mesh.shape))
+    logging.info(
+        'bcl_jax: %d process(es), %d device(s) (%s), mesh %s',
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+        dict(mesh.shape),
+    )
     if jax.process_index() == 0:
         checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
     data = data_lib.build(config.data)
-    logging.info('data: %s: %d classes, %d training images (old model: %d classes, %d images), '
-                 '%d queries, %d gallery images', data.description, data.num_classes,
-                 len(data.train), data.old_train.num_classes, len(data.old_train),
-                 len(data.query), len(data.gallery))
-    common = dict(workdir=workdir, mesh=mesh, data_cfg=config.data, ckpt_cfg=config.ckpt,
-                  log_every_steps=config.log_every_steps, compat_cfg=config.compat,
-                  perturb_cfg=config.perturb)
+    logging.info(
+        'data: %s: %d classes, %d training images (old model: %d classes, %d images), '
+        '%d queries, %d gallery images',
+        data.description,
+        data.num_classes,
+        len(data.train),
+        data.old_train.num_classes,
+        len(data.old_train),
+        len(data.query),
+        len(data.gallery),
+    )
+    common = dict(
+        workdir=workdir,
+        mesh=mesh,
+        data_cfg=config.data,
+        ckpt_cfg=config.ckpt,
+        log_every_steps=config.log_every_steps,
+        compat_cfg=config.compat,
+        perturb_cfg=config.perturb,
+    )
 
     # 1. The old model: given, or trained on the old split.
     if config.old.checkpoint:
         old = train.load(config.old.checkpoint, config.old.model, data.old_train.num_classes, mesh)
     else:
-        old = train.train(stage='old', model_cfg=config.old.model, train_cfg=config.old.train,
-                          source=data.old_train, num_classes=data.old_train.num_classes,
-                          seed=config.seed, **common)
+        old = train.train(
+            stage='old',
+            model_cfg=config.old.model,
+            train_cfg=config.old.train,
+            source=data.old_train,
+            num_classes=data.old_train.num_classes,
+            seed=config.seed,
+            **common,
+        )
 
     # 2. Old prototypes of every class of the new training set.
-    bank = prototypes.old_bank(old, data.train, num_classes=data.num_classes, workdir=workdir,
-                               mesh=mesh, batch_size=config.eval.batch_size)
-    aux = dict(prototypes=bank, old_params=old.params, old_batch_stats=old.batch_stats,
-               old_label=data.old_label)
+    bank = prototypes.old_bank(
+        old,
+        data.train,
+        num_classes=data.num_classes,
+        workdir=workdir,
+        mesh=mesh,
+        batch_size=config.eval.batch_size,
+    )
+    aux = dict(
+        prototypes=bank,
+        old_params=old.params,
+        old_batch_stats=old.batch_stats,
+        old_label=data.old_label,
+    )
 
     # 3. New models, one per method, all from the same initialisation.
     new_models = {
-        method: train.train(stage=f'new_{method}', method=method, model_cfg=config.new.model,
-                            train_cfg=config.new.train, source=data.train,
-                            num_classes=data.num_classes, seed=config.seed + 1, old=old,
-                            aux=aux, **common)
-        for method in config.methods}
+        method: train.train(
+            stage=f'new_{method}',
+            method=method,
+            model_cfg=config.new.model,
+            train_cfg=config.new.train,
+            source=data.train,
+            num_classes=data.num_classes,
+            seed=config.seed + 1,
+            old=old,
+            aux=aux,
+            **common,
+        )
+        for method in config.methods
+    }
 
     # 4. Retrieval tests and the results files.
     results = evaluate.evaluate(old, new_models, data, mesh=mesh, eval_cfg=config.eval)
-    results.update(benchmark=data.description, old_model=old.identity(),
-                   machine=f'{platform.machine()} {os.cpu_count()} cores, '
-                           f'{jax.device_count()} {jax.devices()[0].platform} device(s)',
-                   wall_seconds=time.time() - start, config=json.loads(config.to_json()))
+    results.update(
+        benchmark=data.description,
+        old_model=old.identity(),
+        machine=f'{platform.machine()} {os.cpu_count()} cores, '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s)',
+        wall_seconds=time.time() - start,
+        config=json.loads(config.to_json()),
+    )
     _write_results(results, workdir)
     return results
 
@@ -100,7 +155,8 @@ def run_one(config, workdir: str) -> dict:
 def _quiet_libraries(record) -> bool:
     """Keeps the log to bcl_jax's own lines: orbax and grain speak at INFO on every save."""
     return record.levelno >= logging.converter.STANDARD_WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax'))
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax')
+    )
 
 
 def main(argv):

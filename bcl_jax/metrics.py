@@ -5,6 +5,7 @@ to a query when it has the same label. Similarities are dot products (embeddings
 L2-normalised by the caller); each query's gallery ranking is a stable descending sort, so tied
 scores rank the lower gallery index first and results are deterministic.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,13 +39,19 @@ def recall_at_k(relevance_sorted, ks: Sequence[int]):
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "exclude_self"))
-def _block_metrics(queries, query_labels, query_start, gallery, gallery_labels, *, ks,
-                   exclude_self):
+def _block_metrics(
+    queries, query_labels, query_start, gallery, gallery_labels, *, ks, exclude_self
+):
     """Per-query (AP, hits@ks, has_positive) for one block of queries against the gallery."""
     dtype = jnp.result_type(queries.dtype, gallery.dtype)  # dot_general wants one dtype
     queries, gallery = queries.astype(dtype), gallery.astype(dtype)
-    scores = lax.dot_general(queries, gallery, (((1,), (1,)), ((), ())),
-                             precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    scores = lax.dot_general(
+        queries,
+        gallery,
+        (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
     rows = query_start + jnp.arange(queries.shape[0], dtype=jnp.int32)
     if exclude_self:
         # The query itself sinks to the end of its ranking and is never relevant, which ranks
@@ -75,12 +82,19 @@ def _label_codes(query_labels, gallery_labels):
             raise ValueError(f"{name} must be 1-D; got shape {labels.shape}.")
     _, codes = np.unique(np.concatenate([q, g]), return_inverse=True)
     codes = codes.reshape(-1).astype(np.int32)
-    return codes[:len(q)], codes[len(q):]
+    return codes[: len(q)], codes[len(q) :]
 
 
-def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
-                      ks: Sequence[int] = (1, 5, 10), query_block: int = 256,
-                      exclude_self: bool = False) -> dict:
+def retrieval_metrics(
+    query_emb,
+    query_labels,
+    gallery_emb,
+    gallery_labels,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    query_block: int = 256,
+    exclude_self: bool = False,
+) -> dict:
     """mAP and Recall@K of queries against a labelled gallery, over the full ranking.
 
     Args:
@@ -107,15 +121,19 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     if len(q_codes) != num_q or len(g_codes) != num_g:
         raise ValueError(
             f"Label counts must match embeddings: {len(q_codes)} query labels for {num_q} "
-            f"queries, {len(g_codes)} gallery labels for {num_g} gallery items.")
+            f"queries, {len(g_codes)} gallery labels for {num_g} gallery items."
+        )
     if exclude_self and (num_q != num_g or not np.array_equal(q_codes, g_codes)):
-        raise ValueError("exclude_self=True needs the query set to be the gallery set "
-                         "(same length and labels).")
+        raise ValueError(
+            "exclude_self=True needs the query set to be the gallery set (same length and labels)."
+        )
     ks = tuple(int(k) for k in ks)
     eligible = num_g - 1 if exclude_self else num_g
     if not ks or min(ks) < 1 or max(ks) > eligible:
-        raise ValueError(f"Each K must be in [1, {eligible}] (the gallery size"
-                         f"{' minus self' if exclude_self else ''}); got ks={ks}.")
+        raise ValueError(
+            f"Each K must be in [1, {eligible}] (the gallery size"
+            f"{' minus self' if exclude_self else ''}); got ks={ks}."
+        )
     if query_block < 1:
         raise ValueError(f"query_block must be >= 1; got {query_block}.")
 
@@ -128,9 +146,15 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, *,
     gallery, gallery_codes = jnp.asarray(gallery_emb), jnp.asarray(g_codes)
     ap, hits, has_pos = [], [], []
     for start in range(0, padded, block):
-        out = _block_metrics(queries[start:start + block], labels[start:start + block],
-                             np.int32(start), gallery, gallery_codes, ks=ks,
-                             exclude_self=exclude_self)
+        out = _block_metrics(
+            queries[start : start + block],
+            labels[start : start + block],
+            np.int32(start),
+            gallery,
+            gallery_codes,
+            ks=ks,
+            exclude_self=exclude_self,
+        )
         for acc, value in zip((ap, hits, has_pos), out):
             acc.append(np.asarray(value))
     keep = np.concatenate(has_pos)[:num_q]

@@ -12,6 +12,7 @@ Matplotlib is used through `matplotlib.figure.Figure` and the Agg canvas directl
 backend switch, no global state that a caller would notice. Top-1 similarities are computed in
 row blocks with NumPy, so a bank of ~100k classes never needs a C×C matrix.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,7 @@ import numpy as np
 # Row blocks for the top-1 search: at most this many rows, and at most this many similarity
 # entries per block (2**25 float32 = 128 MiB), so that 100k classes take blocks of ~335 rows.
 BLOCK_ROWS = 2048
-BLOCK_ELEMENTS = 2 ** 25
+BLOCK_ELEMENTS = 2**25
 
 
 def _as_bank(name: str, x) -> np.ndarray:
@@ -75,7 +76,7 @@ def _pca2(points: np.ndarray):
     signs = np.sign(comps[np.arange(len(comps)), np.argmax(np.abs(comps), axis=1)])
     comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
     coords = centred @ comps.T
-    var = s ** 2
+    var = s**2
     frac = var[:2] / var.sum() if var.sum() > 0 else np.zeros(len(comps))
     if coords.shape[1] < 2:  # D == 1: a flat second axis
         coords = np.concatenate([coords, np.zeros((len(coords), 2 - coords.shape[1]))], axis=1)
@@ -85,6 +86,7 @@ def _pca2(points: np.ndarray):
 
 def _colours(n: int):
     from matplotlib import colormaps
+
     if n <= 10:
         cmap = colormaps['tab10']
         return [cmap(i) for i in range(n)]
@@ -92,8 +94,16 @@ def _colours(n: int):
     return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
 
 
-def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: int = 6,
-                        neighbours: int = 4, title: str = '') -> dict:
+def perturbation_figure(
+    old,
+    perturbed,
+    new,
+    path: str,
+    *,
+    num_classes_shown: int = 6,
+    neighbours: int = 4,
+    title: str = '',
+) -> dict:
     """Writes a PNG showing what prototype perturbation did; returns the numbers it shows.
 
     Args:
@@ -126,8 +136,10 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
     perturbed = _as_bank('perturbed', perturbed)
     new = _as_bank('new', new)
     if not old.shape == perturbed.shape == new.shape:
-        raise ValueError('old, perturbed and new must have the same shape, got '
-                         f'{old.shape}, {perturbed.shape}, {new.shape}')
+        raise ValueError(
+            'old, perturbed and new must have the same shape, got '
+            f'{old.shape}, {perturbed.shape}, {new.shape}'
+        )
     num_classes = old.shape[0]
     if num_classes < 2:
         raise ValueError(f'need at least 2 classes to compare prototypes, got {num_classes}')
@@ -137,12 +149,15 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
         raise ValueError(f'neighbours must be >= 0, got {neighbours}')
     old, perturbed, new = _normalize(old), _normalize(perturbed), _normalize(new)
 
-    top1 = {'old': top1_similarity(old), 'perturbed': top1_similarity(perturbed),
-            'new': top1_similarity(new)}
+    top1 = {
+        'old': top1_similarity(old),
+        'perturbed': top1_similarity(perturbed),
+        'new': top1_similarity(new),
+    }
 
     # Most crowded classes first; ties by the lower id (stable sort of the negated similarity).
     order = np.argsort(-top1['old'], kind='stable')
-    chosen = order[:min(num_classes_shown, num_classes)]
+    chosen = order[: min(num_classes_shown, num_classes)]
     k = min(neighbours, num_classes - 1)
     groups = [np.concatenate([[c], _nearest(old, c, k)]) for c in chosen]
 
@@ -156,7 +171,7 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
     shown = np.asarray(shown)
     n = len(shown)
     coords, frac = _pca2(np.concatenate([old[shown], perturbed[shown], new[shown]]))
-    xy_old, xy_pert, xy_new = coords[:n], coords[n:2 * n], coords[2 * n:]
+    xy_old, xy_pert, xy_new = coords[:n], coords[n : 2 * n], coords[2 * n :]
     colours = _colours(len(groups))
     chosen_set = {int(c) for c in chosen}
 
@@ -168,19 +183,53 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
     for i, cls in enumerate(shown):
         col = colours[colour_of[int(cls)]]
         centre = int(cls) in chosen_set
-        ax_pca.annotate('', xy=xy_pert[i], xytext=xy_old[i],
-                        arrowprops=dict(arrowstyle='->', color=col, lw=1.6 if centre else 0.8,
-                                        alpha=1.0 if centre else 0.6, shrinkA=3, shrinkB=3))
-        ax_pca.scatter(*xy_old[i], marker='o', s=70 if centre else 36, color=col,
-                       edgecolors='black' if centre else 'none', linewidths=0.8, zorder=3)
-        ax_pca.scatter(*xy_pert[i], marker='^', s=60 if centre else 36, color=col,
-                       edgecolors='black' if centre else 'none', linewidths=0.8, zorder=3)
+        ax_pca.annotate(
+            '',
+            xy=xy_pert[i],
+            xytext=xy_old[i],
+            arrowprops=dict(
+                arrowstyle='->',
+                color=col,
+                lw=1.6 if centre else 0.8,
+                alpha=1.0 if centre else 0.6,
+                shrinkA=3,
+                shrinkB=3,
+            ),
+        )
+        ax_pca.scatter(
+            *xy_old[i],
+            marker='o',
+            s=70 if centre else 36,
+            color=col,
+            edgecolors='black' if centre else 'none',
+            linewidths=0.8,
+            zorder=3,
+        )
+        ax_pca.scatter(
+            *xy_pert[i],
+            marker='^',
+            s=60 if centre else 36,
+            color=col,
+            edgecolors='black' if centre else 'none',
+            linewidths=0.8,
+            zorder=3,
+        )
         ax_pca.scatter(*xy_new[i], marker='x', s=45, color=col, linewidths=1.5, zorder=3)
         if centre:
-            ax_pca.annotate(str(int(cls)), xy_old[i], xytext=(4, 4), textcoords='offset points',
-                            fontsize=8, color='black', zorder=4)
-    ax_pca.set_title(f'Crowded classes in 2-D (PCA): {len(chosen)} most crowded, '
-                     f'{k} nearest old neighbours each', fontsize=10)
+            ax_pca.annotate(
+                str(int(cls)),
+                xy_old[i],
+                xytext=(4, 4),
+                textcoords='offset points',
+                fontsize=8,
+                color='black',
+                zorder=4,
+            )
+    ax_pca.set_title(
+        f'Crowded classes in 2-D (PCA): {len(chosen)} most crowded, '
+        f'{k} nearest old neighbours each',
+        fontsize=10,
+    )
     ax_pca.set_xlabel(f'PC 1 ({100 * frac[0]:.0f}% of variance)')
     ax_pca.set_ylabel(f'PC 2 ({100 * frac[1]:.0f}% of variance)')
     ax_pca.grid(True, alpha=0.3)
@@ -188,11 +237,24 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
         Line2D([], [], marker='o', ls='none', color='grey', label='old prototype p'),
         Line2D([], [], marker='^', ls='none', color='grey', label='perturbed p̃ (arrow p → p̃)'),
         Line2D([], [], marker='x', ls='none', color='grey', mew=1.5, label='new prototype q'),
-        Line2D([], [], marker='o', ls='none', color='white', mec='black',
-               label='chosen class (id shown)'),
+        Line2D(
+            [],
+            [],
+            marker='o',
+            ls='none',
+            color='white',
+            mec='black',
+            label='chosen class (id shown)',
+        ),
     ]
-    ax_pca.legend(handles=handles, loc='upper center', bbox_to_anchor=(0.5, -0.11), ncol=2,
-                  fontsize=8, frameon=False)
+    ax_pca.legend(
+        handles=handles,
+        loc='upper center',
+        bbox_to_anchor=(0.5, -0.11),
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
 
     # ---------------------------------------------------------------- panel 2: histograms
     allv = np.concatenate(list(top1.values()))
@@ -201,20 +263,30 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
         lo, hi = lo - 0.01, hi + 0.01
     bins = np.linspace(lo, hi, int(np.clip(num_classes // 4, 10, 60)) + 1)
     means = {name: float(np.mean(v, dtype=np.float64)) for name, v in top1.items()}
-    styles = {'old': ('tab:blue', 'old p'), 'perturbed': ('tab:orange', 'perturbed p̃'),
-              'new': ('tab:green', 'new q')}
+    styles = {
+        'old': ('tab:blue', 'old p'),
+        'perturbed': ('tab:orange', 'perturbed p̃'),
+        'new': ('tab:green', 'new q'),
+    }
     for name, v in top1.items():
         col, label = styles[name]
         ax_hist.hist(v, bins=bins, color=col, alpha=0.35)
-        ax_hist.hist(v, bins=bins, color=col, histtype='step', lw=1.5,
-                     label=f'{label} (mean {means[name]:.3f})')
+        ax_hist.hist(
+            v,
+            bins=bins,
+            color=col,
+            histtype='step',
+            lw=1.5,
+            label=f'{label} (mean {means[name]:.3f})',
+        )
         ax_hist.axvline(means[name], color=col, ls='--', lw=1)
     ax_hist.set_title(f'Nearest-neighbour similarity ({num_classes} classes)', fontsize=10)
     ax_hist.set_xlabel('top-1 cosine similarity to another prototype of the same bank')
     ax_hist.set_ylabel('number of classes')
     ax_hist.grid(True, alpha=0.3)
-    ax_hist.legend(loc='upper center', bbox_to_anchor=(0.5, -0.11), ncol=3, fontsize=8,
-                   frameon=False)
+    ax_hist.legend(
+        loc='upper center', bbox_to_anchor=(0.5, -0.11), ncol=3, fontsize=8, frameon=False
+    )
     if title:
         fig.suptitle(title)
 
@@ -222,6 +294,11 @@ def perturbation_figure(old, perturbed, new, path: str, *, num_classes_shown: in
     fig.savefig(buf, format='png', dpi=110)
     write_atomic(path, buf.getvalue())
 
-    return dict(chosen=[int(c) for c in chosen], groups=[[int(m) for m in g] for g in groups],
-                mean_top1_old=means['old'], mean_top1_perturbed=means['perturbed'],
-                mean_top1_new=means['new'], num_classes=int(num_classes))
+    return dict(
+        chosen=[int(c) for c in chosen],
+        groups=[[int(m) for m in g] for g in groups],
+        mean_top1_old=means['old'],
+        mean_top1_perturbed=means['perturbed'],
+        mean_top1_new=means['new'],
+        num_classes=int(num_classes),
+    )

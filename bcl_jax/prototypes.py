@@ -5,6 +5,7 @@ computed once with the frozen old model over the new training set and stored in 
 directory as `.npy` beside a JSON file naming the old model's weights; a rerun reuses it, and a
 different old model recomputes it.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,7 @@ def ema_class_means(bank, emb, labels, *, decay: float):
     class-c embeddings, for the classes in the batch; absent classes keep their value."""
     num_classes = bank.shape[0]
     sums = jax.ops.segment_sum(emb, labels, num_segments=num_classes)
-    counts = jax.ops.segment_sum(jnp.ones_like(labels, emb.dtype), labels,
-                                 num_segments=num_classes)
+    counts = jax.ops.segment_sum(jnp.ones_like(labels, emb.dtype), labels, num_segments=num_classes)
     means = sums / jnp.maximum(counts, 1)[:, None]
     return jnp.where(counts[:, None] > 0, decay * bank + (1 - decay) * means, bank)
 

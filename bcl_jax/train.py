@@ -6,6 +6,7 @@ terms that its method switches on (`METHOD_TERMS`) and by what those terms read:
 model and the prototype bank, passed to the step as `aux`. A refresh hook may replace `aux`
 every `refresh_every` steps (NDPP/ODPP perturb the bank there).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ PERTURBATIONS = ('ndpp', 'odpp')  # methods whose positive prototypes are pertur
 @dataclasses.dataclass
 class Trained:
     """A model's graph and weights, enough to embed images or score classes."""
+
     graphdef: Any
     params: Any
     batch_stats: Any
@@ -60,14 +62,18 @@ class Trained:
             graphdef = self.graphdef
             self._embed_fns[mesh] = jax.jit(
                 lambda params, stats, images: nnx.merge(graphdef, params, stats).embed(images),
-                in_shardings=(replicated, replicated, rows), out_shardings=rows)
+                in_shardings=(replicated, replicated, rows),
+                out_shardings=rows,
+            )
         return self._embed_fns[mesh]
 
     def identity(self) -> str:
         """A digest of the weights: names this exact model in prototype banks and results."""
         h = hashlib.sha256()
-        for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(
-                (self.params, self.batch_stats)), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        for path, leaf in sorted(
+            jax.tree_util.tree_leaves_with_path((self.params, self.batch_stats)),
+            key=lambda kv: jax.tree_util.keystr(kv[0]),
+        ):
             h.update(jax.tree_util.keystr(path).encode())
             h.update(np.asarray(leaf).tobytes())
         return h.hexdigest()[:16]
@@ -75,6 +81,23 @@ class Trained:
 
 def _describe(model_cfg) -> dict:
     return {k: model_cfg[k] for k in ('arch', 'width', 'depth', 'embedding_dim', 'head')}
+
+
+def check_config(config):
+    """The choices a long run would otherwise only trip over hours in."""
+    unknown = [m for m in config.methods if m not in METHOD_TERMS]
+    if unknown or not config.methods:
+        raise ValueError(
+            f'config.methods={tuple(config.methods)}: unknown {unknown}; choose from '
+            f'{tuple(METHOD_TERMS)}'
+        )
+    if config.perturb.new_prototypes not in ('ema', 'exact'):
+        raise ValueError(
+            f"config.perturb.new_prototypes={config.perturb.new_prototypes!r}: use 'ema' or 'exact'"
+        )
+    for stage in (config.old, config.new):
+        if stage.model.head not in losses.HEADS:
+            raise ValueError(f'model.head={stage.model.head!r}: use one of {losses.HEADS}')
 
 
 def total_steps(train_cfg, num_examples: int) -> tuple[int, float]:
@@ -102,8 +125,10 @@ def make_optimizer(train_cfg, steps_per_epoch: float):
     def schedule(count):
         return drops(count) * (jnp.minimum(1.0, count / warmup) if warmup else 1.0)
 
-    tx = optax.chain(optax.add_decayed_weights(train_cfg.weight_decay),
-                     optax.sgd(schedule, momentum=train_cfg.momentum))
+    tx = optax.chain(
+        optax.add_decayed_weights(train_cfg.weight_decay),
+        optax.sgd(schedule, momentum=train_cfg.momentum),
+    )
     return tx, schedule
 
 
@@ -113,8 +138,9 @@ def init_model(model_cfg, num_classes: int, seed: int):
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
-def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None,
-                    perturb_cfg=None):
+def make_train_step(
+    graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None, perturb_cfg=None
+):
     """The pure step `(state, batch, aux) -> (state, metrics)`; jit it with shardings.
 
     With a perturbation method, `state['bank']` holds the perturbed positive prototypes that
@@ -129,16 +155,28 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
         terms = {'cls': losses.classification_loss(logits, labels, **head)}
         if 'comp' in weights:
             positive = aux.get('positive_prototypes')
-            negatives = (positive if positive is not None and perturb_cfg.perturb_negatives
-                         else aux['prototypes'])
+            negatives = (
+                positive
+                if positive is not None and perturb_cfg.perturb_negatives
+                else aux['prototypes']
+            )
             terms['comp'] = losses.compatibility_loss(
-                emb, labels, negatives, temperature=compat_cfg.temperature,
-                positive_prototypes=positive)
+                emb,
+                labels,
+                negatives,
+                temperature=compat_cfg.temperature,
+                positive_prototypes=positive,
+            )
         if 'influence' in weights:
             old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
             terms['influence'] = losses.influence_loss(
-                old_model.classifier(emb), labels, aux['old_label'], kind=old.model_cfg.head,
-                scale=old.model_cfg.scale, margin=old.model_cfg.margin)
+                old_model.classifier(emb),
+                labels,
+                aux['old_label'],
+                kind=old.model_cfg.head,
+                scale=old.model_cfg.scale,
+                margin=old.model_cfg.margin,
+            )
         if 'l2' in weights:
             old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
             old_emb = jax.lax.stop_gradient(old_model(batch['image'], train=False)[0])
@@ -151,23 +189,39 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
         if 'bank' in state:
             aux = dict(aux, positive_prototypes=state['bank']['positive'])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (total, (terms, new_stats, emb)), grads = grad_fn(state['params'], state['batch_stats'],
-                                                          batch, aux)
+        (total, (terms, new_stats, emb)), grads = grad_fn(
+            state['params'], state['batch_stats'], batch, aux
+        )
         updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         # Remember the first step (counted from 1, as in the logs) whose loss or weights are not
         # finite; the host checks it at each log and before each checkpoint.
-        finite = jnp.isfinite(total) & jnp.all(jnp.array(
-            [jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
-        first_bad = jnp.where((state['first_nonfinite_step'] < 0) & ~finite, state['step'] + 1,
-                              state['first_nonfinite_step'])
-        new_state = dict(state, step=state['step'] + 1, params=params,
-                         batch_stats=new_stats, opt_state=opt_state,
-                         first_nonfinite_step=first_bad)
+        finite = jnp.isfinite(total) & jnp.all(
+            jnp.array([jnp.isfinite(p).all() for p in jax.tree.leaves(params)])
+        )
+        first_bad = jnp.where(
+            (state['first_nonfinite_step'] < 0) & ~finite,
+            state['step'] + 1,
+            state['first_nonfinite_step'],
+        )
+        new_state = dict(
+            state,
+            step=state['step'] + 1,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+            first_nonfinite_step=first_bad,
+        )
         if 'bank' in state and perturb_cfg.new_prototypes == 'ema':
-            new_state['bank'] = dict(state['bank'], new=prototypes.ema_class_means(
-                state['bank']['new'], jax.lax.stop_gradient(emb), batch['label'],
-                decay=perturb_cfg.ema_decay))
+            new_state['bank'] = dict(
+                state['bank'],
+                new=prototypes.ema_class_means(
+                    state['bank']['new'],
+                    jax.lax.stop_gradient(emb),
+                    batch['label'],
+                    decay=perturb_cfg.ema_decay,
+                ),
+            )
         return new_state, dict(terms, loss=total)
 
     return train_step
@@ -176,8 +230,10 @@ def make_train_step(graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: 
 def make_mesh(mesh_cfg):
     n = jax.device_count() if mesh_cfg.data == -1 else mesh_cfg.data
     if n != jax.device_count():
-        raise ValueError(f'config.mesh.data={mesh_cfg.data} does not match the '
-                         f'{jax.device_count()} devices; use -1 for all devices')
+        raise ValueError(
+            f'config.mesh.data={mesh_cfg.data} does not match the '
+            f'{jax.device_count()} devices; use -1 for all devices'
+        )
     return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -199,10 +255,14 @@ class _Log:
                     except json.JSONDecodeError:
                         pass  # the last line, torn by a kill
             # A refresh logged at the resume step is redone too (it precedes that step's update).
-            kept = [json.dumps(r) + '\n' for r in records if r['step'] < resume_step or (
-                r['step'] == resume_step and 'event' not in r)]
+            kept = [
+                json.dumps(r) + '\n'
+                for r in records
+                if r['step'] < resume_step or (r['step'] == resume_step and 'event' not in r)
+            ]
             checkpoint.write_atomic(self.path, ''.join(kept))
         from tensorboardX import SummaryWriter  # TF-free event writer
+
         self.writer = SummaryWriter(os.path.join(directory, 'tb'))
 
     def write(self, record: dict):
@@ -225,13 +285,30 @@ def _check_finite(state, stage: str, ckpt_dir: str):
     if bad >= 0:
         raise FloatingPointError(
             f'[{stage}] the loss or the weights became NaN or Inf at step {bad}. The last good '
-            f'checkpoint is in {ckpt_dir}; lower the learning rate or check the data, then rerun to resume.')
+            f'checkpoint is in {ckpt_dir}; lower the learning rate or check the data, then rerun to resume.'
+        )
 
 
-def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes: int,
-          mesh, seed: int, data_cfg, ckpt_cfg, log_every_steps: int, method: str = 'independent',
-          compat_cfg=None, old: Trained | None = None, aux: dict | None = None,
-          perturb_cfg=None, stop_after_steps: int | None = None) -> Trained:
+def train(
+    *,
+    stage: str,
+    workdir: str,
+    model_cfg,
+    train_cfg,
+    source,
+    num_classes: int,
+    mesh,
+    seed: int,
+    data_cfg,
+    ckpt_cfg,
+    log_every_steps: int,
+    method: str = 'independent',
+    compat_cfg=None,
+    old: Trained | None = None,
+    aux: dict | None = None,
+    perturb_cfg=None,
+    stop_after_steps: int | None = None,
+) -> Trained:
     """Trains (or resumes, or just loads a finished) model of one stage; returns it."""
     # ---------------------------------------------------------------- set-up
     if method not in METHOD_TERMS:
@@ -248,14 +325,20 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     # ---------------------------------------------------------------- model + optimizer
     graphdef, params, stats = init_model(model_cfg, num_classes, seed)
     tx, schedule = make_optimizer(train_cfg, per_epoch)
-    state = dict(step=jnp.int32(0), params=params, batch_stats=stats,
-                 opt_state=tx.init(params), first_nonfinite_step=jnp.int32(-1))
+    state = dict(
+        step=jnp.int32(0),
+        params=params,
+        batch_stats=stats,
+        opt_state=tx.init(params),
+        first_nonfinite_step=jnp.int32(-1),
+    )
     perturbing = method in PERTURBATIONS
     if perturbing:
         # Until the first refresh p̃ = p; a class's new prototype starts at its old one.
         bank = np.asarray(aux['prototypes'])  # each leaf its own buffer: the state is donated
-        state['bank'] = dict(positive=jnp.array(bank), new=jnp.array(bank),
-                             delta=jnp.zeros_like(bank))
+        state['bank'] = dict(
+            positive=jnp.array(bank), new=jnp.array(bank), delta=jnp.zeros_like(bank)
+        )
         start_step = int(round(perturb_cfg.start_epochs * per_epoch))
         every = max(1, int(round(perturb_cfg.refresh_every_epochs * per_epoch)))
     num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -266,33 +349,64 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     state = jax.device_put(state, replicated)
     aux = jax.device_put(dict(aux or {}), replicated)
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, weights=weights, model_cfg=model_cfg,
-                        compat_cfg=compat_cfg, old=old, perturb_cfg=perturb_cfg),
+        make_train_step(
+            graphdef,
+            tx,
+            weights=weights,
+            model_cfg=model_cfg,
+            compat_cfg=compat_cfg,
+            old=old,
+            perturb_cfg=perturb_cfg,
+        ),
         in_shardings=(replicated, data_sharding, replicated),
-        out_shardings=(replicated, replicated), donate_argnums=(0,))
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
 
     # ---------------------------------------------------------------- resume
-    ckpt = checkpoint.Checkpointer(os.path.join(directory, 'ckpt'),
-                                   max_to_keep=ckpt_cfg.max_to_keep)
-    meta = dict(stage=stage, model=_describe(model_cfg), num_classes=num_classes,
-                total_steps=steps, method=method)
-    stream = pipeline.train_stream(source, global_batch=batch, seed=seed,
-                                   crop_padding=data_cfg.crop_padding, flip=data_cfg.flip,
-                                   num_threads=data_cfg.num_threads)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(directory, 'ckpt'), max_to_keep=ckpt_cfg.max_to_keep
+    )
+    meta = dict(
+        stage=stage,
+        model=_describe(model_cfg),
+        num_classes=num_classes,
+        total_steps=steps,
+        method=method,
+    )
+    stream = pipeline.train_stream(
+        source,
+        global_batch=batch,
+        seed=seed,
+        crop_padding=data_cfg.crop_padding,
+        flip=data_cfg.flip,
+        num_threads=data_cfg.num_threads,
+    )
     start, seconds = 0, 0.0
     if ckpt.latest_step() is not None:
         state, data_state, saved = ckpt.restore(ckpt.latest_step(), state, meta)
         stream.set_state(data_state)
         start, seconds = int(state['step']), saved.get('seconds', 0.0)
-        logging.info('[%s] resumed at step %d/%d from %s', stage, start, steps, ckpt.directory)
+        logging.info('[%s] %s at step %d/%d from %s', stage,
+                     'finished' if start >= steps else 'resuming', start, steps, ckpt.directory)
     if start >= steps:
         ckpt.close()
-        return Trained(graphdef, state['params'], state['batch_stats'], model_cfg, num_classes,
-                       start, seconds)
-    logging.info('[%s] method=%s params=%s steps=%d (%.1f epochs of %d images) global batch=%d '
-                 '(%d per device on %d devices)', stage, method, f'{num_params:,}', steps,
-                 steps / per_epoch, len(source), batch, batch // jax.device_count(),
-                 jax.device_count())
+        return Trained(
+            graphdef, state['params'], state['batch_stats'], model_cfg, num_classes, start, seconds
+        )
+    logging.info(
+        '[%s] method=%s params=%s steps=%d (%.1f epochs of %d images) global batch=%d '
+        '(%d per device on %d devices)',
+        stage,
+        method,
+        f'{num_params:,}',
+        steps,
+        steps / per_epoch,
+        len(source),
+        batch,
+        batch // jax.device_count(),
+        jax.device_count(),
+    )
 
     # ---------------------------------------------------------------- loop
     log = _Log(directory, stage, start)
@@ -302,12 +416,24 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     for step in range(start, end):
         if perturbing and step >= start_step and (step - start_step) % every == 0:
             current.params, current.batch_stats = state['params'], state['batch_stats']
-            state, stats = refresh_bank(state, old=aux['prototypes'], method=method,
-                                        cfg=perturb_cfg, step=step,
-                                        seed=seed, model=current, source=source, mesh=mesh)
+            state, stats = refresh_bank(
+                state,
+                old=aux['prototypes'],
+                method=method,
+                cfg=perturb_cfg,
+                step=step,
+                seed=seed,
+                model=current,
+                source=source,
+                mesh=mesh,
+            )
             log.write(dict(stage=stage, step=step, event='refresh', **stats))
-            logging.info('[%s] refresh at step %d: %s', stage, step,
-                         ' '.join(f'{k} {v:.4g}' for k, v in stats.items()))
+            logging.info(
+                '[%s] refresh at step %d: %s',
+                stage,
+                step,
+                ' '.join(f'{k} {v:.4g}' for k, v in stats.items()),
+            )
         images = pipeline.to_global(next(stream), mesh)
         state, metrics = step_fn(state, images, aux)
         pending.append(metrics)
@@ -319,11 +445,25 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
             means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
             rate = (done - step_log) * batch / (now - t_log)
             eta = (steps - done) * batch / max(rate, 1e-9)
-            log.write(dict(stage=stage, step=done, lr=float(schedule(done - 1)),
-                           images_per_sec=rate, **means))
-            logging.info('[%s] %d/%d %s lr %.4g | %.0f img/s | ETA %s', stage, done, steps,
-                         ' '.join(f'{k} {v:.4f}' for k, v in means.items()),
-                         float(schedule(done - 1)), rate, _hms(eta))
+            log.write(
+                dict(
+                    stage=stage,
+                    step=done,
+                    lr=float(schedule(done - 1)),
+                    images_per_sec=rate,
+                    **means,
+                )
+            )
+            logging.info(
+                '[%s] %d/%d %s lr %.4g | %.0f img/s | ETA %s',
+                stage,
+                done,
+                steps,
+                ' '.join(f'{k} {v:.4f}' for k, v in means.items()),
+                float(schedule(done - 1)),
+                rate,
+                _hms(eta),
+            )
             pending, t_log, step_log = [], now, done
         if done % ckpt_cfg.every_steps == 0 or done == steps:
             _check_finite(state, stage, ckpt.directory)
@@ -332,18 +472,30 @@ def train(*, stage: str, workdir: str, model_cfg, train_cfg, source, num_classes
     # ---------------------------------------------------------------- shutdown
     if perturbing and end == steps and jax.process_index() == 0:
         from bcl_jax import plots  # matplotlib only where a figure is made
+
         plots.perturbation_figure(
-            np.asarray(aux['prototypes']), np.asarray(state['bank']['positive']),
+            np.asarray(aux['prototypes']),
+            np.asarray(state['bank']['positive']),
             np.asarray(l2_normalize(state['bank']['new'])),
-            os.path.join(directory, 'perturbation.png'), title=f'{stage}: {method}')
+            os.path.join(directory, 'perturbation.png'),
+            title=f'{stage}: {method}',
+        )
     log.close()
     ckpt.close()
-    return Trained(graphdef, state['params'], state['batch_stats'], model_cfg, num_classes,
-                   int(state['step']), seconds)
+    return Trained(
+        graphdef,
+        state['params'],
+        state['batch_stats'],
+        model_cfg,
+        num_classes,
+        int(state['step']),
+        seconds,
+    )
 
 
-def refresh_bank(state, *, old, method: str, cfg, step: int, seed: int, model: Trained, source,
-                 mesh):
+def refresh_bank(
+    state, *, old, method: str, cfg, step: int, seed: int, model: Trained, source, mesh
+):
     """Recomputes the perturbed positive prototypes from the current new prototypes.
 
     The new prototypes q are the EMA kept by the step, or an exact pass of the current model
@@ -352,8 +504,15 @@ def refresh_bank(state, *, old, method: str, cfg, step: int, seed: int, model: T
     """
     bank = state['bank']
     if cfg.new_prototypes == 'exact':
-        new = jnp.asarray(prototypes.compute(model, source, num_classes=bank['new'].shape[0],
-                                             mesh=mesh, batch_size=cfg.exact_batch_size))
+        new = jnp.asarray(
+            prototypes.compute(
+                model,
+                source,
+                num_classes=bank['new'].shape[0],
+                mesh=mesh,
+                batch_size=cfg.exact_batch_size,
+            )
+        )
     elif cfg.new_prototypes == 'ema':
         new = l2_normalize(bank['new'])
     else:
@@ -363,15 +522,20 @@ def refresh_bank(state, *, old, method: str, cfg, step: int, seed: int, model: T
         positive, delta = perturbation.ndpp(old, new, **cfg.ndpp.to_dict()), bank['delta']
     else:
         options = cfg.odpp.to_dict()
-        steps = perturbation.passes_to_steps(old.shape[0], options.pop('passes'),
-                                             options['pairs_per_step'])
+        steps = perturbation.passes_to_steps(
+            old.shape[0], options.pop('passes'), options['pairs_per_step']
+        )
         key = jax.random.fold_in(jax.random.key(seed), step)
         delta, curve = perturbation.odpp(old, new, bank['delta'], key, steps=steps, **options)
         positive = l2_normalize(old + delta)
         stats = dict(odpp_loss_first=float(curve[0]), odpp_loss_last=float(curve[-1]))
     stats = dict(perturbation.perturbation_stats(old, positive), **stats)
-    new_bank = jax.device_put(dict(positive=positive, new=bank['new'] if cfg.new_prototypes ==
-                                   'ema' else new, delta=delta), bank['positive'].sharding)
+    new_bank = jax.device_put(
+        dict(
+            positive=positive, new=bank['new'] if cfg.new_prototypes == 'ema' else new, delta=delta
+        ),
+        bank['positive'].sharding,
+    )
     return dict(state, bank=new_bank), stats
 
 
@@ -386,11 +550,21 @@ def load(directory: str, model_cfg, num_classes: int, mesh) -> Trained:
     ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
     step = ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(f'no checkpoint in {directory}: give the directory that holds '
-                                'the numbered step folders of a finished old-model run')
+        raise FileNotFoundError(
+            f'no checkpoint in {directory}: give the directory that holds '
+            'the numbered step folders of a finished old-model run'
+        )
     target = jax.device_put(dict(params=params, batch_stats=stats), NamedSharding(mesh, P()))
-    weights, meta = ckpt.restore_weights(step, target, dict(model=_describe(model_cfg),
-                                                            num_classes=num_classes))
+    weights, meta = ckpt.restore_weights(
+        step, target, dict(model=_describe(model_cfg), num_classes=num_classes)
+    )
     ckpt.close()
-    return Trained(graphdef, weights['params'], weights['batch_stats'], model_cfg, num_classes,
-                   step, meta.get('seconds', 0.0))
+    return Trained(
+        graphdef,
+        weights['params'],
+        weights['batch_stats'],
+        model_cfg,
+        num_classes,
+        step,
+        meta.get('seconds', 0.0),
+    )

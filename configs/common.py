@@ -3,6 +3,7 @@
 Groups: data, old (model, train, checkpoint), new (model, train), compat (loss weights and
 temperature), eval, ckpt, mesh. Units are in the names (`*_steps`, `*_epochs`).
 """
+
 import dataclasses
 
 from ml_collections import config_dict
@@ -13,69 +14,100 @@ METHODS = ('independent', 'bct', 'bct_influence', 'l2', 'ndpp', 'odpp')
 
 
 def model(arch='cifar_resnet', width=16, depth=20, embedding_dim=128, head='cosface'):
-  return config_dict.ConfigDict(dict(
-      arch=arch, width=width, depth=depth, embedding_dim=embedding_dim,
-      head=head,          # softmax | cosface | arcface
-      scale=30.0, margin=0.3))
+    return config_dict.ConfigDict(
+        dict(
+            arch=arch,
+            width=width,
+            depth=depth,
+            embedding_dim=embedding_dim,
+            head=head,  # softmax | cosface | arcface
+            scale=30.0,
+            margin=0.3,
+        )
+    )
 
 
 def train(epochs=30.0, batch_size=128, learning_rate=0.1, lr_drop_epochs=(15.0, 25.0)):
-  return config_dict.ConfigDict(dict(
-      epochs=epochs,
-      steps=0,            # > 0 overrides epochs
-      batch_size=batch_size,
-      learning_rate=learning_rate,
-      momentum=0.9,
-      weight_decay=5e-4,
-      warmup_steps=0,
-      lr_drop_epochs=lr_drop_epochs,
-      lr_drop_factor=0.1))
+    return config_dict.ConfigDict(
+        dict(
+            epochs=epochs,
+            steps=0,  # > 0 overrides epochs
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            momentum=0.9,
+            weight_decay=5e-4,
+            warmup_steps=0,
+            lr_drop_epochs=lr_drop_epochs,
+            lr_drop_factor=0.1,
+        )
+    )
 
 
 def base_config():
-  c = config_dict.ConfigDict()
-  c.seed = 0
-  c.seeds = ()  # e.g. (0, 1, 2): one run per seed under DIR/seed_<s>, then mean ± std
-  c.data = config_dict.ConfigDict(dict(
-      name='synthetic',   # synthetic | folder
-      image_size=16,
-      old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
-      old_fraction=0.3,
-      split_seed=0,
-      crop_padding=2,
-      flip=True,
-      num_threads=2,
-      # The built-in benchmark's spec: bcl_jax/data/synthetic.py explains every field.
-      synthetic=config_dict.ConfigDict(
-          {k: v for k, v in dataclasses.asdict(SyntheticSpec()).items() if k != 'image_size'}),
-      folder=config_dict.ConfigDict(dict(
-          train_dir='', query_dir='', gallery_dir='', skip_corrupt=False)),
-  ))
-  c.old = config_dict.ConfigDict(dict(
-      model=model(),
-      train=train(),
-      checkpoint='',      # a trained old model's checkpoint directory; '' trains one
-  ))
-  c.new = config_dict.ConfigDict(dict(model=model(), train=train()))
-  c.methods = ('independent', 'bct')
-  c.compat = config_dict.ConfigDict(dict(
-      weight=1.0,         # λ of the method's compatibility term
-      temperature=0.07,   # τ of L_comp
-  ))
-  c.perturb = config_dict.ConfigDict(dict(  # NDPP / ODPP (METHOD.md §4-§6)
-      start_epochs=2.0,          # p̃ = p before this (perturb_start)
-      refresh_every_epochs=1.0,  # recompute p̃ this often (refresh_every)
-      new_prototypes='ema',      # ema: per-class EMA in the train state | exact: a pass over the data
-      ema_decay=0.9,             # per appearance of a class in a batch
-      exact_batch_size=256,
-      perturb_negatives=False,   # True: L_comp uses p̃ for every class, not only the positive
-      ndpp=config_dict.ConfigDict(dict(k=100, alpha=0.16, beta=0.004, exclude_self=True)),
-      odpp=config_dict.ConfigDict(dict(
-          passes=100, pairs_per_step=1024, learning_rate=1e-3, pairs='random', k=100,
-          margin_old=0.9, margin_new=0.9, lambda_old=1.0, lambda_new=1.0, gamma=0.0)),
-  ))
-  c.eval = config_dict.ConfigDict(dict(batch_size=256, ks=(1, 5, 10), query_block=256))
-  c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))
-  c.log_every_steps = 50
-  c.mesh = config_dict.ConfigDict(dict(data=-1))  # -1: all devices
-  return c
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.seeds = ()  # e.g. (0, 1, 2): one run per seed under DIR/seed_<s>, then mean ± std
+    c.data = config_dict.ConfigDict(
+        dict(
+            name='synthetic',  # synthetic | folder
+            image_size=16,
+            old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
+            old_fraction=0.3,
+            split_seed=0,
+            crop_padding=2,
+            flip=True,
+            num_threads=2,
+            # The built-in benchmark's spec: bcl_jax/data/synthetic.py explains every field.
+            synthetic=config_dict.ConfigDict(
+                {k: v for k, v in dataclasses.asdict(SyntheticSpec()).items() if k != 'image_size'}
+            ),
+            folder=config_dict.ConfigDict(
+                dict(train_dir='', query_dir='', gallery_dir='', skip_corrupt=False)
+            ),
+        )
+    )
+    c.old = config_dict.ConfigDict(
+        dict(
+            model=model(),
+            train=train(),
+            checkpoint='',  # a trained old model's checkpoint directory; '' trains one
+        )
+    )
+    c.new = config_dict.ConfigDict(dict(model=model(), train=train()))
+    c.methods = ('independent', 'bct')
+    c.compat = config_dict.ConfigDict(
+        dict(
+            weight=1.0,  # λ of the method's compatibility term
+            temperature=0.07,  # τ of L_comp
+        )
+    )
+    c.perturb = config_dict.ConfigDict(
+        dict(  # NDPP / ODPP (METHOD.md §4-§6)
+            start_epochs=2.0,  # p̃ = p before this (perturb_start)
+            refresh_every_epochs=1.0,  # recompute p̃ this often (refresh_every)
+            new_prototypes='ema',  # ema: per-class EMA in the train state | exact: a pass over the data
+            ema_decay=0.9,  # per appearance of a class in a batch
+            exact_batch_size=256,
+            perturb_negatives=False,  # True: L_comp uses p̃ for every class, not only the positive
+            ndpp=config_dict.ConfigDict(dict(k=100, alpha=0.16, beta=0.004, exclude_self=True)),
+            odpp=config_dict.ConfigDict(
+                dict(
+                    passes=100,
+                    pairs_per_step=1024,
+                    learning_rate=1e-3,
+                    pairs='random',
+                    k=100,
+                    margin_old=0.9,
+                    margin_new=0.9,
+                    lambda_old=1.0,
+                    lambda_new=1.0,
+                    gamma=0.0,
+                )
+            ),
+        )
+    )
+    c.eval = config_dict.ConfigDict(dict(batch_size=256, ks=(1, 5, 10), query_block=256))
+    c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))
+    c.log_every_steps = 50
+    c.mesh = config_dict.ConfigDict(dict(data=-1))  # -1: all devices
+    return c

@@ -10,6 +10,7 @@ gallery images). The old model, a 4-wide CIFAR ResNet-8, sees 30% of the classes
 16 wide, see all of them. Expected on a 2-core CPU: about 6 minutes; old/old mAP near 25%, BCT
 new/old above it, independent new/old near 1% (see README.md for the measured table).
 """
+
 from configs import common
 
 

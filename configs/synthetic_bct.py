@@ -3,6 +3,7 @@ so no update gain).
 
     python -m bcl_jax.main --config=configs/synthetic_bct.py --workdir=runs/synthetic_bct
 """
+
 from configs import synthetic
 
 

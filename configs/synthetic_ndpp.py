@@ -3,6 +3,7 @@ so no update gain).
 
     python -m bcl_jax.main --config=configs/synthetic_ndpp.py --workdir=runs/synthetic_ndpp
 """
+
 from configs import synthetic
 
 

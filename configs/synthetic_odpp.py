@@ -3,6 +3,7 @@ so no update gain).
 
     python -m bcl_jax.main --config=configs/synthetic_odpp.py --workdir=runs/synthetic_odpp
 """
+
 from configs import synthetic
 
 

@@ -1,4 +1,5 @@
 """Test set-up: 8 fake CPU devices, so that sharded code runs as on a real slice."""
+
 import os
 
 # Must be set before jax initialises its backends.

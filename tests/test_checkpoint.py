@@ -1,5 +1,6 @@
 """Tests for bcl_jax.checkpoint: atomic files, orbax round trips (state + data position),
 weights-only restores, refusal of a checkpoint of another model, restores onto another mesh."""
+
 import os
 
 import jax
@@ -23,10 +24,10 @@ def leftovers(directory):
 
 
 def test_write_atomic_text_and_bytes(tmp_path):
-    path = tmp_path / 'sub' / 'dir' / 'results.json'     # parents are created
+    path = tmp_path / 'sub' / 'dir' / 'results.json'  # parents are created
     checkpoint.write_atomic(str(path), '{"a": 1}\n')
     assert path.read_text() == '{"a": 1}\n'
-    checkpoint.write_atomic(str(path), 'second')         # replaces, not appends
+    checkpoint.write_atomic(str(path), 'second')  # replaces, not appends
     assert path.read_text() == 'second'
     blob = bytes(range(256)) * 3
     checkpoint.write_atomic(str(tmp_path / 'b.npy'), blob)
@@ -129,15 +130,24 @@ def trained_state(seed=0, steps=3):
     tx, _ = train.make_optimizer(common.train(epochs=1.0, batch_size=16), 10.0)
     rng = np.random.default_rng(seed)
     # Running means and variances away from their init (variances stay positive).
-    stats = jax.tree.map(lambda x: (np.asarray(x) * rng.uniform(0.5, 1.5, x.shape)
-                                    + rng.uniform(0.0, 0.5, x.shape)).astype(np.float32), stats)
+    stats = jax.tree.map(
+        lambda x: (
+            np.asarray(x) * rng.uniform(0.5, 1.5, x.shape) + rng.uniform(0.0, 0.5, x.shape)
+        ).astype(np.float32),
+        stats,
+    )
     opt = tx.init(params)
     for _ in range(steps):
         grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
         updates, opt = tx.update(grads, opt, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
-    state = dict(step=np.int32(steps), params=params, batch_stats=stats, opt_state=opt,
-                 first_nonfinite_step=np.int32(-1))
+    state = dict(
+        step=np.int32(steps),
+        params=params,
+        batch_stats=stats,
+        opt_state=opt,
+        first_nonfinite_step=np.int32(-1),
+    )
     return jax.tree.map(np.array, state), tx, cfg
 
 
@@ -154,18 +164,21 @@ def assert_trees_equal(a, b):
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb
     for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                      err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def mesh_of(n):
-    return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+    return jax.make_mesh(
+        (n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+    )
 
 
 def stream_of(source):
-    return pipeline.train_stream(source, global_batch=8, seed=3, crop_padding=2, flip=True,
-                                 num_threads=1)
+    return pipeline.train_stream(
+        source, global_batch=8, seed=3, crop_padding=2, flip=True, num_threads=1
+    )
 
 
 def test_round_trip_of_state_and_data_position(tmp_path):
@@ -175,7 +188,7 @@ def test_round_trip_of_state_and_data_position(tmp_path):
     source = TinySource()
 
     stream = stream_of(source)
-    for _ in range(5):                  # past one epoch (3 batches of 8): reshuffled epoch 2
+    for _ in range(5):  # past one epoch (3 batches of 8): reshuffled epoch 2
         next(stream)
     data_state = stream.get_state()
     continuation = [next(stream) for _ in range(4)]
@@ -189,7 +202,8 @@ def test_round_trip_of_state_and_data_position(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path / 'ckpt'), max_to_keep=2)
     assert ckpt.latest_step() == 3
     restored, restored_data, restored_meta = ckpt.restore(
-        3, template_like(state, replicated), meta_of(model_cfg()))
+        3, template_like(state, replicated), meta_of(model_cfg())
+    )
     ckpt.close()
     assert set(restored) == set(state)
     assert_trees_equal(restored, state)
@@ -226,8 +240,10 @@ def test_restore_weights_only(tmp_path):
     ckpt.save(9, state, {}, meta_of(cfg, seconds=3.0))
     ckpt.close()
     ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=None, read_only=True)
-    template = template_like(dict(params=state['params'], batch_stats=state['batch_stats']),
-                             NamedSharding(mesh_of(8), P()))
+    template = template_like(
+        dict(params=state['params'], batch_stats=state['batch_stats']),
+        NamedSharding(mesh_of(8), P()),
+    )
     weights, meta = ckpt.restore_weights(9, template, meta_of(cfg))
     ckpt.close()
     assert set(weights) == {'params', 'batch_stats'}
@@ -287,8 +303,9 @@ def test_load_refuses_another_embedding_size_and_class_count(saved_model):
 
 def test_load_refuses_another_head(saved_model):
     directory, _ = saved_model
-    with pytest.raises(ValueError, match="model.head: checkpoint has 'cosface', config says "
-                                         "'arcface'"):
+    with pytest.raises(
+        ValueError, match="model.head: checkpoint has 'cosface', config says 'arcface'"
+    ):
         train.load(directory, model_cfg(head='arcface'), NUM_CLASSES, mesh_of(8))
 
 
@@ -297,7 +314,7 @@ def test_load_of_a_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match='does not exist') as err:
         train.load(missing, model_cfg(), NUM_CLASSES, mesh_of(8))
     assert missing in str(err.value)
-    assert not os.path.exists(missing)          # a read-only load creates nothing
+    assert not os.path.exists(missing)  # a read-only load creates nothing
 
 
 def test_load_of_an_empty_directory(tmp_path):
@@ -338,8 +355,9 @@ def test_restore_from_one_device_onto_8_sharded(tmp_path):
     ckpt.save(1, jax.device_put(state, NamedSharding(mesh_of(1), P())), {}, meta_of(cfg))
     ckpt.close()
     template = template_like(state, NamedSharding(mesh_of(8), P()))
-    template['train_extra'] = jax.device_put(np.zeros((8, 2), np.float32),
-                                             NamedSharding(mesh_of(8), P('data')))
+    template['train_extra'] = jax.device_put(
+        np.zeros((8, 2), np.float32), NamedSharding(mesh_of(8), P('data'))
+    )
     ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=None)
     restored, _, _ = ckpt.restore(1, template, meta_of(cfg))
     ckpt.close()

@@ -1,4 +1,5 @@
 """Tests for bcl_jax.data: the synthetic benchmark, old/new splits, the grain pipeline, build()."""
+
 import json
 
 import numpy as np
@@ -10,8 +11,15 @@ from bcl_jax.data import pipeline, splits
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 from configs import synthetic as synthetic_config
 
-SMALL = dict(image_size=12, train_families=3, test_siblings_per_family=2, siblings_per_family=3,
-             train_images_per_class=4, test_images_per_class=5, queries_per_class=2)
+SMALL = dict(
+    image_size=12,
+    train_families=3,
+    test_siblings_per_family=2,
+    siblings_per_family=3,
+    train_images_per_class=4,
+    test_images_per_class=5,
+    queries_per_class=2,
+)
 
 
 def _images(source):
@@ -77,8 +85,9 @@ def test_query_and_gallery_are_different_images_and_not_training_images():
 
 @pytest.mark.parametrize('seed', [0, 3])
 def test_siblings_are_closer_than_other_families(seed):
-    spec = SyntheticSpec(seed=seed, image_size=16, train_families=5, siblings_per_family=3,
-                         train_images_per_class=6)
+    spec = SyntheticSpec(
+        seed=seed, image_size=16, train_families=5, siblings_per_family=3, train_images_per_class=6
+    )
     train = SyntheticBenchmark(spec).split('train')
     x = _images(train).reshape(len(train), -1).astype(np.float64)
     labels = np.asarray(train.labels)
@@ -94,12 +103,15 @@ def test_siblings_are_closer_than_other_families(seed):
     assert dm[sib_m].mean() < 0.95 * dm[cfam[:, None] != cfam[None]].mean()
 
 
-@pytest.mark.parametrize('bad,match', [
-    (dict(queries_per_class=0), 'queries_per_class=0'),
-    (dict(queries_per_class=5, test_images_per_class=5), 'queries_per_class=5'),
-    (dict(train_families=0), 'train_families must be >= 1'),
-    (dict(image_size=0), 'image_size must be >= 1'),
-])
+@pytest.mark.parametrize(
+    'bad,match',
+    [
+        (dict(queries_per_class=0), 'queries_per_class=0'),
+        (dict(queries_per_class=5, test_images_per_class=5), 'queries_per_class=5'),
+        (dict(train_families=0), 'train_families must be >= 1'),
+        (dict(image_size=0), 'image_size must be >= 1'),
+    ],
+)
 def test_synthetic_spec_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         SyntheticSpec(**bad)
@@ -126,16 +138,18 @@ def test_old_split_classes_mode():
     again = splits.old_split(labels, c, fraction=0.3, mode='classes', seed=7)
     np.testing.assert_array_equal(again.old_label, s.old_label)
     np.testing.assert_array_equal(again.indices, s.indices)
-    others = [splits.old_split(labels, c, fraction=0.3, mode='classes', seed=k).old_label
-              for k in (8, 9)]
+    others = [
+        splits.old_split(labels, c, fraction=0.3, mode='classes', seed=k).old_label for k in (8, 9)
+    ]
     assert any(not np.array_equal(o, s.old_label) for o in others)
 
 
 @pytest.mark.parametrize('c,expect', [(7, 2), (40, 12), (3, 1), (1, 1)])
 def test_old_split_class_count(c, expect):
     labels = np.arange(c)
-    assert splits.old_split(labels, c, fraction=0.3, mode='classes',
-                            seed=0).num_old_classes == expect
+    assert (
+        splits.old_split(labels, c, fraction=0.3, mode='classes', seed=0).num_old_classes == expect
+    )
 
 
 def test_old_split_images_mode():
@@ -149,17 +163,21 @@ def test_old_split_images_mode():
     np.testing.assert_array_equal(np.bincount(labels[s.indices], minlength=5), [3, 1, 1, 2, 1])
     again = splits.old_split(labels, 5, fraction=0.3, mode='images', seed=0)
     np.testing.assert_array_equal(again.indices, s.indices)
-    others = [splits.old_split(labels, 5, fraction=0.3, mode='images', seed=k).indices
-              for k in (1, 2)]
+    others = [
+        splits.old_split(labels, 5, fraction=0.3, mode='images', seed=k).indices for k in (1, 2)
+    ]
     assert any(not np.array_equal(o, s.indices) for o in others)
 
 
-@pytest.mark.parametrize('kw,match', [
-    (dict(mode='families', fraction=0.3), 'old_split'),
-    (dict(mode='classes', fraction=0.0), 'old_fraction'),
-    (dict(mode='images', fraction=1.5), 'old_fraction'),
-    (dict(mode='classes', fraction=-0.1), 'old_fraction'),
-])
+@pytest.mark.parametrize(
+    'kw,match',
+    [
+        (dict(mode='families', fraction=0.3), 'old_split'),
+        (dict(mode='classes', fraction=0.0), 'old_fraction'),
+        (dict(mode='images', fraction=1.5), 'old_fraction'),
+        (dict(mode='classes', fraction=-0.1), 'old_fraction'),
+    ],
+)
 def test_old_split_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         splits.old_split(np.arange(4), 4, seed=0, **kw)
@@ -224,11 +242,13 @@ def test_train_stream_epochs_without_augmentation():
     for b in batches:  # without augmentation the images are the source's, untouched
         np.testing.assert_array_equal(b['image'], src.images[b['label']])
 
-    same = np.concatenate([b['label'] for b in _take(
-        pipeline.train_stream(src, global_batch=8, seed=0), 9)])
+    same = np.concatenate(
+        [b['label'] for b in _take(pipeline.train_stream(src, global_batch=8, seed=0), 9)]
+    )
     np.testing.assert_array_equal(same, labels)
-    other = np.concatenate([b['label'] for b in _take(
-        pipeline.train_stream(src, global_batch=8, seed=1), 9)])
+    other = np.concatenate(
+        [b['label'] for b in _take(pipeline.train_stream(src, global_batch=8, seed=1), 9)]
+    )
     assert not np.array_equal(other, labels)
 
 
@@ -246,7 +266,7 @@ def _is_augmentation_of(out, img, pad):
     padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode='reflect')
     for y in range(2 * pad + 1):
         for x in range(2 * pad + 1):
-            window = padded[y:y + h, x:x + w]
+            window = padded[y : y + h, x : x + w]
             if np.array_equal(out, window) or np.array_equal(out, window[:, ::-1]):
                 return True
     return False

@@ -1,4 +1,5 @@
 """Tests for bcl_jax.data.folder on tiny image folders written with PIL."""
+
 import logging
 import os
 
@@ -63,8 +64,14 @@ def test_classes_paths_labels(train_dir):
     assert ds.classes == ["bird", "cat", "dog"]
     assert ds.num_classes == 3
     rel = [os.path.relpath(p, train_dir) for p in ds.paths]
-    assert rel == ["bird/z.jpeg", "cat/x.png", "cat/y.png", "dog/a.PNG", "dog/b.jpg",
-                   "dog/nested/deeper/c.JPEG"]
+    assert rel == [
+        "bird/z.jpeg",
+        "cat/x.png",
+        "cat/y.png",
+        "dog/a.PNG",
+        "dog/b.jpg",
+        "dog/nested/deeper/c.JPEG",
+    ]
     assert ds.labels.dtype == np.int32
     np.testing.assert_array_equal(ds.labels, [0, 1, 1, 2, 2, 2])
     assert len(ds) == 6 and ds.num_skipped == 0 and ds.skipped == []

@@ -1,4 +1,5 @@
 """knn.topk / knn.sharded_topk against a NumPy float64 brute force."""
+
 import jax
 import numpy as np
 import pytest
@@ -69,10 +70,19 @@ def test_sharded_equals_unsharded(data, n_devices, exclude_self):
         queries = gallery  # prototype neighbours: the bank against itself
     mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
     k = 9
-    want = knn.topk(queries, gallery, k, query_block=16, gallery_block=32,
-                    exclude_self=exclude_self)
-    got = knn.sharded_topk(queries, gallery, k, mesh=mesh, axis="data", query_block=16,
-                           gallery_block=10, exclude_self=exclude_self)
+    want = knn.topk(
+        queries, gallery, k, query_block=16, gallery_block=32, exclude_self=exclude_self
+    )
+    got = knn.sharded_topk(
+        queries,
+        gallery,
+        k,
+        mesh=mesh,
+        axis="data",
+        query_block=16,
+        gallery_block=10,
+        exclude_self=exclude_self,
+    )
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6)
 
@@ -86,20 +96,23 @@ def test_sharded_k_larger_than_shard_2d_mesh(data, data_axis_type):
     _check(got, _brute_force(bank, bank, 49, exclude_self=True))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(k=0), "positive int"),
-    (dict(k=204), "exceeds the 203 eligible"),
-    (dict(k=203, exclude_self=True, same=True), "exceeds the 202 eligible"),
-    (dict(k=3, exclude_self=True), "Q == N"),
-    (dict(k=3, dim=8), "dims differ"),
-    (dict(k=2.0), "positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=0), "positive int"),
+        (dict(k=204), "exceeds the 203 eligible"),
+        (dict(k=203, exclude_self=True, same=True), "exceeds the 202 eligible"),
+        (dict(k=3, exclude_self=True), "Q == N"),
+        (dict(k=3, dim=8), "dims differ"),
+        (dict(k=2.0), "positive int"),
+    ],
+)
 def test_errors(data, kwargs, match):
     queries, gallery = data
     if kwargs.pop("same", False):
         queries = gallery
     if "dim" in kwargs:
-        queries = queries[:, :kwargs.pop("dim")]
+        queries = queries[:, : kwargs.pop("dim")]
     with pytest.raises(ValueError, match=match):
         knn.topk(queries, gallery, **kwargs)
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
@@ -119,7 +132,10 @@ def test_explicitly_sharded_inputs(data):
     mesh = jax.make_mesh((8,), ("data",))
     on_mesh = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))  # noqa: E731
     want = _brute_force(queries, gallery, 4)
-    _check(knn.topk(on_mesh(queries), on_mesh(gallery), 4, query_block=5, gallery_block=30),
-           want)
-    _check(knn.sharded_topk(on_mesh(queries), on_mesh(gallery), 4, mesh=mesh, axis="data",
-                            query_block=5), want)
+    _check(knn.topk(on_mesh(queries), on_mesh(gallery), 4, query_block=5, gallery_block=30), want)
+    _check(
+        knn.sharded_topk(
+            on_mesh(queries), on_mesh(gallery), 4, mesh=mesh, axis="data", query_block=5
+        ),
+        want,
+    )

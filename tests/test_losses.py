@@ -1,4 +1,5 @@
 """Tests for bcl_jax.losses against NumPy float64 re-computations of METHOD.md §3."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,8 +68,11 @@ def test_classification_loss_matches_float64(kind):
     rng = np.random.default_rng(0)
     cos = _cosines(rng, 16, 7)
     y = rng.integers(0, 7, 16)
-    got = float(losses.classification_loss(jnp.asarray(cos), jnp.asarray(y), kind=kind,
-                                           scale=SCALE, margin=MARGIN))
+    got = float(
+        losses.classification_loss(
+            jnp.asarray(cos), jnp.asarray(y), kind=kind, scale=SCALE, margin=MARGIN
+        )
+    )
     np.testing.assert_allclose(got, _ref_classification(cos, y, kind), rtol=1e-5, atol=1e-5)
 
 
@@ -76,8 +80,11 @@ def test_classification_heads_differ_and_hand_case():
     # One sample, two classes, target cosine 0.5, other 0: worked by hand.
     cos = np.array([[0.5, 0.0]], np.float32)
     y = np.array([0])
-    c = lambda kind: float(losses.classification_loss(  # noqa: E731
-        jnp.asarray(cos), jnp.asarray(y), kind=kind, scale=SCALE, margin=MARGIN))
+    c = lambda kind: float(
+        losses.classification_loss(  # noqa: E731
+            jnp.asarray(cos), jnp.asarray(y), kind=kind, scale=SCALE, margin=MARGIN
+        )
+    )
     # softmax: log(1 + e^{-0.5}); cosface: log(1 + e^{-30·0.2}); arcface: θ = π/3.
     np.testing.assert_allclose(c('softmax'), np.log1p(np.exp(-0.5)), rtol=1e-6)
     np.testing.assert_allclose(c('cosface'), np.log1p(np.exp(-6.0)), rtol=1e-5, atol=1e-6)
@@ -94,14 +101,20 @@ def test_arcface_fallback_region_past_pi_minus_m():
     target = np.array([-0.99, -0.97, -0.5, 0.2, 0.9, -0.999], np.float32)
     cos[np.arange(6), y] = target
     assert (target[[0, 1, 5]] < np.cos(np.pi - MARGIN)).all()
-    z = np.asarray(losses.margin_logits(jnp.asarray(cos), jnp.asarray(y), kind='arcface',
-                                        scale=SCALE, margin=MARGIN))
+    z = np.asarray(
+        losses.margin_logits(
+            jnp.asarray(cos), jnp.asarray(y), kind='arcface', scale=SCALE, margin=MARGIN
+        )
+    )
     expect = _ref_margin_logits(cos, y, 'arcface')
     np.testing.assert_allclose(z, expect, rtol=1e-5, atol=1e-4)
     # The fallback keeps the target logit monotone: below the boundary it is cos - m sin m.
     np.testing.assert_allclose(z[0, 0] / SCALE, -0.99 - MARGIN * np.sin(MARGIN), atol=1e-5)
-    got = float(losses.classification_loss(jnp.asarray(cos), jnp.asarray(y), kind='arcface',
-                                           scale=SCALE, margin=MARGIN))
+    got = float(
+        losses.classification_loss(
+            jnp.asarray(cos), jnp.asarray(y), kind='arcface', scale=SCALE, margin=MARGIN
+        )
+    )
     np.testing.assert_allclose(got, _ref_classification(cos, y, 'arcface'), rtol=1e-5)
 
 
@@ -117,7 +130,8 @@ def test_gradients_finite_at_cos_plus_minus_one(kind):
     cos = jnp.asarray([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.3], [1.0, 1.0, -1.0]], jnp.float32)
     y = jnp.asarray([0, 0, 2])
     loss, g = jax.value_and_grad(
-        lambda c: losses.classification_loss(c, y, kind=kind, scale=SCALE, margin=MARGIN))(cos)
+        lambda c: losses.classification_loss(c, y, kind=kind, scale=SCALE, margin=MARGIN)
+    )(cos)
     assert np.isfinite(float(loss))
     assert np.isfinite(np.asarray(g)).all()
 
@@ -128,8 +142,9 @@ def test_gradients_finite_at_cos_plus_minus_one(kind):
     def from_emb(e):
         e = e / jnp.linalg.norm(e, axis=-1, keepdims=True)
         c = jnp.clip(e @ jnp.asarray(w).T, -1.0, 1.0)
-        return losses.classification_loss(c, jnp.asarray([0, 1, 2]), kind=kind,
-                                           scale=SCALE, margin=MARGIN)
+        return losses.classification_loss(
+            c, jnp.asarray([0, 1, 2]), kind=kind, scale=SCALE, margin=MARGIN
+        )
 
     g = jax.grad(from_emb)(jnp.asarray(emb))
     assert np.isfinite(np.asarray(g)).all()
@@ -149,16 +164,23 @@ def _compat_inputs(seed=0, b=12, c=6, d=5):
 
 def test_compatibility_plain_bct_matches_float64():
     f, y, p, _ = _compat_inputs()
-    got = float(losses.compatibility_loss(jnp.asarray(f), jnp.asarray(y), jnp.asarray(p),
-                                          temperature=TAU))
+    got = float(
+        losses.compatibility_loss(jnp.asarray(f), jnp.asarray(y), jnp.asarray(p), temperature=TAU)
+    )
     np.testing.assert_allclose(got, _ref_compat(f, y, p, p), rtol=1e-5)
 
 
 def test_compatibility_perturbed_positive_matches_float64():
     f, y, p, p_tilde = _compat_inputs(1)
-    got = float(losses.compatibility_loss(jnp.asarray(f), jnp.asarray(y), jnp.asarray(p),
-                                          temperature=TAU,
-                                          positive_prototypes=jnp.asarray(p_tilde)))
+    got = float(
+        losses.compatibility_loss(
+            jnp.asarray(f),
+            jnp.asarray(y),
+            jnp.asarray(p),
+            temperature=TAU,
+            positive_prototypes=jnp.asarray(p_tilde),
+        )
+    )
     expect = _ref_compat(f, y, p, p_tilde)  # only the ground-truth prototype is perturbed
     np.testing.assert_allclose(got, expect, rtol=1e-5)
     # It is a different number from plain BCT and from perturbing every class.
@@ -169,8 +191,11 @@ def test_compatibility_perturbed_positive_matches_float64():
 def test_compatibility_perturb_negatives_form():
     # perturb_negatives=True: pass the perturbed bank as the prototypes: n_c = p̃_c for every c.
     f, y, _, p_tilde = _compat_inputs(2)
-    got = float(losses.compatibility_loss(jnp.asarray(f), jnp.asarray(y), jnp.asarray(p_tilde),
-                                          temperature=0.1))
+    got = float(
+        losses.compatibility_loss(
+            jnp.asarray(f), jnp.asarray(y), jnp.asarray(p_tilde), temperature=0.1
+        )
+    )
     np.testing.assert_allclose(got, _ref_compat(f, y, p_tilde, p_tilde, tau=0.1), rtol=1e-5)
 
 
@@ -178,8 +203,9 @@ def test_compatibility_positive_equal_to_prototypes_is_plain():
     f, y, p, _ = _compat_inputs(3)
     args = (jnp.asarray(f), jnp.asarray(y), jnp.asarray(p))
     plain = float(losses.compatibility_loss(*args, temperature=TAU))
-    same = float(losses.compatibility_loss(*args, temperature=TAU,
-                                           positive_prototypes=jnp.asarray(p)))
+    same = float(
+        losses.compatibility_loss(*args, temperature=TAU, positive_prototypes=jnp.asarray(p))
+    )
     np.testing.assert_allclose(same, plain, rtol=1e-6)
 
 
@@ -191,8 +217,9 @@ def test_compatibility_hand_case():
     np.testing.assert_allclose(got, np.log1p(np.exp(-2.0)), rtol=1e-6)
     # Positive replaced by (0.6, 0.8): f·p̂ = 0.6 -> log(1 + e^{(0 - 0.6)/0.5}).
     pos = jnp.asarray([[0.6, 0.8], [0.0, 1.0]])
-    got = float(losses.compatibility_loss(f, jnp.asarray([0]), p, temperature=0.5,
-                                          positive_prototypes=pos))
+    got = float(
+        losses.compatibility_loss(f, jnp.asarray([0]), p, temperature=0.5, positive_prototypes=pos)
+    )
     np.testing.assert_allclose(got, np.log1p(np.exp(-1.2)), rtol=1e-6)
 
 
@@ -208,8 +235,16 @@ def test_influence_loss_excludes_new_classes(kind):
     y = rng.integers(0, c_new, b)
     y[:3] = [1, 0, 6]  # at least one old and one new class
     logits = _cosines(rng, b, c_old)
-    got = float(losses.influence_loss(jnp.asarray(logits), jnp.asarray(y), jnp.asarray(old_label),
-                                      kind=kind, scale=SCALE, margin=MARGIN))
+    got = float(
+        losses.influence_loss(
+            jnp.asarray(logits),
+            jnp.asarray(y),
+            jnp.asarray(old_label),
+            kind=kind,
+            scale=SCALE,
+            margin=MARGIN,
+        )
+    )
     keep = old_label[y] >= 0
     assert 0 < keep.sum() < b
     mapped = old_label[y][keep]

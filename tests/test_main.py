@@ -1,6 +1,7 @@
 """End-to-end tests of bcl_jax.main: the smoke pipeline, its results against a NumPy float64
 recomputation, reruns that skip finished stages, resuming after an interruption, the command
 line and bad input."""
+
 import json
 import math
 import os
@@ -64,7 +65,7 @@ def reference_retrieval(queries, query_labels, gallery, gallery_labels, ks=KS):
     for q, label in zip(queries, query_labels):
         order = np.argsort(-(gallery @ q), kind='stable')
         relevant = np.asarray(gallery_labels)[order] == label
-        ranks = np.flatnonzero(relevant) + 1                       # 1-based ranks of hits
+        ranks = np.flatnonzero(relevant) + 1  # 1-based ranks of hits
         aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
         hits.append([relevant[:k].any() for k in ks])
     out = {'mAP': float(np.mean(aps))}
@@ -113,12 +114,14 @@ def test_results_file_layout(e2e, data):
         assert r['compatible'] == (r['new_old']['mAP'] > old_old)
         if reference > old_old:
             assert r['update_gain'] == pytest.approx(
-                (r['new_old']['mAP'] - old_old) / (reference - old_old))
+                (r['new_old']['mAP'] - old_old) / (reference - old_old)
+            )
         else:
             assert r['update_gain'] is None  # undefined: strict JSON has no NaN
         if name == 'independent' and r['update_gain'] is not None:
             assert r['update_gain'] == pytest.approx(
-                (r['new_old']['mAP'] - old_old) / (r['new_new']['mAP'] - old_old))
+                (r['new_old']['mAP'] - old_old) / (r['new_new']['mAP'] - old_old)
+            )
 
     table = open(os.path.join(workdir, 'results.md')).read()
     assert table.startswith('| model | test | mAP |')
@@ -129,14 +132,15 @@ def test_results_file_layout(e2e, data):
 
 def test_stage_folders(e2e, data):
     cfg, workdir, _, _ = e2e
-    expected_steps = {'old': round(2 * len(data.old_train) / 16),          # 5
-                      'new_independent': round(2 * len(data.train) / 16),  # 16
-                      'new_bct': round(2 * len(data.train) / 16)}
+    expected_steps = {
+        'old': round(2 * len(data.old_train) / 16),  # 5
+        'new_independent': round(2 * len(data.train) / 16),  # 16
+        'new_bct': round(2 * len(data.train) / 16),
+    }
     assert expected_steps == {'old': 5, 'new_independent': 16, 'new_bct': 16}
     for stage, steps in expected_steps.items():
         folder = os.path.join(workdir, stage)
-        assert os.path.isdir(os.path.join(folder, 'tb')) and os.listdir(os.path.join(folder,
-                                                                                     'tb'))
+        assert os.path.isdir(os.path.join(folder, 'tb')) and os.listdir(os.path.join(folder, 'tb'))
         saved = sorted(int(d) for d in os.listdir(os.path.join(folder, 'ckpt')) if d.isdigit())
         assert saved[-1] == steps and len(saved) <= cfg.ckpt.max_to_keep
         with open(os.path.join(folder, 'metrics.jsonl')) as f:
@@ -145,27 +149,28 @@ def test_stage_folders(e2e, data):
         assert [r['step'] for r in records] == sorted(set(list(range(2, steps + 1, 2)) + [steps]))
         assert all(np.isfinite(r['loss']) for r in records)
         if stage == 'new_bct':
-            assert all(r['loss'] == pytest.approx(r['cls'] + r['comp'], rel=1e-5)
-                       for r in records)
+            assert all(r['loss'] == pytest.approx(r['cls'] + r['comp'], rel=1e-5) for r in records)
 
 
 def test_metrics_agree_with_a_numpy_recomputation(e2e, data):
     cfg, workdir, results, _ = e2e
     m = mesh()
-    old = train.load(os.path.join(workdir, 'old', 'ckpt'), cfg.old.model,
-                     data.old_train.num_classes, m)
+    old = train.load(
+        os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, m
+    )
     assert old.step == 5
     assert old.identity() == results['old_model']
 
     def embeddings(model):
-        return [evaluate.embed(model, s, mesh=m, batch_size=cfg.eval.batch_size)
-                for s in (data.query, data.gallery)]
+        return [
+            evaluate.embed(model, s, mesh=m, batch_size=cfg.eval.batch_size)
+            for s in (data.query, data.gallery)
+        ]
 
     old_q, old_g = embeddings(old)
     assert old_q.shape == (len(data.query), 16) and old_g.shape == (len(data.gallery), 16)
     q_labels, g_labels = np.asarray(data.query.labels), np.asarray(data.gallery.labels)
-    assert_metrics_match(results['old_old'], reference_retrieval(old_q, q_labels, old_g,
-                                                                 g_labels))
+    assert_metrics_match(results['old_old'], reference_retrieval(old_q, q_labels, old_g, g_labels))
 
     # The old prototypes: normalised class means of normalised old embeddings of the new set.
     train_emb = np.asarray(evaluate.embed(old, data.train, mesh=m, batch_size=16), np.float64)
@@ -177,8 +182,9 @@ def test_metrics_agree_with_a_numpy_recomputation(e2e, data):
     np.testing.assert_allclose(bank, means, atol=1e-5)
 
     for name in cfg.methods:
-        new = train.load(os.path.join(workdir, f'new_{name}', 'ckpt'), cfg.new.model,
-                         data.num_classes, m)
+        new = train.load(
+            os.path.join(workdir, f'new_{name}', 'ckpt'), cfg.new.model, data.num_classes, m
+        )
         new_q, new_g = embeddings(new)
         r = results['methods'][name]
         assert_metrics_match(r['new_new'], reference_retrieval(new_q, q_labels, new_g, g_labels))
@@ -211,11 +217,21 @@ def test_rerun_skips_finished_stages(e2e):
 
 
 def run_old_stage(cfg, data, workdir, **kw):
-    return train.train(stage='old', workdir=workdir, model_cfg=cfg.old.model,
-                       train_cfg=cfg.old.train, source=data.old_train,
-                       num_classes=data.old_train.num_classes, mesh=mesh(), seed=cfg.seed,
-                       data_cfg=cfg.data, ckpt_cfg=cfg.ckpt,
-                       log_every_steps=cfg.log_every_steps, compat_cfg=cfg.compat, **kw)
+    return train.train(
+        stage='old',
+        workdir=workdir,
+        model_cfg=cfg.old.model,
+        train_cfg=cfg.old.train,
+        source=data.old_train,
+        num_classes=data.old_train.num_classes,
+        mesh=mesh(),
+        seed=cfg.seed,
+        data_cfg=cfg.data,
+        ckpt_cfg=cfg.ckpt,
+        log_every_steps=cfg.log_every_steps,
+        compat_cfg=cfg.compat,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize('stop', [2, 3])
@@ -227,21 +243,29 @@ def test_interrupted_training_resumes_to_the_same_params(e2e, data, tmp_path, st
     assert cfg.ckpt.every_steps == 2
     first = run_old_stage(cfg, data, workdir, stop_after_steps=stop)
     assert first.step == stop
-    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'old', 'ckpt'))
-                  if d.isdigit()) == [2]
+    assert sorted(
+        int(d) for d in os.listdir(os.path.join(workdir, 'old', 'ckpt')) if d.isdigit()
+    ) == [2]
     with open(os.path.join(workdir, 'old', 'metrics.jsonl')) as f:
         assert [json.loads(l)['step'] for l in f] == list(range(2, stop + 1))
     final = run_old_stage(cfg, data, workdir)
     assert final.step == 5
 
-    reference = train.load(os.path.join(e2e_dir, 'old', 'ckpt'), cfg.old.model,
-                           data.old_train.num_classes, mesh())
+    reference = train.load(
+        os.path.join(e2e_dir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh()
+    )
     for key in ('params', 'batch_stats'):
         got, want = getattr(final, key), getattr(reference, key)
-        for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got),
-                                     jax.tree_util.tree_leaves_with_path(want)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6,
-                                       err_msg=jax.tree_util.keystr(path))
+        for (path, a), (_, b) in zip(
+            jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
+        ):
+            np.testing.assert_allclose(
+                np.asarray(a),
+                np.asarray(b),
+                rtol=1e-6,
+                atol=1e-6,
+                err_msg=jax.tree_util.keystr(path),
+            )
     # The resumed run logged each step once, with the uninterrupted run's losses.
     with open(os.path.join(workdir, 'old', 'metrics.jsonl')) as f:
         resumed = [json.loads(l) for l in f]
@@ -258,25 +282,46 @@ def test_interrupted_odpp_training_resumes_to_the_same_params_and_bank(e2e, data
     """ODPP keeps Δ, p̃ and the EMA prototypes in the checkpoint: a run stopped between
     refreshes ends where the uninterrupted one did, with each refresh logged once."""
     cfg, e2e_dir, _, _ = e2e
-    old = train.load(os.path.join(e2e_dir, 'old', 'ckpt'), cfg.old.model,
-                     data.old_train.num_classes, mesh())
-    aux = dict(prototypes=np.load(os.path.join(e2e_dir, 'prototypes', 'old.npy')),
-               old_params=old.params, old_batch_stats=old.batch_stats, old_label=data.old_label)
+    old = train.load(
+        os.path.join(e2e_dir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh()
+    )
+    aux = dict(
+        prototypes=np.load(os.path.join(e2e_dir, 'prototypes', 'old.npy')),
+        old_params=old.params,
+        old_batch_stats=old.batch_stats,
+        old_label=data.old_label,
+    )
 
     def run(**kw):
-        return train.train(stage='new_odpp', method='odpp', workdir=str(tmp_path),
-                           model_cfg=cfg.new.model, train_cfg=cfg.new.train, source=data.train,
-                           num_classes=data.num_classes, mesh=mesh(), seed=cfg.seed + 1,
-                           data_cfg=cfg.data, ckpt_cfg=cfg.ckpt,
-                           log_every_steps=cfg.log_every_steps, compat_cfg=cfg.compat,
-                           old=old, aux=aux, perturb_cfg=cfg.perturb, **kw)
+        return train.train(
+            stage='new_odpp',
+            method='odpp',
+            workdir=str(tmp_path),
+            model_cfg=cfg.new.model,
+            train_cfg=cfg.new.train,
+            source=data.train,
+            num_classes=data.num_classes,
+            mesh=mesh(),
+            seed=cfg.seed + 1,
+            data_cfg=cfg.data,
+            ckpt_cfg=cfg.ckpt,
+            log_every_steps=cfg.log_every_steps,
+            compat_cfg=cfg.compat,
+            old=old,
+            aux=aux,
+            perturb_cfg=cfg.perturb,
+            **kw,
+        )
 
-    assert run(stop_after_steps=9).step == 9   # killed after checkpoint 8, past refresh 4
+    assert run(stop_after_steps=9).step == 9  # killed after checkpoint 8, past refresh 4
     final = run()
-    reference = train.load(os.path.join(e2e_dir, 'new_odpp', 'ckpt'), cfg.new.model,
-                           data.num_classes, mesh())
-    for a, b in zip(jax.tree.leaves((final.params, final.batch_stats)),
-                    jax.tree.leaves((reference.params, reference.batch_stats))):
+    reference = train.load(
+        os.path.join(e2e_dir, 'new_odpp', 'ckpt'), cfg.new.model, data.num_classes, mesh()
+    )
+    for a, b in zip(
+        jax.tree.leaves((final.params, final.batch_stats)),
+        jax.tree.leaves((reference.params, reference.batch_stats)),
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
     def log(workdir):
@@ -284,8 +329,9 @@ def test_interrupted_odpp_training_resumes_to_the_same_params_and_bank(e2e, data
             return [json.loads(l) for l in f]
 
     resumed, straight = log(str(tmp_path)), log(e2e_dir)
-    assert [(r['step'], 'event' in r) for r in resumed] == \
-        [(r['step'], 'event' in r) for r in straight]
+    assert [(r['step'], 'event' in r) for r in resumed] == [
+        (r['step'], 'event' in r) for r in straight
+    ]
     refreshes = [r for r in straight if r.get('event') == 'refresh']
     assert len(refreshes) >= 2 and all(r['mean_shift'] > 0 for r in refreshes)
     for a, b in zip(resumed, straight):
@@ -332,9 +378,14 @@ def test_old_checkpoint_of_another_embedding_size_is_refused(e2e, tmp_path):
 
 def cli(*args, timeout=120):
     env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-    return subprocess.run([sys.executable, '-m', 'bcl_jax.main',
-                           '--config=configs/synthetic.py:smoke', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, '-m', 'bcl_jax.main', '--config=configs/synthetic.py:smoke', *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_unknown_config_key(tmp_path):
@@ -371,10 +422,20 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
     killed = str(tmp_path / 'killed')
     env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-    proc = subprocess.Popen([sys.executable, '-m', 'bcl_jax.main',
-                             '--config=configs/synthetic.py:smoke', f'--workdir={killed}'],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            '-m',
+            'bcl_jax.main',
+            '--config=configs/synthetic.py:smoke',
+            f'--workdir={killed}',
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt_dir = os.path.join(killed, 'new_independent', 'ckpt')
     deadline = time.time() + 600
     try:
@@ -400,7 +461,7 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) or _close(a, b)
     with open(os.path.join(killed, 'new_independent', 'metrics.jsonl')) as f:
         steps = [json.loads(l)['step'] for l in f]
-    assert steps == list(range(2, 17, 2))          # each step logged once across the kill
+    assert steps == list(range(2, 17, 2))  # each step logged once across the kill
 
 
 def _close(a, b):

@@ -1,4 +1,5 @@
 """metrics: hand-worked cases and an independent NumPy float64 reimplementation."""
+
 import numpy as np
 import pytest
 
@@ -24,8 +25,11 @@ def _reference(query_emb, query_labels, gallery_emb, gallery_labels, ks, exclude
         aps.append(np.mean(np.arange(1, len(positions) + 1) / positions))
         for k in ks:
             recalls[k].append(float(positions[0] <= k))
-    out = {"mAP": np.mean(aps), "num_queries": len(aps),
-           "num_queries_without_positives": len(query_emb) - len(aps)}
+    out = {
+        "mAP": np.mean(aps),
+        "num_queries": len(aps),
+        "num_queries_without_positives": len(query_emb) - len(aps),
+    }
     out.update({f"recall@{k}": np.mean(v) for k, v in recalls.items()})
     return out
 
@@ -53,9 +57,16 @@ def test_one_query_hand_worked():
     gallery = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
     query = np.array([[1.0, 0.0]], np.float32)
     got = metrics.retrieval_metrics(query, [7], gallery, [7, 3, 7, 3], ks=(1, 2, 4))
-    assert got == pytest.approx({"mAP": (1 / 1 + 2 / 3) / 2, "recall@1": 1.0, "recall@2": 1.0,
-                                 "recall@4": 1.0, "num_queries": 1,
-                                 "num_queries_without_positives": 0})
+    assert got == pytest.approx(
+        {
+            "mAP": (1 / 1 + 2 / 3) / 2,
+            "recall@1": 1.0,
+            "recall@2": 1.0,
+            "recall@4": 1.0,
+            "num_queries": 1,
+            "num_queries_without_positives": 0,
+        }
+    )
     # Label 3: relevant at ranks 2 and 4, AP = (1/2 + 2/4) / 2, nothing at rank 1.
     got = metrics.retrieval_metrics(query, [3], gallery, [7, 3, 7, 3], ks=(1, 2))
     assert got["mAP"] == pytest.approx(0.5) and got["recall@1"] == 0 and got["recall@2"] == 1
@@ -75,8 +86,9 @@ def test_queries_without_positives_are_excluded():
     query_labels = np.array([0, 1, 5, 0, 9])  # 5 and 9 are not in the gallery
     got = metrics.retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks=(1, 3))
     assert got["num_queries"] == 3 and got["num_queries_without_positives"] == 2
-    kept = metrics.retrieval_metrics(queries[[0, 1, 3]], query_labels[[0, 1, 3]], gallery,
-                                     gallery_labels, ks=(1, 3))
+    kept = metrics.retrieval_metrics(
+        queries[[0, 1, 3]], query_labels[[0, 1, 3]], gallery, gallery_labels, ks=(1, 3)
+    )
     _assert_close(got, {**kept, "num_queries_without_positives": 2})
 
 
@@ -86,8 +98,9 @@ def test_matches_numpy_reference(query_block):
     queries, gallery = _normalised(rng, 45), _normalised(rng, 130)
     query_labels, gallery_labels = rng.integers(0, 6, 45), rng.integers(0, 5, 130)  # 5: none
     ks = (1, 5, 10)
-    got = metrics.retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks=ks,
-                                    query_block=query_block)
+    got = metrics.retrieval_metrics(
+        queries, query_labels, gallery, gallery_labels, ks=ks, query_block=query_block
+    )
     want = _reference(queries, query_labels, gallery, gallery_labels, ks)
     assert want["num_queries_without_positives"] > 0
     _assert_close(got, want)
@@ -99,24 +112,28 @@ def test_exclude_self_matches_reference():
     labels = rng.integers(0, 8, 60).astype(str)  # non-integer labels work too
     labels[0] = "singleton"  # its only positive is itself: excluded
     ks = (1, 2, 4, 8)
-    got = metrics.retrieval_metrics(emb, labels, emb, labels, ks=ks, query_block=16,
-                                    exclude_self=True)
+    got = metrics.retrieval_metrics(
+        emb, labels, emb, labels, ks=ks, query_block=16, exclude_self=True
+    )
     _assert_close(got, _reference(emb, labels, emb, labels, ks, exclude_self=True))
     assert got["num_queries_without_positives"] >= 1
     # Without exclusion every query finds itself first.
     assert metrics.retrieval_metrics(emb, labels, emb, labels, ks=(1,))["recall@1"] == 1.0
 
 
-@pytest.mark.parametrize("case, match", [
-    ("nan_query", "query_emb contains NaN"),
-    ("nan_gallery", "gallery_emb contains NaN"),
-    ("dims", "dims differ"),
-    ("label_count", "Label counts"),
-    ("empty", "query_emb is empty"),
-    ("k_too_big", "Each K"),
-    ("self_mismatch", "exclude_self"),
-    ("no_positives", "No query has a relevant"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("nan_query", "query_emb contains NaN"),
+        ("nan_gallery", "gallery_emb contains NaN"),
+        ("dims", "dims differ"),
+        ("label_count", "Label counts"),
+        ("empty", "query_emb is empty"),
+        ("k_too_big", "Each K"),
+        ("self_mismatch", "exclude_self"),
+        ("no_positives", "No query has a relevant"),
+    ],
+)
 def test_errors(case, match):
     rng = np.random.default_rng(4)
     q, g = _normalised(rng, 4), _normalised(rng, 6)
@@ -152,12 +169,16 @@ def test_sharded_and_bfloat16_inputs():
     query_labels, gallery_labels = rng.integers(0, 4, 24), rng.integers(0, 4, 40)
     mesh = jax.make_mesh((8,), ("data",))
     on_mesh = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))  # noqa: E731
-    got = metrics.retrieval_metrics(on_mesh(queries), query_labels, on_mesh(gallery),
-                                    gallery_labels, query_block=10)
+    got = metrics.retrieval_metrics(
+        on_mesh(queries), query_labels, on_mesh(gallery), gallery_labels, query_block=10
+    )
     _assert_close(got, _reference(queries, query_labels, gallery, gallery_labels, (1, 5, 10)))
     as_bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # noqa: E731
-    got = metrics.retrieval_metrics(jnp.asarray(queries, jnp.bfloat16), query_labels,
-                                    jnp.asarray(gallery, jnp.bfloat16), gallery_labels)
-    want = _reference(as_bf16(queries), query_labels, as_bf16(gallery), gallery_labels,
-                      (1, 5, 10))
+    got = metrics.retrieval_metrics(
+        jnp.asarray(queries, jnp.bfloat16),
+        query_labels,
+        jnp.asarray(gallery, jnp.bfloat16),
+        gallery_labels,
+    )
+    want = _reference(as_bf16(queries), query_labels, as_bf16(gallery), gallery_labels, (1, 5, 10))
     _assert_close(got, want)

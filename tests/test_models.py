@@ -1,4 +1,5 @@
 """Tests for bcl_jax.models: shapes, parameter counts, BatchNorm modes, functional use in jit."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,8 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcl_jax.models.heads import (Classifier, EmbeddingHead, EmbeddingModel, build_model,
-                                  l2_normalize)
+from bcl_jax.models.heads import (
+    Classifier,
+    EmbeddingHead,
+    EmbeddingModel,
+    build_model,
+    l2_normalize,
+)
 from bcl_jax.models.resnet import ResNet, build_backbone
 
 
@@ -27,17 +33,21 @@ def images(b=4, h=8, w=8, seed=0):
 
 def tiny_cfg(head="cosface"):
     return ml_collections.ConfigDict(
-        dict(arch="cifar_resnet", width=4, depth=8, embedding_dim=16, head=head))
+        dict(arch="cifar_resnet", width=4, depth=8, embedding_dim=16, head=head)
+    )
 
 
 # --------------------------------------------------------------------------- backbones
 
 
-@pytest.mark.parametrize("name,width,size,expect", [
-    ("cifar_resnet", 4, 8, 16),     # 4 * width
-    ("resnet18", 4, 32, 32),        # 8 * width
-    ("resnet50", 2, 32, 64),        # 8 * width * 4
-])
+@pytest.mark.parametrize(
+    "name,width,size,expect",
+    [
+        ("cifar_resnet", 4, 8, 16),  # 4 * width
+        ("resnet18", 4, 32, 32),  # 8 * width
+        ("resnet50", 2, 32, 64),  # 8 * width * 4
+    ],
+)
 def test_backbone_output_shape(name, width, size, expect):
     m = build_backbone(name, width=width, depth=8, rngs=nnx.Rngs(0))
     assert m.out_features == expect
@@ -81,8 +91,14 @@ def test_zero_init_residual():
     for blk in m.blocks:
         assert np.all(blk.bn3.scale[...] == 0)
         assert np.all(blk.bn1.scale[...] == 1)
-    m = ResNet(stage_sizes=(1,), block="basic", width=4, stem="cifar", rngs=nnx.Rngs(0),
-               zero_init_residual=False)
+    m = ResNet(
+        stage_sizes=(1,),
+        block="basic",
+        width=4,
+        stem="cifar",
+        rngs=nnx.Rngs(0),
+        zero_init_residual=False,
+    )
     assert np.all(m.blocks[0].bn2.scale[...] == 1)
 
 
@@ -163,14 +179,22 @@ def test_preprocessing_lives_in_the_model():
     x = images()
     np.testing.assert_allclose(m.embed(x), m.embed(x.astype(jnp.float32)), atol=1e-6)
     # A mid-grey image maps to roughly zero mean per channel after ImageNet standardisation.
-    z = EmbeddingModel.normalize_images(jnp.full((1, 1, 1, 3), 255.0) * jnp.array(
-        [0.485, 0.456, 0.406]))
+    z = EmbeddingModel.normalize_images(
+        jnp.full((1, 1, 1, 3), 255.0) * jnp.array([0.485, 0.456, 0.406])
+    )
     np.testing.assert_allclose(z, 0.0, atol=1e-6)
 
 
 def test_build_model_accepts_plain_objects_and_dtype():
     class Cfg:
-        arch, width, depth, embedding_dim, head, dtype = "cifar_resnet", 4, 8, 8, "softmax", "bfloat16"
+        arch, width, depth, embedding_dim, head, dtype = (
+            "cifar_resnet",
+            4,
+            8,
+            8,
+            "softmax",
+            "bfloat16",
+        )
 
     m = build_model(Cfg(), 3, rngs=nnx.Rngs(0))
     emb, logits = m(images(), train=True)

@@ -1,4 +1,5 @@
 """perturbation.ndpp / odpp_loss / odpp against NumPy float64 re-computations."""
+
 import logging
 
 import jax
@@ -18,7 +19,8 @@ def _crowded(rng, groups, per_group, d=16, noise=0.1):
     """Prototypes in tight groups (within-group cosine ~0.99): crowded, as NDPP/ODPP assume."""
     centres = _normalised(rng, groups, d).astype(np.float64)
     x = np.repeat(centres, per_group, axis=0) + noise / np.sqrt(d) * rng.standard_normal(
-        (groups * per_group, d))
+        (groups * per_group, d)
+    )
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -31,6 +33,7 @@ def banks():
 # ----------------------------------------------------------------------------------------------
 # NDPP
 # ----------------------------------------------------------------------------------------------
+
 
 def _ndpp_reference(p, q, k, alpha, beta, exclude_self):
     """METHOD.md §4 with full C×C similarities and argsort, in float64."""
@@ -64,11 +67,24 @@ def test_ndpp_matches_reference(banks, exclude_self, k, alpha, beta):
     """k=30 of 50 classes reaches negative similarities, so the clamp at 0 matters."""
     old, new = banks
     want = _ndpp_reference(old, new, k, alpha, beta, exclude_self)
-    _assert_close_to(pt.ndpp(old, new, k=k, alpha=alpha, beta=beta, exclude_self=exclude_self),
-                     want, old)
+    _assert_close_to(
+        pt.ndpp(old, new, k=k, alpha=alpha, beta=beta, exclude_self=exclude_self), want, old
+    )
     # Blocks smaller than C and not dividing it.
-    _assert_close_to(pt.ndpp(old, new, k=k, alpha=alpha, beta=beta, exclude_self=exclude_self,
-                             query_block=7, gallery_block=12), want, old)
+    _assert_close_to(
+        pt.ndpp(
+            old,
+            new,
+            k=k,
+            alpha=alpha,
+            beta=beta,
+            exclude_self=exclude_self,
+            query_block=7,
+            gallery_block=12,
+        ),
+        want,
+        old,
+    )
 
 
 def test_ndpp_exclude_self_changes_new_neighbours(banks):
@@ -97,7 +113,7 @@ def test_ndpp_sharded_equals_unsharded(banks, exclude_self):
     got = pt.ndpp(old, new, mesh=mesh, axis='data', query_block=16, gallery_block=4, **kwargs)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
     # Banks already laid out sharded on the (Explicit) mesh, with and without `mesh`.
-    on_mesh = lambda x: jax.device_put(x[:48], jax.NamedSharding(mesh, jax.P('data')))  # noqa
+    on_mesh = lambda x: jax.device_put(x[:48], jax.NamedSharding(mesh, jax.P('data')))
     want = np.asarray(pt.ndpp(old[:48], new[:48], **kwargs))
     for mesh_arg in (None, mesh):
         got = pt.ndpp(on_mesh(old), on_mesh(new), mesh=mesh_arg, **kwargs)
@@ -109,20 +125,27 @@ def test_ndpp_clamps_k(banks, caplog):
     with caplog.at_level(logging.WARNING):
         got = pt.ndpp(old, new, k=100, beta=0.3)
     assert 'k=100 exceeds the 5 other classes' in caplog.text
-    np.testing.assert_allclose(np.asarray(got), np.asarray(pt.ndpp(old, new, k=5, beta=0.3)),
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(pt.ndpp(old, new, k=5, beta=0.3)), atol=1e-7
+    )
     _assert_close_to(got, _ndpp_reference(old, new, 5, 0.16, 0.3, True), old)
 
 
-@pytest.mark.parametrize('change, match', [
-    (lambda o, n: (o, n[:, :8]), r'new bank has shape \(50, 8\) but the old bank has \(50, 16\)'),
-    (lambda o, n: (o[0], n[0]), 'must be a 2-D'),
-    (lambda o, n: (o[:1], n[:1]), 'at least 2 classes'),
-    (lambda o, n: (o, _set(n, 7, np.nan)), r'new bank has NaN/Inf in classes \[7\]'),
-    (lambda o, n: (_set(o, 3, np.inf), n), r'old bank has NaN/Inf in classes \[3\]'),
-    (lambda o, n: (_set(o, 4, 0.0), n), r'old bank has zero vectors for classes \[4\]'),
-    (lambda o, n: (o, _set(n, 9, 0.0)), r'new bank has zero vectors for classes \[9\]'),
-])
+@pytest.mark.parametrize(
+    'change, match',
+    [
+        (
+            lambda o, n: (o, n[:, :8]),
+            r'new bank has shape \(50, 8\) but the old bank has \(50, 16\)',
+        ),
+        (lambda o, n: (o[0], n[0]), 'must be a 2-D'),
+        (lambda o, n: (o[:1], n[:1]), 'at least 2 classes'),
+        (lambda o, n: (o, _set(n, 7, np.nan)), r'new bank has NaN/Inf in classes \[7\]'),
+        (lambda o, n: (_set(o, 3, np.inf), n), r'old bank has NaN/Inf in classes \[3\]'),
+        (lambda o, n: (_set(o, 4, 0.0), n), r'old bank has zero vectors for classes \[4\]'),
+        (lambda o, n: (o, _set(n, 9, 0.0)), r'new bank has zero vectors for classes \[9\]'),
+    ],
+)
 def test_ndpp_errors(banks, change, match):
     with pytest.raises(ValueError, match=match):
         pt.ndpp(*change(*banks), k=5)
@@ -144,6 +167,7 @@ def test_ndpp_bad_k(banks, k):
 # ODPP
 # ----------------------------------------------------------------------------------------------
 
+
 def _odpp_loss_reference(delta, old, new, i, j, m_o, m_n, l_o, l_n, gamma, mask_self=True):
     delta, old, new = (x.astype(np.float64) for x in (delta, old, new))
     pt_ = old + delta
@@ -152,8 +176,9 @@ def _odpp_loss_reference(delta, old, new, i, j, m_o, m_n, l_o, l_n, gamma, mask_
     i, j = i[keep], j[keep]
     hinge_old = np.maximum(0, np.sum(pt_[i] * pt_[j], axis=1) - m_o)
     hinge_new = np.maximum(0, np.sum(pt_[i] * new[j], axis=1) - m_n)
-    return (l_o * hinge_old.mean() + l_n * hinge_new.mean()
-            + gamma * np.mean(np.sum(delta ** 2, axis=1)))
+    return (
+        l_o * hinge_old.mean() + l_n * hinge_new.mean() + gamma * np.mean(np.sum(delta**2, axis=1))
+    )
 
 
 @pytest.fixture(scope='module')
@@ -182,14 +207,17 @@ def test_odpp_loss_matches_reference(loss_case):
     unmasked = _odpp_loss_reference(delta, old, new, i, j, *_ref_args(kwargs), mask_self=False)
     assert abs(unmasked - got) > 1e-2
     all_self = float(pt.odpp_loss(delta, old, new, i, i, **kwargs))
-    np.testing.assert_allclose(all_self, kwargs['gamma'] * np.mean(np.sum(delta.astype(
-        np.float64) ** 2, axis=1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        all_self,
+        kwargs['gamma'] * np.mean(np.sum(delta.astype(np.float64) ** 2, axis=1)),
+        rtol=1e-5,
+    )
 
 
 def test_odpp_loss_gradient_matches_finite_differences(loss_case):
     delta, old, new, i, j, kwargs = loss_case
     grad = np.asarray(jax.grad(pt.odpp_loss)(delta, old, new, i, j, **kwargs))
-    f = lambda d: _odpp_loss_reference(d, old, new, i, j, *_ref_args(kwargs))  # noqa: E731
+    f = lambda d: _odpp_loss_reference(d, old, new, i, j, *_ref_args(kwargs))
     d64 = delta.astype(np.float64)
     unused = sorted(set(range(20)) - set(i.tolist()) - set(j.tolist()))
     entries = [(int(i[10]), 0), (int(j[11]), 3), (int(i[20]), 7), (int(j[30]), 5)]
@@ -208,10 +236,19 @@ def _full_objective(delta, old, new, **kwargs):
     """J over all ordered pairs i ≠ j: what the random pairs estimate."""
     c = old.shape[0]
     i, j = np.meshgrid(np.arange(c), np.arange(c), indexing='ij')
-    return _odpp_loss_reference(np.asarray(delta), old, new, i.ravel(), j.ravel(),
-                                *_ref_args(dict(dict(margin_old=0.9, margin_new=0.9,
-                                                     lambda_old=1.0, lambda_new=1.0,
-                                                     gamma=0.0), **kwargs)))
+    return _odpp_loss_reference(
+        np.asarray(delta),
+        old,
+        new,
+        i.ravel(),
+        j.ravel(),
+        *_ref_args(
+            dict(
+                dict(margin_old=0.9, margin_new=0.9, lambda_old=1.0, lambda_new=1.0, gamma=0.0),
+                **kwargs,
+            )
+        ),
+    )
 
 
 @pytest.fixture(scope='module')
@@ -237,14 +274,15 @@ def test_pairs_sweep_permutation_each_pass():
     draw = jax.jit(pt._draw_pairs, static_argnames=('pairs_per_step', 'pairs'))
     seen = []
     for s in range(6):  # two passes of 3 steps
-        i, j, perm = draw(key_perm, key_pair, jnp.int32(s), perm, None,
-                                    pairs_per_step=per_step, pairs='random')
+        i, j, perm = draw(
+            key_perm, key_pair, jnp.int32(s), perm, None, pairs_per_step=per_step, pairs='random'
+        )
         seen.append(np.asarray(i))
         assert np.asarray(j).min() >= 0 and np.asarray(j).max() < c
     for one_pass in (seen[:3], seen[3:]):
         flat = np.concatenate(one_pass)
         assert sorted(flat[:c].tolist()) == list(range(c))  # every class once per pass ...
-        np.testing.assert_array_equal(flat[c:], flat[:2])   # ... and the last step wraps
+        np.testing.assert_array_equal(flat[c:], flat[:2])  # ... and the last step wraps
     assert not np.array_equal(np.concatenate(seen[:3]), np.concatenate(seen[3:]))
 
 
@@ -253,8 +291,9 @@ def test_odpp_reduces_objective(crowded):
     zero = np.zeros_like(old)
     before = _full_objective(zero, old, new)
     assert before > 0.01  # crowded: many pairs above the margin
-    delta, losses = pt.odpp(old, new, zero, jax.random.key(0), steps=100, pairs_per_step=64,
-                            learning_rate=3e-3)
+    delta, losses = pt.odpp(
+        old, new, zero, jax.random.key(0), steps=100, pairs_per_step=64, learning_rate=3e-3
+    )
     assert losses.shape == (100,) and delta.shape == old.shape
     after = _full_objective(delta, old, new)
     assert after < 0.1 * before
@@ -271,9 +310,15 @@ def test_odpp_zero_steps_returns_delta0(crowded):
 
 def test_odpp_deterministic_for_key(crowded):
     old, new = crowded
-    run = lambda seed: pt.odpp(old, new, np.zeros_like(old), jax.random.key(seed),  # noqa
-                               steps=20, pairs_per_step=16)
-    (a, la), (b, lb), (c, lc) = run(1), run(1), run(2)
+    run = lambda seed: pt.odpp(
+        old,
+        new,
+        np.zeros_like(old),
+        jax.random.key(seed),
+        steps=20,
+        pairs_per_step=16,
+    )
+    (a, la), (b, lb), (_, lc) = run(1), run(1), run(2)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
     assert not np.array_equal(np.asarray(la), np.asarray(lc))
@@ -284,10 +329,10 @@ def test_odpp_neighbour_pairs():
     is a twin pair, so the first step's J is exactly the twins' hinge; random pairs rarely are."""
     rng = np.random.default_rng(5)
     d, twins = 64, 16
-    basis = np.linalg.qr(rng.standard_normal((d, d)))[0][:, :2 * twins].T
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0][:, : 2 * twins].T
     cos = 0.98
     a = basis[0::2]
-    b = cos * basis[0::2] + np.sqrt(1 - cos ** 2) * basis[1::2]
+    b = cos * basis[0::2] + np.sqrt(1 - cos**2) * basis[1::2]
     old = np.stack([a, b], axis=1).reshape(2 * twins, d).astype(np.float32)
     new = -old  # the new-space hinge stays inactive
     zero = np.zeros_like(old)
@@ -321,22 +366,25 @@ def test_odpp_gamma_limits_offset(crowded):
     assert np.linalg.norm(np.asarray(tied)) < 0.7 * np.linalg.norm(np.asarray(free))
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(margin_old=1.5), r'margin_old=1.5 is outside \[-1, 1\]'),
-    (dict(margin_new=-2.0), r'margin_new=-2.0 is outside'),
-    (dict(pairs='nearest'), 'pairs must be one of'),
-    (dict(steps=-1), 'steps must be an int'),
-    (dict(pairs_per_step=0), 'pairs_per_step must be a positive int'),
-    (dict(gamma=-1.0), 'gamma must be finite and >= 0'),
-    (dict(lambda_old=float('nan')), 'lambda_old must be finite and >= 0'),
-    (dict(lambda_new=-0.5), 'lambda_new must be finite and >= 0'),
-    (dict(margin_old=float('nan')), 'margin_old=nan is outside'),
-    (dict(learning_rate=0.0), 'learning_rate must be > 0'),
-    (dict(pairs='neighbours', k=0), 'k must be a positive int'),
-    (dict(delta0=np.zeros((64, 8), np.float32)), r'delta0 bank has shape \(64, 8\)'),
-    (dict(delta0=np.full((64, 16), np.nan, np.float32)), 'delta0 bank has NaN/Inf in classes'),
-    (dict(new=np.zeros((64, 16), np.float32)), 'new bank has zero vectors'),
-])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(margin_old=1.5), r'margin_old=1.5 is outside \[-1, 1\]'),
+        (dict(margin_new=-2.0), r'margin_new=-2.0 is outside'),
+        (dict(pairs='nearest'), 'pairs must be one of'),
+        (dict(steps=-1), 'steps must be an int'),
+        (dict(pairs_per_step=0), 'pairs_per_step must be a positive int'),
+        (dict(gamma=-1.0), 'gamma must be finite and >= 0'),
+        (dict(lambda_old=float('nan')), 'lambda_old must be finite and >= 0'),
+        (dict(lambda_new=-0.5), 'lambda_new must be finite and >= 0'),
+        (dict(margin_old=float('nan')), 'margin_old=nan is outside'),
+        (dict(learning_rate=0.0), 'learning_rate must be > 0'),
+        (dict(pairs='neighbours', k=0), 'k must be a positive int'),
+        (dict(delta0=np.zeros((64, 8), np.float32)), r'delta0 bank has shape \(64, 8\)'),
+        (dict(delta0=np.full((64, 16), np.nan, np.float32)), 'delta0 bank has NaN/Inf in classes'),
+        (dict(new=np.zeros((64, 16), np.float32)), 'new bank has zero vectors'),
+    ],
+)
 def test_odpp_errors(crowded, kwargs, match):
     old, new = crowded
     args = dict(old=old, new=new, delta0=np.zeros_like(old), key=jax.random.key(0), steps=2)
@@ -349,13 +397,19 @@ def test_odpp_errors(crowded, kwargs, match):
 # Benchmark script
 # ----------------------------------------------------------------------------------------------
 
+
 def test_bench_quick_writes_json(tmp_path):
     import json
     import subprocess
     import sys
+
     out = tmp_path / 'bench.json'
-    subprocess.run([sys.executable, '-m', 'bcl_jax.bench', '--quick', f'--out={out}'],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, '-m', 'bcl_jax.bench', '--quick', f'--out={out}'],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     report = json.loads(out.read_text())
     assert set(report) == {'config', 'environment', 'results'}
     results = report['results']
@@ -363,6 +417,7 @@ def test_bench_quick_writes_json(tmp_path):
     assert results['floor']['seconds'] > 0 and results['floor']['gflops'] > 0
     assert results['ndpp']['ratio_to_floor'] > 0 and results['ndpp']['target_ratio'] == 2.0
     odpp = results['odpp']
-    assert odpp['steps'] == pt.passes_to_steps(odpp['classes'], odpp['passes'],
-                                               odpp['pairs_per_step'])
+    assert odpp['steps'] == pt.passes_to_steps(
+        odpp['classes'], odpp['passes'], odpp['pairs_per_step']
+    )
     assert odpp['ratio_to_ndpp'] > 0 and odpp['target_ratio'] == 10.0

@@ -1,4 +1,5 @@
 """Tests of the perturbation figure: a valid PNG, and the numbers it shows are right."""
+
 import os
 import subprocess
 import sys
@@ -46,8 +47,7 @@ def test_figure_png_and_numbers(tmp_path):
     with Image.open(path) as im:
         assert im.size[0] > 800 and im.size[1] > 400
 
-    want = {name: _brute_top1(b) for name, b in
-            dict(old=old, perturbed=perturbed, new=new).items()}
+    want = {name: _brute_top1(b) for name, b in dict(old=old, perturbed=perturbed, new=new).items()}
     for name in want:
         assert info[f'mean_top1_{name}'] == pytest.approx(want[name].mean(), abs=1e-5)
     # The perturbation spread the crowded bank.
@@ -74,16 +74,18 @@ def test_figure_png_and_numbers(tmp_path):
 
 def test_top1_blocked_matches_brute_force():
     old, _, _ = _banks(num_groups=10, per_group=7, dim=8, seed=1)
-    np.testing.assert_allclose(plots.top1_similarity(old, block_rows=3), _brute_top1(old),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        plots.top1_similarity(old, block_rows=3), _brute_top1(old), atol=1e-5
+    )
 
 
 def test_small_bank_and_options(tmp_path):
     # Fewer classes than asked for: everything is clipped, nothing fails.
     rng = np.random.default_rng(2)
     old = _normalize(rng.normal(size=(3, 2)))
-    info = plots.perturbation_figure(old, old, old, str(tmp_path / 'a.png'),
-                                     num_classes_shown=10, neighbours=10)
+    info = plots.perturbation_figure(
+        old, old, old, str(tmp_path / 'a.png'), num_classes_shown=10, neighbours=10
+    )
     assert sorted(info['chosen']) == [0, 1, 2]
     assert all(len(g) == 3 for g in info['groups'])
     assert info['mean_top1_old'] == pytest.approx(info['mean_top1_perturbed'])
@@ -123,5 +125,10 @@ def test_no_pyplot_import(tmp_path):
         'assert "matplotlib.pyplot" not in sys.modules\n'
     )
     env = dict(os.environ, JAX_PLATFORMS='cpu')
-    subprocess.run([sys.executable, '-c', code], check=True, env=env, timeout=60,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run(
+        [sys.executable, '-c', code],
+        check=True,
+        env=env,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )

@@ -1,4 +1,5 @@
 """Tests for bcl_jax.prototypes: segment sums, class means, sharded compute, the stored old bank."""
+
 import json
 import os
 
@@ -38,8 +39,9 @@ def test_class_sums_with_valid_mask_and_means():
     labels[:c] = np.arange(c)  # every class has a valid row
     valid = rng.random(n) < 0.7
     valid[:c] = True
-    sums, counts = prototypes.class_sums(jnp.asarray(emb), jnp.asarray(labels),
-                                         jnp.asarray(valid), num_classes=c)
+    sums, counts = prototypes.class_sums(
+        jnp.asarray(emb), jnp.asarray(labels), jnp.asarray(valid), num_classes=c
+    )
     e64 = emb.astype(np.float64)
     want_sums = np.stack([e64[(labels == k) & valid].sum(axis=0) for k in range(c)])
     want_counts = np.array([((labels == k) & valid).sum() for k in range(c)])
@@ -56,7 +58,7 @@ def test_class_means_hand_case():
     # Class 0: e1 and e2 -> mean (0.5, 0.5) -> (1, 1)/√2. Class 1: one vector (0, 3) -> (0, 1).
     sums = np.array([[1.0, 1.0], [0.0, 3.0]])
     bank = prototypes.class_means(sums, np.array([2.0, 1.0]))
-    np.testing.assert_allclose(bank, [[2 ** -0.5, 2 ** -0.5], [0.0, 1.0]], atol=1e-7)
+    np.testing.assert_allclose(bank, [[2**-0.5, 2**-0.5], [0.0, 1.0]], atol=1e-7)
 
 
 def test_empty_class_error_names_the_class():
@@ -68,17 +70,32 @@ def test_empty_class_error_names_the_class():
 # --------------------------------------------------------------------------- compute, end to end
 
 
-MODEL_CFG = ml_collections.ConfigDict(dict(arch='cifar_resnet', width=4, depth=8,
-                                           embedding_dim=8, head='cosface', scale=30.0,
-                                           margin=0.3))
+MODEL_CFG = ml_collections.ConfigDict(
+    dict(
+        arch='cifar_resnet',
+        width=4,
+        depth=8,
+        embedding_dim=8,
+        head='cosface',
+        scale=30.0,
+        margin=0.3,
+    )
+)
 
 
 @pytest.fixture(scope='module')
 def source():
     # 4 classes x 5 images = 20: not a multiple of the batch of 8, so the last batch is padded.
-    spec = SyntheticSpec(seed=3, image_size=16, train_families=2, test_siblings_per_family=1,
-                         siblings_per_family=2, train_images_per_class=5,
-                         test_images_per_class=2, queries_per_class=1)
+    spec = SyntheticSpec(
+        seed=3,
+        image_size=16,
+        train_families=2,
+        test_siblings_per_family=1,
+        siblings_per_family=2,
+        train_images_per_class=5,
+        test_images_per_class=2,
+        queries_per_class=1,
+    )
     src = SyntheticBenchmark(spec).split('train')
     assert len(src) == 20 and len(src) % BATCH
     return src
@@ -87,8 +104,10 @@ def source():
 def _model(seed, num_classes=4):
     graphdef, params, stats = train.init_model(MODEL_CFG, num_classes, seed)
     # A fresh model's BatchNorm running stats are (0, 1); move them so inference is not trivial.
-    stats = jax.tree.map(lambda x: x + 0.05 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
-                         / max(x.size, 1), stats)
+    stats = jax.tree.map(
+        lambda x: x + 0.05 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / max(x.size, 1),
+        stats,
+    )
     return train.Trained(graphdef, params, stats, MODEL_CFG, num_classes, step=0)
 
 
@@ -104,8 +123,9 @@ def mesh8():
 
 @pytest.fixture(scope='module')
 def mesh1():
-    return jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:1])
+    return jax.make_mesh(
+        (1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+    )
 
 
 def test_embed_matches_direct_forward(model, source, mesh8):
@@ -198,6 +218,7 @@ def test_old_bank_writes_reuses_and_recomputes(model, source, mesh8, tmp_path, m
 def test_ema_class_means_matches_numpy():
     """Classes present in the batch move towards their batch mean; absent ones keep their value."""
     from bcl_jax import prototypes
+
     rng = np.random.default_rng(5)
     bank = rng.normal(size=(6, 4)).astype(np.float32)
     emb = rng.normal(size=(9, 4)).astype(np.float32)

@@ -3,6 +3,7 @@
 References are independent of the library's step: a 1-device mesh for the 8-device step, a
 NumPy SGD-with-momentum update from a separately computed gradient, and schedules worked by hand.
 """
+
 import json
 import os
 import re
@@ -28,8 +29,9 @@ SIZE = 16
 
 
 def tiny_model_cfg(embedding_dim=16, head='cosface'):
-    return common.model(arch='cifar_resnet', width=4, depth=8, embedding_dim=embedding_dim,
-                        head=head)
+    return common.model(
+        arch='cifar_resnet', width=4, depth=8, embedding_dim=embedding_dim, head=head
+    )
 
 
 def tiny_train_cfg(**overrides):
@@ -40,8 +42,9 @@ def tiny_train_cfg(**overrides):
 
 
 def one_device_mesh():
-    return jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:1])
+    return jax.make_mesh(
+        (1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+    )
 
 
 def host(tree):
@@ -51,16 +54,23 @@ def host(tree):
 
 def make_batch(seed=0):
     rng = np.random.default_rng(seed)
-    return dict(image=rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
-                label=rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32))
+    return dict(
+        image=rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
+        label=rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
+    )
 
 
 def initial_state(model_cfg, train_cfg, seed=1):
     """The state train.train starts from, on the host."""
     graphdef, params, stats = train.init_model(model_cfg, NUM_CLASSES, seed)
     tx, _ = train.make_optimizer(train_cfg, steps_per_epoch=10.0)
-    state = dict(step=np.int32(0), params=params, batch_stats=stats, opt_state=tx.init(params),
-                 first_nonfinite_step=np.int32(-1))
+    state = dict(
+        step=np.int32(0),
+        params=params,
+        batch_stats=stats,
+        opt_state=tx.init(params),
+        first_nonfinite_step=np.int32(-1),
+    )
     return graphdef, tx, host(state)
 
 
@@ -73,8 +83,9 @@ def old_model_and_aux():
     bank = rng.normal(size=(NUM_CLASSES, old_cfg.embedding_dim)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     old_label = np.array([0, -1, 1, -1, 2, -1], np.int32)
-    aux = dict(prototypes=bank, old_params=host(params), old_batch_stats=host(stats),
-               old_label=old_label)
+    aux = dict(
+        prototypes=bank, old_params=host(params), old_batch_stats=host(stats), old_label=old_label
+    )
     return old, aux
 
 
@@ -83,12 +94,25 @@ def run_step(mesh, method, state, batch, aux, *, graphdef, tx, model_cfg, old, p
     compat = ml_collections.ConfigDict(dict(weight=1.0, temperature=0.07))
     weights = {t: compat.weight for t in train.METHOD_TERMS[method]}
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    step = jax.jit(train.make_train_step(graphdef, tx, weights=weights, model_cfg=model_cfg,
-                                         compat_cfg=compat, old=old, perturb_cfg=perturb),
-                   in_shardings=(replicated, rows, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
-    new_state, metrics = step(jax.device_put(host(state), replicated),
-                              jax.device_put(batch, rows), jax.device_put(host(aux), replicated))
+    step = jax.jit(
+        train.make_train_step(
+            graphdef,
+            tx,
+            weights=weights,
+            model_cfg=model_cfg,
+            compat_cfg=compat,
+            old=old,
+            perturb_cfg=perturb,
+        ),
+        in_shardings=(replicated, rows, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    new_state, metrics = step(
+        jax.device_put(host(state), replicated),
+        jax.device_put(batch, rows),
+        jax.device_put(host(aux), replicated),
+    )
     return host(new_state), host(metrics)
 
 
@@ -97,8 +121,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb
     for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 # --------------------------------------------------------------------------- sharded step
@@ -113,9 +138,14 @@ def perturbed_bank_state(state, aux):
     rng = np.random.default_rng(11)
     positive = aux['prototypes'] + 0.3 * rng.normal(size=aux['prototypes'].shape)
     positive /= np.linalg.norm(positive, axis=1, keepdims=True)
-    return dict(state, bank=dict(positive=positive.astype(np.float32),
-                                 new=rng.normal(size=positive.shape).astype(np.float32),
-                                 delta=np.zeros_like(positive, np.float32)))
+    return dict(
+        state,
+        bank=dict(
+            positive=positive.astype(np.float32),
+            new=rng.normal(size=positive.shape).astype(np.float32),
+            delta=np.zeros_like(positive, np.float32),
+        ),
+    )
 
 
 def one_step(method, mesh_name):
@@ -131,13 +161,32 @@ def one_step(method, mesh_name):
             state = perturbed_bank_state(state, aux)
             perturb = common.base_config().perturb
         batch = make_batch()
-        mesh = (train.make_mesh(ml_collections.ConfigDict(dict(data=-1))) if mesh_name == '8'
-                else one_device_mesh())
-        new_state, metrics = run_step(mesh, method, state, batch, aux, graphdef=graphdef, tx=tx,
-                                      model_cfg=model_cfg, old=old, perturb=perturb)
-        _STEPS[method, mesh_name] = dict(graphdef=graphdef, model_cfg=model_cfg, state=state,
-                                         batch=batch, new_state=new_state, metrics=metrics,
-                                         mesh_size=mesh.devices.size)
+        mesh = (
+            train.make_mesh(ml_collections.ConfigDict(dict(data=-1)))
+            if mesh_name == '8'
+            else one_device_mesh()
+        )
+        new_state, metrics = run_step(
+            mesh,
+            method,
+            state,
+            batch,
+            aux,
+            graphdef=graphdef,
+            tx=tx,
+            model_cfg=model_cfg,
+            old=old,
+            perturb=perturb,
+        )
+        _STEPS[method, mesh_name] = dict(
+            graphdef=graphdef,
+            model_cfg=model_cfg,
+            state=state,
+            batch=batch,
+            new_state=new_state,
+            metrics=metrics,
+            mesh_size=mesh.devices.size,
+        )
     return _STEPS[method, mesh_name]
 
 
@@ -211,21 +260,25 @@ def test_one_independent_step_is_sgd_momentum_with_weight_decay():
     r = one_step('independent', '8')
     state, batch, new_state, model_cfg = r['state'], r['batch'], r['new_state'], r['model_cfg']
     graphdef = r['graphdef']
-    loss, grads = jax.jit(jax.value_and_grad(
-        lambda p, s, b: cosface_loss_reference(p, s, graphdef, b, model_cfg.scale,
-                                               model_cfg.margin)))(
-        state['params'], state['batch_stats'], batch)
+    loss, grads = jax.jit(
+        jax.value_and_grad(
+            lambda p, s, b: cosface_loss_reference(
+                p, s, graphdef, b, model_cfg.scale, model_cfg.margin
+            )
+        )
+    )(state['params'], state['batch_stats'], batch)
     assert float(r['metrics']['cls']) == pytest.approx(float(loss), rel=1e-5)
     grads = host(grads)
     checked = 0
     for path, p in jax.tree_util.tree_flatten_with_path(state['params'])[0]:
         g = np.asarray(_get(grads, path), np.float64)
         p64 = np.asarray(p, np.float64)
-        buffer = g + WD * p64            # first momentum buffer: no history yet
+        buffer = g + WD * p64  # first momentum buffer: no history yet
         expected = p64 - LR * buffer
         got = np.asarray(_get(new_state['params'], path), np.float64)
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            got, expected, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path)
+        )
         checked += 1
     assert checked == len(jax.tree.leaves(state['params']))
 
@@ -264,15 +317,15 @@ def test_second_step_uses_momentum():
 
 def test_total_steps():
     cfg = tiny_train_cfg(epochs=2.0, batch_size=16)
-    assert train.total_steps(cfg, 40) == (5, 2.5)      # round(2 * 40 / 16)
+    assert train.total_steps(cfg, 40) == (5, 2.5)  # round(2 * 40 / 16)
     assert train.total_steps(cfg, 128) == (16, 8.0)
     cfg.epochs = 0.5
-    assert train.total_steps(cfg, 40) == (1, 2.5)      # round(1.25)
-    cfg.steps = 7                                      # steps override epochs
+    assert train.total_steps(cfg, 40) == (1, 2.5)  # round(1.25)
+    cfg.steps = 7  # steps override epochs
     assert train.total_steps(cfg, 40) == (7, 2.5)
     cfg.steps, cfg.epochs = 0, 0.1
     with pytest.raises(ValueError, match='0 steps'):
-        train.total_steps(cfg, 40)                     # round(0.25) = 0
+        train.total_steps(cfg, 40)  # round(0.25) = 0
 
 
 def test_learning_rate_drops_at_configured_epochs():
@@ -285,21 +338,26 @@ def test_learning_rate_drops_at_configured_epochs():
 
 def test_learning_rate_drop_at_fractional_steps_per_epoch():
     cfg = tiny_train_cfg(learning_rate=1.0, lr_drop_epochs=(1.0,), lr_drop_factor=0.5)
-    _, schedule = train.make_optimizer(cfg, steps_per_epoch=2.5)   # epoch 1 -> round(2.5) = 2
-    np.testing.assert_allclose([float(schedule(s)) for s in range(5)], [1, 1, .5, .5, .5])
+    _, schedule = train.make_optimizer(cfg, steps_per_epoch=2.5)  # epoch 1 -> round(2.5) = 2
+    np.testing.assert_allclose([float(schedule(s)) for s in range(5)], [1, 1, 0.5, 0.5, 0.5])
 
 
 def test_warmup_is_linear_from_zero():
     cfg = tiny_train_cfg(learning_rate=0.4, warmup_steps=4, lr_drop_epochs=())
     _, schedule = train.make_optimizer(cfg, steps_per_epoch=10.0)
-    np.testing.assert_allclose([float(schedule(s)) for s in range(7)],
-                               [0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in range(7)],
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4],
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_warmup_does_not_shift_the_drops():
-    cfg = tiny_train_cfg(learning_rate=0.4, warmup_steps=4, lr_drop_epochs=(1.0,),
-                         lr_drop_factor=0.1)
-    _, schedule = train.make_optimizer(cfg, steps_per_epoch=10.0)   # drop at step 10
+    cfg = tiny_train_cfg(
+        learning_rate=0.4, warmup_steps=4, lr_drop_epochs=(1.0,), lr_drop_factor=0.1
+    )
+    _, schedule = train.make_optimizer(cfg, steps_per_epoch=10.0)  # drop at step 10
     got = [float(schedule(s)) for s in range(16)]
     expected = [0.0, 0.1, 0.2, 0.3] + [0.4] * 6 + [0.04] * 6
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
@@ -307,14 +365,15 @@ def test_warmup_does_not_shift_the_drops():
 
 def test_two_drops_on_the_same_step_both_apply():
     cfg = tiny_train_cfg(learning_rate=1.0, lr_drop_epochs=(1.0, 1.1), lr_drop_factor=0.1)
-    _, schedule = train.make_optimizer(cfg, steps_per_epoch=4.0)    # both round to step 4
+    _, schedule = train.make_optimizer(cfg, steps_per_epoch=4.0)  # both round to step 4
     assert float(schedule(5)) == pytest.approx(0.01)
 
 
 def test_optimizer_uses_the_schedule():
     """The update of a zero-decay, zero-momentum step is -lr(step)·g for the scheduled lr."""
-    cfg = tiny_train_cfg(learning_rate=1.0, lr_drop_epochs=(1.0,), lr_drop_factor=0.1,
-                         momentum=0.0, weight_decay=0.0)
+    cfg = tiny_train_cfg(
+        learning_rate=1.0, lr_drop_epochs=(1.0,), lr_drop_factor=0.1, momentum=0.0, weight_decay=0.0
+    )
     tx, _ = train.make_optimizer(cfg, steps_per_epoch=2.0)
     params = {'w': np.zeros(3, np.float32)}
     opt = tx.init(params)
@@ -323,8 +382,7 @@ def test_optimizer_uses_the_schedule():
     for _ in range(4):
         u, opt = tx.update(g, opt, params)
         steps.append(np.asarray(u['w']))
-    np.testing.assert_allclose(steps, [-g['w'], -g['w'], -0.1 * g['w'], -0.1 * g['w']],
-                               rtol=1e-6)
+    np.testing.assert_allclose(steps, [-g['w'], -g['w'], -0.1 * g['w'], -0.1 * g['w']], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- NaN stop
@@ -337,18 +395,28 @@ def smoke():
 
 
 def train_old(cfg, data, workdir, **kw):
-    return train.train(stage='old', workdir=str(workdir), model_cfg=cfg.old.model,
-                       train_cfg=cfg.old.train, source=data.old_train,
-                       num_classes=data.old_train.num_classes,
-                       mesh=train.make_mesh(cfg.mesh), seed=cfg.seed, data_cfg=cfg.data,
-                       ckpt_cfg=cfg.ckpt, log_every_steps=cfg.log_every_steps, **kw)
+    return train.train(
+        stage='old',
+        workdir=str(workdir),
+        model_cfg=cfg.old.model,
+        train_cfg=cfg.old.train,
+        source=data.old_train,
+        num_classes=data.old_train.num_classes,
+        mesh=train.make_mesh(cfg.mesh),
+        seed=cfg.seed,
+        data_cfg=cfg.data,
+        ckpt_cfg=cfg.ckpt,
+        log_every_steps=cfg.log_every_steps,
+        **kw,
+    )
 
 
 def restore_params(directory, cfg, data, step):
     ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
     _, params, stats = train.init_model(cfg.old.model, data.old_train.num_classes, seed=0)
-    weights, _ = ckpt.restore_weights(step, jax.device_put(dict(params=params,
-                                                                batch_stats=stats)), {})
+    weights, _ = ckpt.restore_weights(
+        step, jax.device_put(dict(params=params, batch_stats=stats)), {}
+    )
     ckpt.close()
     return host(weights), saved_steps(directory)
 
@@ -366,7 +434,7 @@ def nan_config(lr, drop_factor=0.1, drop_epochs=()):
     cfg.old.train.learning_rate = lr
     cfg.old.train.lr_drop_factor = drop_factor
     cfg.old.train.lr_drop_epochs = drop_epochs
-    cfg.old.train.epochs = 4                        # 10 steps of 16 of the 40 old images
+    cfg.old.train.epochs = 4  # 10 steps of 16 of the 40 old images
     cfg.ckpt.every_steps, cfg.log_every_steps = 1, 1
     return cfg
 
@@ -394,7 +462,7 @@ def test_nan_loss_stops_training_with_the_last_good_checkpoint(nan_run):
     # It names the bad step as the logs count steps (from 1).
     assert re.search(r'at step 4\b', message), message
     weights, steps = restore_params(ckpt_dir, cfg, data, 3)
-    assert steps[-1] == 3                 # nothing saved after the bad step
+    assert steps[-1] == 3  # nothing saved after the bad step
     assert all_finite(weights)
     # The metrics written before the stop are the finite ones: steps 1..3.
     with open(os.path.join(workdir, 'old', 'metrics.jsonl')) as f:
@@ -406,19 +474,36 @@ def test_nan_loss_stops_training_with_the_last_good_checkpoint(nan_run):
     # Independently: from checkpoint 3's weights, the next batch's loss is not finite.
     graphdef, params, stats = train.init_model(cfg.old.model, data.old_train.num_classes, 0)
     tx, _ = train.make_optimizer(cfg.old.train, len(data.old_train) / cfg.old.train.batch_size)
-    template = jax.device_put(dict(step=jnp.int32(0), params=params, batch_stats=stats,
-                                   opt_state=tx.init(params),
-                                   first_nonfinite_step=jnp.int32(-1)))
+    template = jax.device_put(
+        dict(
+            step=jnp.int32(0),
+            params=params,
+            batch_stats=stats,
+            opt_state=tx.init(params),
+            first_nonfinite_step=jnp.int32(-1),
+        )
+    )
     ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=None, read_only=True)
     state, data_state, _ = ckpt.restore(3, template, {})
     ckpt.close()
     assert int(state['step']) == 3 and int(state['first_nonfinite_step']) == -1
-    stream = pipeline.train_stream(data.old_train, global_batch=16, seed=cfg.seed,
-                                   crop_padding=cfg.data.crop_padding, flip=cfg.data.flip)
+    stream = pipeline.train_stream(
+        data.old_train,
+        global_batch=16,
+        seed=cfg.seed,
+        crop_padding=cfg.data.crop_padding,
+        flip=cfg.data.flip,
+    )
     stream.set_state(data_state)
     batch = next(stream)
-    loss = cosface_loss_reference(state['params'], state['batch_stats'], graphdef, batch,
-                                  cfg.old.model.scale, cfg.old.model.margin)
+    loss = cosface_loss_reference(
+        state['params'],
+        state['batch_stats'],
+        graphdef,
+        batch,
+        cfg.old.model.scale,
+        cfg.old.model.margin,
+    )
     assert not np.isfinite(float(loss))
 
 

@@ -22,6 +22,7 @@ evaluated), or has a class folder not listed in `class_names`. A file that canno
 raises `CorruptImageError` when it is read; with `skip_corrupt=True` every file is instead
 decoded once at construction, and the bad ones are dropped and listed in `skipped`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,7 +61,8 @@ def list_class_dirs(root: str | os.PathLike) -> list[str]:
     root = os.fspath(root)
     if not os.path.exists(root):
         raise FileNotFoundError(
-            f"Image folder {root!r} does not exist; check the path in the config. {_LAYOUT}")
+            f"Image folder {root!r} does not exist; check the path in the config. {_LAYOUT}"
+        )
     if not os.path.isdir(root):
         raise ValueError(f"Image folder {root!r} is a file, not a directory. {_LAYOUT}")
     with os.scandir(root) as entries:
@@ -68,7 +70,8 @@ def list_class_dirs(root: str | os.PathLike) -> list[str]:
     if not names:
         raise ValueError(
             f"Image folder {root!r} has no class subfolders; put each class's images in a "
-            f"folder named after the class. {_LAYOUT}")
+            f"folder named after the class. {_LAYOUT}"
+        )
     return names
 
 
@@ -83,8 +86,7 @@ def _list_images(class_dir: str) -> list[str]:
 
 def _check_class_names(class_names: Sequence[str], folder_classes: list[str], root: str):
     if isinstance(class_names, str):
-        raise TypeError(f"class_names must be a sequence of names, not the string "
-                        f"{class_names!r}.")
+        raise TypeError(f"class_names must be a sequence of names, not the string {class_names!r}.")
     duplicates = sorted(c for c, n in collections.Counter(class_names).items() if n > 1)
     if duplicates:
         raise ValueError(f"class_names has duplicates: {_preview(duplicates)}.")
@@ -93,7 +95,8 @@ def _check_class_names(class_names: Sequence[str], folder_classes: list[str], ro
         raise ValueError(
             f"Image folder {root!r} has class folder(s) not in class_names: "
             f"{_preview(unknown)}. Build query and gallery with eval_folders(...) so they share "
-            "one mapping, or add the names to class_names, or remove those folders.")
+            "one mapping, or add the names to class_names, or remove those folders."
+        )
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
@@ -111,18 +114,23 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files.
         raise CorruptImageError(
             f"Cannot decode image {path!r} ({type(e).__name__}: {e}). Fix or delete the file, "
-            "or set data.skip_corrupt=True to skip unreadable images.") from e
+            "or set data.skip_corrupt=True to skip unreadable images."
+        ) from e
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     # Resizing the central square == resizing the shorter side, then centre-cropping.
-    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR,
-                     box=(left, top, left + side, top + side))
+    img = img.resize(
+        (image_size, image_size),
+        Image.Resampling.BILINEAR,
+        box=(left, top, left + side, top + side),
+    )
     return np.asarray(img, dtype=np.uint8)
 
 
 def _find_corrupt(paths: list[str], image_size: int) -> list[str]:
     """The paths that fail to decode, checked in a thread pool (PIL releases the GIL)."""
+
     def is_corrupt(path: str) -> bool:
         try:
             load_image(path, image_size)
@@ -149,8 +157,14 @@ class ImageFolder:
       num_skipped: len(skipped).
     """
 
-    def __init__(self, root: str | os.PathLike, *, image_size: int,
-                 class_names: Sequence[str] | None = None, skip_corrupt: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        image_size: int,
+        class_names: Sequence[str] | None = None,
+        skip_corrupt: bool = False,
+    ):
         is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
         if not is_int or image_size <= 0:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
@@ -166,7 +180,8 @@ class ImageFolder:
         if not any(per_class.values()):
             raise ValueError(
                 f"Image folder {self.root!r} has {len(folder_classes)} class folder(s) but no "
-                f"images in them (only .jpg, .jpeg and .png files are read). {_LAYOUT}")
+                f"images in them (only .jpg, .jpeg and .png files are read). {_LAYOUT}"
+            )
         self._check_no_empty_class(per_class, "has no images")
         self.skipped = self._drop_corrupt(per_class) if skip_corrupt else []
         self.num_skipped = len(self.skipped)
@@ -175,8 +190,13 @@ class ImageFolder:
         pairs = sorted((p, label_of[c]) for c, ps in per_class.items() for p in ps)
         self.paths = [p for p, _ in pairs]
         self.labels = np.array([label for _, label in pairs], dtype=np.int32)
-        logging.info("ImageFolder %s: %d images in %d class folders (%d classes in the mapping).",
-                     self.root, len(self.paths), len(folder_classes), self.num_classes)
+        logging.info(
+            "ImageFolder %s: %d images in %d class folders (%d classes in the mapping).",
+            self.root,
+            len(self.paths),
+            len(folder_classes),
+            self.num_classes,
+        )
 
     def _check_no_empty_class(self, per_class: dict[str, list[str]], why: str):
         empty = [c for c, ps in per_class.items() if not ps]
@@ -184,7 +204,8 @@ class ImageFolder:
             raise ValueError(
                 f"Image folder {self.root!r}: class folder(s) {_preview(empty)} {why}; an empty "
                 "class cannot be trained on or evaluated. Add images or remove the folder(s). "
-                + _LAYOUT)
+                + _LAYOUT
+            )
 
     def _drop_corrupt(self, per_class: dict[str, list[str]]) -> list[str]:
         """Removes undecodable files from `per_class` in place; returns them, sorted."""
@@ -192,11 +213,18 @@ class ImageFolder:
         bad = _find_corrupt(all_paths, self.image_size)
         if not bad:
             return []
-        logging.warning("ImageFolder %s: skipping %d unreadable image(s) of %d: %s",
-                        self.root, len(bad), len(all_paths), _preview(bad))
+        logging.warning(
+            "ImageFolder %s: skipping %d unreadable image(s) of %d: %s",
+            self.root,
+            len(bad),
+            len(all_paths),
+            _preview(bad),
+        )
         if len(bad) == len(all_paths):
-            raise ValueError(f"Image folder {self.root!r}: all {len(bad)} images are "
-                             f"unreadable, e.g. {_preview(bad)}.")
+            raise ValueError(
+                f"Image folder {self.root!r}: all {len(bad)} images are "
+                f"unreadable, e.g. {_preview(bad)}."
+            )
         bad_set = set(bad)
         for c, ps in per_class.items():
             per_class[c] = [p for p in ps if p not in bad_set]
@@ -208,18 +236,26 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
-        return {"image": load_image(self.paths[index], self.image_size),
-                "label": self.labels[index]}
+        return {
+            "image": load_image(self.paths[index], self.image_size),
+            "label": self.labels[index],
+        }
 
     def __repr__(self) -> str:
-        return (f"ImageFolder(root={self.root!r}, images={len(self)}, "
-                f"classes={self.num_classes}, image_size={self.image_size}, "
-                f"skipped={self.num_skipped})")
+        return (
+            f"ImageFolder(root={self.root!r}, images={len(self)}, "
+            f"classes={self.num_classes}, image_size={self.image_size}, "
+            f"skipped={self.num_skipped})"
+        )
 
 
-def eval_folders(query_dir: str | os.PathLike, gallery_dir: str | os.PathLike, *,
-                 image_size: int, skip_corrupt: bool = False
-                 ) -> tuple[ImageFolder, ImageFolder]:
+def eval_folders(
+    query_dir: str | os.PathLike,
+    gallery_dir: str | os.PathLike,
+    *,
+    image_size: int,
+    skip_corrupt: bool = False,
+) -> tuple[ImageFolder, ImageFolder]:
     """Query and gallery sources sharing one label mapping: the sorted union of class names.
 
     A query class without a gallery folder is allowed (its queries have no positives); a warning
@@ -232,10 +268,16 @@ def eval_folders(query_dir: str | os.PathLike, gallery_dir: str | os.PathLike, *
     if missing:
         logging.warning(
             "%d of %d query classes have no folder in gallery %s, so their queries have no "
-            "positives: %s", len(missing), len(query_classes), os.fspath(gallery_dir),
-            _preview(missing))
-    query = ImageFolder(query_dir, image_size=image_size, class_names=class_names,
-                        skip_corrupt=skip_corrupt)
-    gallery = ImageFolder(gallery_dir, image_size=image_size, class_names=class_names,
-                          skip_corrupt=skip_corrupt)
+            "positives: %s",
+            len(missing),
+            len(query_classes),
+            os.fspath(gallery_dir),
+            _preview(missing),
+        )
+    query = ImageFolder(
+        query_dir, image_size=image_size, class_names=class_names, skip_corrupt=skip_corrupt
+    )
+    gallery = ImageFolder(
+        gallery_dir, image_size=image_size, class_names=class_names, skip_corrupt=skip_corrupt
+    )
     return query, gallery

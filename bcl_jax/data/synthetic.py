@@ -20,6 +20,7 @@ seen, disjoint from the training classes, in the categories the models were trai
 product-search gallery gets new products of known kinds. Retrieving them needs the fine features
 that separate siblings, which a weak old model trained on few classes lacks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,132 +32,149 @@ _TRAIN, _TEST = 0, 1
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
-  """Everything that defines the benchmark; the same spec always gives the same images."""
+    """Everything that defines the benchmark; the same spec always gives the same images."""
 
-  seed: int = 0
-  image_size: int = 16
-  train_families: int = 100
-  siblings_per_family: int = 10
-  test_siblings_per_family: int = 2
-  train_images_per_class: int = 10
-  test_images_per_class: int = 10
-  queries_per_class: int = 3
-  coarse_bases: int = 24
-  fine_bases: int = 24
-  sibling_scale: float = 0.25
-  nuisance_scale: float = 0.5
-  noise_scale: float = 0.2
-  max_shift: int = 3
+    seed: int = 0
+    image_size: int = 16
+    train_families: int = 100
+    siblings_per_family: int = 10
+    test_siblings_per_family: int = 2
+    train_images_per_class: int = 10
+    test_images_per_class: int = 10
+    queries_per_class: int = 3
+    coarse_bases: int = 24
+    fine_bases: int = 24
+    sibling_scale: float = 0.25
+    nuisance_scale: float = 0.5
+    noise_scale: float = 0.2
+    max_shift: int = 3
 
-  def __post_init__(self):
-    if not 0 < self.queries_per_class < self.test_images_per_class:
-      raise ValueError(
-          f'queries_per_class={self.queries_per_class} must be between 1 and '
-          f'test_images_per_class-1={self.test_images_per_class - 1} so that every test class '
-          'has both queries and gallery images.')
-    for name in ('train_families', 'test_siblings_per_family', 'siblings_per_family',
-                 'train_images_per_class', 'coarse_bases', 'fine_bases', 'image_size'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'synthetic data: {name} must be >= 1, got {getattr(self, name)}')
+    def __post_init__(self):
+        if not 0 < self.queries_per_class < self.test_images_per_class:
+            raise ValueError(
+                f'queries_per_class={self.queries_per_class} must be between 1 and '
+                f'test_images_per_class-1={self.test_images_per_class - 1} so that every test class '
+                'has both queries and gallery images.'
+            )
+        for name in (
+            'train_families',
+            'test_siblings_per_family',
+            'siblings_per_family',
+            'train_images_per_class',
+            'coarse_bases',
+            'fine_bases',
+            'image_size',
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f'synthetic data: {name} must be >= 1, got {getattr(self, name)}')
 
 
 def _gratings(rng: np.random.Generator, count: int, size: int, max_freq: float) -> np.ndarray:
-  """`count` smooth random colour patterns (count, size*size*3), each a sum of 3 gratings."""
-  yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
-  out = np.zeros((count, size, size, 3))
-  for _ in range(3):
-    # Integer frequencies keep the patterns periodic, so a translation (np.roll) has no seam.
-    fy = rng.integers(-max_freq, max_freq + 1, size=(count, 1, 1))
-    fx = rng.integers(-max_freq, max_freq + 1, size=(count, 1, 1))
-    phase = rng.uniform(0, 2 * np.pi, size=(count, 1, 1))
-    wave = np.cos(2 * np.pi * (fy * yy + fx * xx) / size + phase)
-    colour = rng.normal(size=(count, 1, 1, 3))
-    out += wave[..., None] * colour
-  out /= np.sqrt((out ** 2).mean(axis=(1, 2, 3), keepdims=True)) + 1e-8
-  return out.reshape(count, -1).astype(np.float32)
+    """`count` smooth random colour patterns (count, size*size*3), each a sum of 3 gratings."""
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
+    out = np.zeros((count, size, size, 3))
+    for _ in range(3):
+        # Integer frequencies keep the patterns periodic, so a translation (np.roll) has no seam.
+        fy = rng.integers(-max_freq, max_freq + 1, size=(count, 1, 1))
+        fx = rng.integers(-max_freq, max_freq + 1, size=(count, 1, 1))
+        phase = rng.uniform(0, 2 * np.pi, size=(count, 1, 1))
+        wave = np.cos(2 * np.pi * (fy * yy + fx * xx) / size + phase)
+        colour = rng.normal(size=(count, 1, 1, 3))
+        out += wave[..., None] * colour
+    out /= np.sqrt((out**2).mean(axis=(1, 2, 3), keepdims=True)) + 1e-8
+    return out.reshape(count, -1).astype(np.float32)
 
 
 class SyntheticBenchmark:
-  """Class codes and bases for one spec; `split(...)` gives grain-compatible sources."""
+    """Class codes and bases for one spec; `split(...)` gives grain-compatible sources."""
 
-  def __init__(self, spec: SyntheticSpec):
-    self.spec = spec
-    rng = np.random.default_rng([spec.seed, 1234])
-    self.coarse = _gratings(rng, spec.coarse_bases, spec.image_size, max_freq=3)
-    self.fine = _gratings(rng, spec.fine_bases, spec.image_size, max_freq=6)
-    self.nuisance = _gratings(rng, spec.coarse_bases, spec.image_size, max_freq=4)
-    family = (rng.normal(size=(spec.train_families, spec.coarse_bases))
-              / np.sqrt(spec.coarse_bases)) @ self.coarse
-    self.patterns = {_TRAIN: self._sibling_patterns(rng, family, spec.siblings_per_family),
-                     _TEST: self._sibling_patterns(rng, family, spec.test_siblings_per_family)}
+    def __init__(self, spec: SyntheticSpec):
+        self.spec = spec
+        rng = np.random.default_rng([spec.seed, 1234])
+        self.coarse = _gratings(rng, spec.coarse_bases, spec.image_size, max_freq=3)
+        self.fine = _gratings(rng, spec.fine_bases, spec.image_size, max_freq=6)
+        self.nuisance = _gratings(rng, spec.coarse_bases, spec.image_size, max_freq=4)
+        family = (
+            rng.normal(size=(spec.train_families, spec.coarse_bases)) / np.sqrt(spec.coarse_bases)
+        ) @ self.coarse
+        self.patterns = {
+            _TRAIN: self._sibling_patterns(rng, family, spec.siblings_per_family),
+            _TEST: self._sibling_patterns(rng, family, spec.test_siblings_per_family),
+        }
 
-  def _sibling_patterns(self, rng, family, siblings):
-    """(families * siblings, pixels): each family's pattern plus a faint pattern per sibling."""
-    s = self.spec
-    codes = rng.normal(size=(len(family), siblings, s.fine_bases)) / np.sqrt(s.fine_bases)
-    pattern = family[:, None] + s.sibling_scale * (codes @ self.fine)
-    return pattern.reshape(len(family) * siblings, -1).astype(np.float32)
+    def _sibling_patterns(self, rng, family, siblings):
+        """(families * siblings, pixels): each family's pattern plus a faint pattern per sibling."""
+        s = self.spec
+        codes = rng.normal(size=(len(family), siblings, s.fine_bases)) / np.sqrt(s.fine_bases)
+        pattern = family[:, None] + s.sibling_scale * (codes @ self.fine)
+        return pattern.reshape(len(family) * siblings, -1).astype(np.float32)
 
-  @property
-  def num_train_classes(self) -> int:
-    return self.spec.train_families * self.spec.siblings_per_family
+    @property
+    def num_train_classes(self) -> int:
+        return self.spec.train_families * self.spec.siblings_per_family
 
-  @property
-  def num_test_classes(self) -> int:
-    return self.spec.train_families * self.spec.test_siblings_per_family
+    @property
+    def num_test_classes(self) -> int:
+        return self.spec.train_families * self.spec.test_siblings_per_family
 
-  def family_of(self, label, split: str = 'train'):
-    """Family index of a class label of a split: siblings share it."""
-    per_family = (self.spec.siblings_per_family if split == 'train'
-                  else self.spec.test_siblings_per_family)
-    return np.asarray(label) // per_family
+    def family_of(self, label, split: str = 'train'):
+        """Family index of a class label of a split: siblings share it."""
+        per_family = (
+            self.spec.siblings_per_family
+            if split == 'train'
+            else self.spec.test_siblings_per_family
+        )
+        return np.asarray(label) // per_family
 
-  def image(self, split: int, label: int, index: int) -> np.ndarray:
-    """The uint8 (size, size, 3) image number `index` of class `label`; pure in its arguments."""
-    s = self.spec
-    rng = np.random.default_rng([s.seed, split, label, index])
-    code = rng.normal(size=s.coarse_bases) / np.sqrt(s.coarse_bases)
-    x = self.patterns[split][label] + s.nuisance_scale * (code @ self.nuisance)
-    x = x.reshape(s.image_size, s.image_size, 3) * rng.uniform(0.7, 1.3)
-    x = x + s.noise_scale * rng.normal(size=x.shape)
-    shift = rng.integers(-s.max_shift, s.max_shift + 1, size=2)
-    x = np.roll(x, tuple(shift), axis=(0, 1))
-    return np.clip(128 + 40 * x, 0, 255).astype(np.uint8)
+    def image(self, split: int, label: int, index: int) -> np.ndarray:
+        """The uint8 (size, size, 3) image number `index` of class `label`; pure in its arguments."""
+        s = self.spec
+        rng = np.random.default_rng([s.seed, split, label, index])
+        code = rng.normal(size=s.coarse_bases) / np.sqrt(s.coarse_bases)
+        x = self.patterns[split][label] + s.nuisance_scale * (code @ self.nuisance)
+        x = x.reshape(s.image_size, s.image_size, 3) * rng.uniform(0.7, 1.3)
+        x = x + s.noise_scale * rng.normal(size=x.shape)
+        shift = rng.integers(-s.max_shift, s.max_shift + 1, size=2)
+        x = np.roll(x, tuple(shift), axis=(0, 1))
+        return np.clip(128 + 40 * x, 0, 255).astype(np.uint8)
 
-  def split(self, name: str) -> 'SyntheticSource':
-    """'train' (all training classes), 'query' or 'gallery' (disjoint test classes)."""
-    s = self.spec
-    if name == 'train':
-      per_class, offset, split = s.train_images_per_class, 0, _TRAIN
-    elif name == 'query':
-      per_class, offset, split = s.queries_per_class, 0, _TEST
-    elif name == 'gallery':
-      per_class = s.test_images_per_class - s.queries_per_class
-      offset, split = s.queries_per_class, _TEST
-    else:
-      raise ValueError(f"unknown synthetic split {name!r}: use 'train', 'query' or 'gallery'")
-    classes = self.num_train_classes if split == _TRAIN else self.num_test_classes
-    return SyntheticSource(self, split, classes, per_class, offset)
+    def split(self, name: str) -> 'SyntheticSource':
+        """'train' (all training classes), 'query' or 'gallery' (disjoint test classes)."""
+        s = self.spec
+        if name == 'train':
+            per_class, offset, split = s.train_images_per_class, 0, _TRAIN
+        elif name == 'query':
+            per_class, offset, split = s.queries_per_class, 0, _TEST
+        elif name == 'gallery':
+            per_class = s.test_images_per_class - s.queries_per_class
+            offset, split = s.queries_per_class, _TEST
+        else:
+            raise ValueError(f"unknown synthetic split {name!r}: use 'train', 'query' or 'gallery'")
+        classes = self.num_train_classes if split == _TRAIN else self.num_test_classes
+        return SyntheticSource(self, split, classes, per_class, offset)
 
 
 class SyntheticSource:
-  """Random-access source of {'image', 'label'} records (the grain source protocol)."""
+    """Random-access source of {'image', 'label'} records (the grain source protocol)."""
 
-  def __init__(self, bench: SyntheticBenchmark, split: int, num_classes: int, per_class: int,
-               offset: int):
-    self._bench, self._split = bench, split
-    self._per_class, self._offset = per_class, offset
-    self.num_classes = num_classes
-    self.labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+    def __init__(
+        self, bench: SyntheticBenchmark, split: int, num_classes: int, per_class: int, offset: int
+    ):
+        self._bench, self._split = bench, split
+        self._per_class, self._offset = per_class, offset
+        self.num_classes = num_classes
+        self.labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
-  def __len__(self) -> int:
-    return len(self.labels)
+    def __len__(self) -> int:
+        return len(self.labels)
 
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    label, within = divmod(index, self._per_class)
-    image = self._bench.image(self._split, label, self._offset + within)
-    return {'image': image, 'label': np.int32(label)}
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        label, within = divmod(index, self._per_class)
+        image = self._bench.image(self._split, label, self._offset + within)
+        return {'image': image, 'label': np.int32(label)}
 
-  def __repr__(self):
-    return f'SyntheticSource(split={self._split}, classes={self.num_classes}, images={len(self)})'
+    def __repr__(self):
+        return (
+            f'SyntheticSource(split={self._split}, classes={self.num_classes}, images={len(self)})'
+        )

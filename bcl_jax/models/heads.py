@@ -4,6 +4,7 @@ All retrieval similarities are dot products of unit vectors, so the model always
 L2-normalised embeddings. Image normalisation happens here, in `EmbeddingModel`, so that
 training, prototype computation and evaluation cannot disagree about preprocessing.
 """
+
 from __future__ import annotations
 
 import jax
@@ -43,8 +44,9 @@ class Classifier(nnx.Module):
 
     def __init__(self, dim: int, num_classes: int, *, kind: str, rngs: nnx.Rngs):
         if kind not in CLASSIFIER_KINDS:
-            raise ValueError(f"classifier kind must be one of {list(CLASSIFIER_KINDS)}, "
-                             f"got {kind!r}")
+            raise ValueError(
+                f"classifier kind must be one of {list(CLASSIFIER_KINDS)}, got {kind!r}"
+            )
         self.kind = kind
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.kernel = nnx.Param(init(rngs.params(), (dim, num_classes), jnp.float32))
@@ -67,12 +69,22 @@ class EmbeddingModel(nnx.Module):
     for a frozen old model used only to embed).
     """
 
-    def __init__(self, backbone: nnx.Module, embedding_dim: int, num_classes: int | None, *,
-                 head: str = "softmax", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        backbone: nnx.Module,
+        embedding_dim: int,
+        num_classes: int | None,
+        *,
+        head: str = "softmax",
+        rngs: nnx.Rngs,
+    ):
         self.backbone = backbone
         self.head = EmbeddingHead(backbone.out_features, embedding_dim, rngs=rngs)
-        self.classifier = (None if num_classes is None
-                           else Classifier(embedding_dim, num_classes, kind=head, rngs=rngs))
+        self.classifier = (
+            None
+            if num_classes is None
+            else Classifier(embedding_dim, num_classes, kind=head, rngs=rngs)
+        )
         self.embedding_dim = embedding_dim
         self.num_classes = num_classes
 

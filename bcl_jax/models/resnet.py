@@ -4,11 +4,11 @@ Every module takes `train` as a call argument instead of relying on `model.train
 `model.eval()` mode switches, because the training code merges a split model inside a jitted
 step and must pick batch versus running BatchNorm statistics per call.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -20,14 +20,24 @@ _BN_EPSILON = 1e-5
 
 def _conv(cin: int, cout: int, k: int, stride: int, *, rngs: nnx.Rngs, dtype) -> nnx.Conv:
     """Bias-free conv (a BatchNorm always follows) with torchvision's symmetric k//2 padding."""
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2,
-                    use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        (k, k),
+        strides=stride,
+        padding=[(k // 2, k // 2)] * 2,
+        use_bias=False,
+        kernel_init=_CONV_INIT,
+        dtype=dtype,
+        rngs=rngs,
+    )
 
 
 def _bn(n: int, *, rngs: nnx.Rngs, dtype, zero_scale: bool = False) -> nnx.BatchNorm:
     scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-    return nnx.BatchNorm(n, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, scale_init=scale_init,
-                         dtype=dtype, rngs=rngs)
+    return nnx.BatchNorm(
+        n, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, scale_init=scale_init, dtype=dtype, rngs=rngs
+    )
 
 
 class _Shortcut(nnx.Module):
@@ -46,8 +56,9 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype,
-                 zero_init_residual: bool):
+    def __init__(
+        self, cin: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype, zero_init_residual: bool
+    ):
         cout = planes * self.expansion
         self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
@@ -69,8 +80,9 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype,
-                 zero_init_residual: bool):
+    def __init__(
+        self, cin: int, planes: int, stride: int, *, rngs: nnx.Rngs, dtype, zero_init_residual: bool
+    ):
         cout = planes * self.expansion
         self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
@@ -101,9 +113,18 @@ class ResNet(nnx.Module):
     first block. Input is NHWC float (already normalised); output is float32 (B, out_features).
     """
 
-    def __init__(self, *, stage_sizes: Sequence[int], block: str, width: int = 64, stem: str,
-                 rngs: nnx.Rngs, dtype=jnp.float32, zero_init_residual: bool = True,
-                 in_channels: int = 3):
+    def __init__(
+        self,
+        *,
+        stage_sizes: Sequence[int],
+        block: str,
+        width: int = 64,
+        stem: str,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        zero_init_residual: bool = True,
+        in_channels: int = 3,
+    ):
         if block not in _BLOCKS:
             raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {block!r}")
         if stem not in _STEMS:
@@ -119,8 +140,16 @@ class ResNet(nnx.Module):
             planes = width * 2**i
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block_cls(cin, planes, stride, rngs=rngs, dtype=dtype,
-                                        zero_init_residual=zero_init_residual))
+                blocks.append(
+                    block_cls(
+                        cin,
+                        planes,
+                        stride,
+                        rngs=rngs,
+                        dtype=dtype,
+                        zero_init_residual=zero_init_residual,
+                    )
+                )
                 cin = planes * block_cls.expansion
         self.blocks = nnx.List(blocks)
         self.out_features = cin
@@ -141,16 +170,20 @@ _NAMED = {
 BACKBONES = ("cifar_resnet", *_NAMED)
 
 
-def build_backbone(name: str, *, width: int, depth: int | None, rngs: nnx.Rngs,
-                   dtype=jnp.float32) -> ResNet:
+def build_backbone(
+    name: str, *, width: int, depth: int | None, rngs: nnx.Rngs, dtype=jnp.float32
+) -> ResNet:
     """Backbone by config name. `depth` selects the CIFAR net's size; named ResNets ignore it."""
     if name == "cifar_resnet":
         if depth is None or depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, "
-                             f"56, 110, ...), got {depth!r}")
+            raise ValueError(
+                f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, "
+                f"56, 110, ...), got {depth!r}"
+            )
         n = (depth - 2) // 6
-        return ResNet(stage_sizes=(n, n, n), block="basic", width=width, stem="cifar",
-                      rngs=rngs, dtype=dtype)
+        return ResNet(
+            stage_sizes=(n, n, n), block="basic", width=width, stem="cifar", rngs=rngs, dtype=dtype
+        )
     if name in _NAMED:
         return ResNet(**_NAMED[name], width=width, rngs=rngs, dtype=dtype)
     raise ValueError(f"unknown backbone {name!r}; valid names: {list(BACKBONES)}")
