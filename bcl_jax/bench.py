@@ -10,10 +10,11 @@ Measurements (each a named entry of `MEASUREMENTS`; add one by decorating a func
 - floor: the bare similarity matmuls NDPP cannot avoid, old·oldᵀ and old·newᵀ at C × C × D,
   in query blocks reduced by a row max (plain, or after the self mask; the faster counts) so
   C × C is never held.
-- ndpp: one NDPP refresh at C classes, and its ratio to the floor (target <= 2).
+- ndpp: one NDPP refresh at C classes, and its ratio to the floor (target <= 2). The floor is
+  timed again here, in turn with NDPP, so that the ratio is not skewed by changing load.
 - ndpp_parts (not run by default): the two neighbour searches alone, to see what dominates.
 - odpp: one ODPP refresh (`odpp_passes` passes of 1,024 pairs per step) at `odpp_classes`
-  classes, one NDPP refresh at that C, and their ratio (target <= 10).
+  classes, one NDPP refresh at that C (timed in turn), and their ratio (target <= 10).
 
 Every timing is of a jitted computation after a warm-up call (which compiles), waited for with
 `block_until_ready`; the warm-up time (compile + first run) is reported beside it. Banks are
@@ -88,15 +89,31 @@ def measurement(name: str):
 
 def timed(fn, *args, repeats: int = 1) -> dict:
     """Warm-up call (compile + run), then `repeats` timed calls; seconds."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+    return timed_together({'it': (fn, args)}, repeats=repeats)['it']
+
+
+def timed_together(calls: dict, repeats: int = 1) -> dict:
+    """Like `timed` for several calls {name: (fn, args)}, the timed runs taken in turn (a, b,
+    a, b, ...) so that a ratio of two of them is not skewed by load that changes with time."""
+    out = {}
+    for name, (fn, args) in calls.items():
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return dict(seconds=min(times), warmup_seconds=warmup, runs=len(times))
+        out[name] = dict(warmup_seconds=time.perf_counter() - start, all_seconds=[])
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out[name]['all_seconds'].append(time.perf_counter() - start)
+    for r in out.values():
+        r.update(seconds=min(r['all_seconds']), runs=len(r['all_seconds']))
+    return out
+
+
+def _ratios(results: dict, a: str, b: str) -> dict:
+    """min(a) / min(b), and a / b run by run (each pair ran back to back)."""
+    ta, tb = results[a]['all_seconds'], results[b]['all_seconds']
+    return dict(ratio=min(ta) / min(tb), paired_ratios=[x / y for x, y in zip(ta, tb)])
 
 
 def random_bank(seed: int, classes: int, dim: int):
@@ -179,18 +196,32 @@ def bench_floor(cfg, results):
     )
 
 
-def _ndpp(cfg, classes):
+def _ndpp_call(cfg, classes):
     old, new = _banks(cfg, classes)
-    return timed(lambda o, n: perturbation.ndpp(o, n, k=cfg['k']), old, new, repeats=cfg['repeats'])
+    return (lambda o, n: perturbation.ndpp(o, n, k=cfg['k'])), (old, new)
 
 
 @measurement('ndpp')
 def bench_ndpp(cfg, results):
-    out = dict(_ndpp(cfg, cfg['classes']), classes=cfg['classes'], dim=cfg['dim'], k=cfg['k'])
-    if 'floor' in results:
-        out['ratio_to_floor'] = out['seconds'] / results['floor']['seconds']
-        out['target_ratio'] = 2.0
-    return out
+    """NDPP at C, timed in turn with the floor (re-timed here, the variant that `floor` chose),
+    so that their ratio compares runs made under the same machine load."""
+    variant = results.get('floor', {}).get('variant', 'masked_row_max')
+    floor = functools.partial(similarity_floor, masked=FLOOR_VARIANTS[variant])
+    calls = {'ndpp': _ndpp_call(cfg, cfg['classes']), 'floor': (floor, _banks(cfg, cfg['classes']))}
+    timing = timed_together(calls, repeats=cfg['repeats'])
+    ratios = _ratios(timing, 'ndpp', 'floor')
+    return dict(
+        timing['ndpp'],
+        classes=cfg['classes'],
+        dim=cfg['dim'],
+        k=cfg['k'],
+        floor_seconds=timing['floor']['seconds'],
+        floor_all_seconds=timing['floor']['all_seconds'],
+        floor_variant=variant,
+        ratio_to_floor=ratios['ratio'],
+        paired_ratios_to_floor=ratios['paired_ratios'],
+        target_ratio=2.0,
+    )
 
 
 @measurement('ndpp_parts')
@@ -218,30 +249,29 @@ def bench_ndpp_parts(cfg, results):
 
 @measurement('odpp')
 def bench_odpp(cfg, results):
+    """One ODPP refresh and one NDPP refresh at `odpp_classes`, timed in turn."""
     c, per_step = cfg['odpp_classes'], cfg['odpp_pairs_per_step']
     steps = perturbation.passes_to_steps(c, cfg['odpp_passes'], per_step)
     old, new = _banks(cfg, c)
-    delta0 = jnp.zeros_like(old)
-    odpp = timed(
-        lambda o, n, d: perturbation.odpp(
-            o, n, d, jax.random.key(0), steps=steps, pairs_per_step=per_step
-        )[0],
-        old,
-        new,
-        delta0,
-        repeats=cfg['repeats'],
-    )
-    ndpp = _ndpp(cfg, c)
+
+    def odpp(o, n, d):
+        return perturbation.odpp(o, n, d, jax.random.key(0), steps=steps, pairs_per_step=per_step)
+
+    calls = {'odpp': (odpp, (old, new, jnp.zeros_like(old))), 'ndpp': _ndpp_call(cfg, c)}
+    timing = timed_together(calls, repeats=cfg['repeats'])
+    ratios = _ratios(timing, 'odpp', 'ndpp')
     return dict(
-        odpp,
+        timing['odpp'],
         classes=c,
         passes=cfg['odpp_passes'],
         steps=steps,
         pairs_per_step=per_step,
-        ms_per_step=1e3 * odpp['seconds'] / max(steps, 1),
-        ndpp_seconds=ndpp['seconds'],
-        ndpp_warmup_seconds=ndpp['warmup_seconds'],
-        ratio_to_ndpp=odpp['seconds'] / ndpp['seconds'],
+        ms_per_step=1e3 * timing['odpp']['seconds'] / max(steps, 1),
+        ndpp_seconds=timing['ndpp']['seconds'],
+        ndpp_all_seconds=timing['ndpp']['all_seconds'],
+        ndpp_warmup_seconds=timing['ndpp']['warmup_seconds'],
+        ratio_to_ndpp=ratios['ratio'],
+        paired_ratios_to_ndpp=ratios['paired_ratios'],
         target_ratio=10.0,
     )
 
