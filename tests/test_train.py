@@ -555,3 +555,41 @@ def test_batch_not_divisible_by_devices(smoke, tmp_path):
     with pytest.raises(ValueError, match='batch size 12 is not divisible by the 8 devices'):
         train_old(bad, data, tmp_path)
     assert not os.path.exists(os.path.join(tmp_path, 'old', 'ckpt'))
+
+
+@pytest.mark.parametrize('mode', ['exact', 'ema'])
+def test_refresh_bank_recomputes_the_perturbed_positives(mode):
+    """A refresh feeds the current new prototypes (an exact pass over the data, or the
+    normalised EMA) to NDPP and stores its output as the positive bank; ODPP's Δ stays put."""
+    from bcl_jax import perturbation, prototypes
+    from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
+
+    spec = SyntheticSpec(image_size=SIZE, train_families=2, siblings_per_family=3,
+                         train_images_per_class=3, test_images_per_class=4, queries_per_class=1)
+    source = SyntheticBenchmark(spec).split('train')
+    model_cfg = tiny_model_cfg()
+    graphdef, params, stats = train.init_model(model_cfg, source.num_classes, seed=2)
+    model = train.Trained(graphdef, params, stats, model_cfg, source.num_classes, step=0)
+    rng = np.random.default_rng(4)
+    old = rng.normal(size=(source.num_classes, model_cfg.embedding_dim)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    ema = rng.normal(size=old.shape).astype(np.float32)
+    state = dict(bank=dict(positive=jnp.asarray(old), new=jnp.asarray(ema),
+                           delta=jnp.zeros_like(old)))
+    cfg = common.base_config().perturb
+    cfg.new_prototypes, cfg.ndpp.k = mode, 3
+    mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=-1)))
+    new_state, logged = train.refresh_bank(state, old=old, method='ndpp', cfg=cfg, step=5,
+                                           seed=0, model=model, source=source, mesh=mesh)
+    if mode == 'exact':
+        q = prototypes.compute(model, source, num_classes=source.num_classes, mesh=mesh,
+                               batch_size=cfg.exact_batch_size)
+        np.testing.assert_allclose(new_state['bank']['new'], q, rtol=1e-5, atol=1e-6)
+    else:
+        q = ema / np.linalg.norm(ema, axis=1, keepdims=True)
+        np.testing.assert_array_equal(new_state['bank']['new'], ema)  # the EMA keeps running
+    want = perturbation.ndpp(old, q, k=3, alpha=cfg.ndpp.alpha, beta=cfg.ndpp.beta)
+    np.testing.assert_allclose(new_state['bank']['positive'], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new_state['bank']['delta'], 0)
+    shift = np.linalg.norm(np.asarray(want) - old, axis=1).mean()
+    assert logged['mean_shift'] == pytest.approx(shift, rel=1e-4)
