@@ -227,6 +227,17 @@ def make_train_step(
     return train_step
 
 
+def jit_train_step(mesh, step):
+    """The step jitted for data parallelism: state and aux replicated, batch split by rows."""
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    return jax.jit(
+        step,
+        in_shardings=(replicated, rows, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
 def make_mesh(mesh_cfg):
     n = jax.device_count() if mesh_cfg.data == -1 else mesh_cfg.data
     if n != jax.device_count():
@@ -345,10 +356,10 @@ def train(
 
     # ---------------------------------------------------------------- sharding
     replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P('data'))
     state = jax.device_put(state, replicated)
     aux = jax.device_put(dict(aux or {}), replicated)
-    step_fn = jax.jit(
+    step_fn = jit_train_step(
+        mesh,
         make_train_step(
             graphdef,
             tx,
@@ -358,9 +369,6 @@ def train(
             old=old,
             perturb_cfg=perturb_cfg,
         ),
-        in_shardings=(replicated, data_sharding, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
     )
 
     # ---------------------------------------------------------------- resume
@@ -387,8 +395,14 @@ def train(
         state, data_state, saved = ckpt.restore(ckpt.latest_step(), state, meta)
         stream.set_state(data_state)
         start, seconds = int(state['step']), saved.get('seconds', 0.0)
-        logging.info('[%s] %s at step %d/%d from %s', stage,
-                     'finished' if start >= steps else 'resuming', start, steps, ckpt.directory)
+        logging.info(
+            '[%s] %s at step %d/%d from %s',
+            stage,
+            'finished' if start >= steps else 'resuming',
+            start,
+            steps,
+            ckpt.directory,
+        )
     if start >= steps:
         ckpt.close()
         return Trained(

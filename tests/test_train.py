@@ -94,7 +94,8 @@ def run_step(mesh, method, state, batch, aux, *, graphdef, tx, model_cfg, old, p
     compat = ml_collections.ConfigDict(dict(weight=1.0, temperature=0.07))
     weights = {t: compat.weight for t in train.METHOD_TERMS[method]}
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    step = jax.jit(
+    step = train.jit_train_step(
+        mesh,
         train.make_train_step(
             graphdef,
             tx,
@@ -104,9 +105,6 @@ def run_step(mesh, method, state, batch, aux, *, graphdef, tx, model_cfg, old, p
             old=old,
             perturb_cfg=perturb,
         ),
-        in_shardings=(replicated, rows, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
     )
     new_state, metrics = step(
         jax.device_put(host(state), replicated),
@@ -564,8 +562,14 @@ def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     from bcl_jax import perturbation, prototypes
     from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 
-    spec = SyntheticSpec(image_size=SIZE, train_families=2, siblings_per_family=3,
-                         train_images_per_class=3, test_images_per_class=4, queries_per_class=1)
+    spec = SyntheticSpec(
+        image_size=SIZE,
+        train_families=2,
+        siblings_per_family=3,
+        train_images_per_class=3,
+        test_images_per_class=4,
+        queries_per_class=1,
+    )
     source = SyntheticBenchmark(spec).split('train')
     model_cfg = tiny_model_cfg()
     graphdef, params, stats = train.init_model(model_cfg, source.num_classes, seed=2)
@@ -574,16 +578,31 @@ def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     old = rng.normal(size=(source.num_classes, model_cfg.embedding_dim)).astype(np.float32)
     old /= np.linalg.norm(old, axis=1, keepdims=True)
     ema = rng.normal(size=old.shape).astype(np.float32)
-    state = dict(bank=dict(positive=jnp.asarray(old), new=jnp.asarray(ema),
-                           delta=jnp.zeros_like(old)))
+    state = dict(
+        bank=dict(positive=jnp.asarray(old), new=jnp.asarray(ema), delta=jnp.zeros_like(old))
+    )
     cfg = common.base_config().perturb
     cfg.new_prototypes, cfg.ndpp.k = mode, 3
     mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=-1)))
-    new_state, logged = train.refresh_bank(state, old=old, method='ndpp', cfg=cfg, step=5,
-                                           seed=0, model=model, source=source, mesh=mesh)
+    new_state, logged = train.refresh_bank(
+        state,
+        old=old,
+        method='ndpp',
+        cfg=cfg,
+        step=5,
+        seed=0,
+        model=model,
+        source=source,
+        mesh=mesh,
+    )
     if mode == 'exact':
-        q = prototypes.compute(model, source, num_classes=source.num_classes, mesh=mesh,
-                               batch_size=cfg.exact_batch_size)
+        q = prototypes.compute(
+            model,
+            source,
+            num_classes=source.num_classes,
+            mesh=mesh,
+            batch_size=cfg.exact_batch_size,
+        )
         np.testing.assert_allclose(new_state['bank']['new'], q, rtol=1e-5, atol=1e-6)
     else:
         q = ema / np.linalg.norm(ema, axis=1, keepdims=True)
