@@ -167,3 +167,145 @@ def retrieval_metrics(
     result["num_queries"] = int(keep.sum())
     result["num_queries_without_positives"] = int(num_q - keep.sum())
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Standard ranking-based benchmark metrics (METHOD.md §7): revisitop's compute_ap / compute_map
+# for Revisited Oxford / Paris, and the GLDv2 retrieval challenge's mAP@100. These take rankings
+# (database indices in ranked order) rather than embeddings, are computed on the host in float64
+# with NumPy, and mirror the reference definitions so they can be swapped in for them.
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["compute_ap", "compute_map", "map_at_k"]
+
+
+def compute_ap(ranks, nres):
+    """AP of one query from the 0-based ranks of its retrieved positives (revisitop semantics).
+
+    Args:
+      ranks: the positions (0-based, ascending, junk already removed) at which the query's
+        positives appear in its ranking; positives not retrieved are simply absent.
+      nres: the number of positives of the query (retrieved or not), > 0.
+
+    Returns:
+      float AP by trapezoidal interpolation of the precision-recall curve: the i-th retrieved
+      positive (0-based) at position r adds (P0 + P1) / (2 * nres), with P0 = i / r (1 when
+      r == 0) the precision just before it and P1 = (i + 1) / (r + 1) the precision at it.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64).reshape(-1)
+    if nres <= 0:
+        raise ValueError(f"nres must be > 0; got {nres}.")
+    if ranks.size == 0:
+        return 0.0
+    i = np.arange(ranks.size, dtype=np.float64)
+    precision_0 = np.divide(i, ranks, out=np.ones_like(ranks), where=ranks > 0)
+    precision_1 = (i + 1.0) / (ranks + 1.0)
+    return float(np.sum((precision_0 + precision_1) / 2.0) / nres)
+
+
+def compute_map(ranks, gnd, kappas=(1, 5, 10)):
+    """mAP and mP@k over queries, exactly as revisitop's `compute_map` (Revisited Oxford / Paris).
+
+    Args:
+      ranks: (database_size, num_queries) int array; column q lists 0-based database indices in
+        query q's ranked order (e.g. `np.argsort(-scores, axis=0)` with scores (db, queries)). It
+        may be truncated to fewer rows than the database: positives below the cut count as not
+        retrieved.
+      gnd: sequence (one per query) of dicts with 'ok' (positives, a protocol's easy/hard sets)
+        and optionally 'junk' (ignored images, removed from the ranking; missing = none) index
+        lists. 'ok' is expected without duplicates; like revisitop, nres = len(ok).
+      kappas: the k of mP@k.
+
+    Returns:
+      (map, aps, pr, prs) as revisitop: map, the mean AP over queries with at least one positive;
+      aps (num_queries,) with NaN for queries without positives; pr (len(kappas),) the mean of
+      prs over those queries; prs (num_queries, len(kappas)) with NaN rows for queries without
+      positives. Per query the junk images are dropped from the ranking (each retrieved
+      positive moves up by the number of junk images ranked before it), AP is `compute_ap` of
+      the adjusted positions, and P@k is revisitop's `(pos < kq).sum() / kq` with
+      `kq = min(max(pos) + 1, k)` over the adjusted positions pos (0 when no positive is
+      retrieved; revisitop itself fails there). With no query having positives, map and pr are
+      NaN.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2:
+        raise ValueError(f"ranks must be 2-D (database_size, num_queries); got {ranks.shape}.")
+    if ranks.size and not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must hold integer database indices; got dtype {ranks.dtype}.")
+    num_q = len(gnd)
+    if ranks.shape[1] != num_q:
+        raise ValueError(
+            f"ranks has {ranks.shape[1]} columns (queries) but gnd has {num_q} entries; ranks "
+            "is (database_size, num_queries), one column per query."
+        )
+    kappas = tuple(int(k) for k in kappas)
+    if any(k < 1 for k in kappas):
+        raise ValueError(f"Each kappa must be >= 1; got {kappas}.")
+
+    aps = np.full(num_q, np.nan, dtype=np.float64)
+    prs = np.full((num_q, len(kappas)), np.nan, dtype=np.float64)
+    for q in range(num_q):
+        ok = np.asarray(gnd[q]["ok"]).reshape(-1)
+        if ok.size == 0:
+            continue
+        junk = np.asarray(gnd[q].get("junk", ())).reshape(-1)
+        column = ranks[:, q]
+        pos = np.flatnonzero(np.isin(column, ok))
+        junk_pos = np.flatnonzero(np.isin(column, junk))  # ascending
+        # Junk strictly ahead of each positive (an image both ok and junk keeps its own slot).
+        pos = pos - np.searchsorted(junk_pos, pos, side="left")
+        aps[q] = compute_ap(pos, ok.size)
+        for j, kappa in enumerate(kappas):
+            if pos.size == 0:
+                prs[q, j] = 0.0
+            else:
+                kq = min(int(pos.max()) + 1, kappa)
+                prs[q, j] = np.count_nonzero(pos < kq) / kq
+    valid = ~np.isnan(aps)
+    if not valid.any():
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+
+
+def map_at_k(ranks, positives, k=100):
+    """GLDv2 retrieval challenge mAP@k (k = 100 there) over the queries that have ground truth.
+
+    Args:
+      ranks: (num_queries, R) array, ROW q listing the index ids retrieved for query q in
+        ranked order (note: transposed relative to `compute_map`'s (database, queries) layout).
+        Only the first k are scored; R < k means fewer predictions were made. An id repeated in
+        a row counts once, at its first position (later copies still occupy their slots).
+      positives: sequence (one per query) of the relevant index ids (set, list or array).
+      k: the cut-off.
+
+    Returns:
+      (mean, aps): aps (num_queries,) float64 with AP@k = sum_{i<=k} P(i) rel(i) / min(#relevant,
+      k) and NaN for queries without relevant ids; mean over the other queries (NaN if none).
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2:
+        raise ValueError(f"ranks must be 2-D (num_queries, retrieved); got shape {ranks.shape}.")
+    num_q = len(positives)
+    if ranks.shape[0] != num_q:
+        raise ValueError(
+            f"ranks has {ranks.shape[0]} rows (queries) but positives has {num_q} entries; ranks "
+            "is (num_queries, retrieved), one row per query."
+        )
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}.")
+    aps = np.full(num_q, np.nan, dtype=np.float64)
+    for q in range(num_q):
+        rel = np.unique(np.asarray(list(positives[q])).reshape(-1))
+        if rel.size == 0:
+            continue
+        top = ranks[q, :k]
+        first = np.zeros(top.size, dtype=bool)
+        first[np.unique(top, return_index=True)[1]] = True
+        hit = np.isin(top, rel) & first
+        where = np.flatnonzero(hit)
+        precision = np.arange(1, where.size + 1, dtype=np.float64) / (where + 1.0)
+        aps[q] = precision.sum() / min(rel.size, k)
+    valid = ~np.isnan(aps)
+    mean = float(aps[valid].mean()) if valid.any() else float("nan")
+    return mean, aps

@@ -99,15 +99,20 @@ def _check_class_names(class_names: Sequence[str], folder_classes: list[str], ro
         )
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
+def load_image(path: str, image_size: int, box=None) -> np.ndarray:
     """Decodes `path` to uint8 RGB, shorter side resized to `image_size`, centre-cropped square.
+
+    `box` (x1, y1, x2, y2 in pixels, clipped to the image), when given, is cut out first and then
+    treated as the whole image (Revisited Oxford/Paris query crops).
 
     Raises:
       CorruptImageError: the file cannot be opened or decoded.
+      ValueError: `box` is empty inside the image.
     """
     try:
         with Image.open(path) as img:
-            img.draft("RGB", (image_size, image_size))  # JPEG only: decode at a reduced scale.
+            if box is None:  # A box is in full-resolution pixels: no reduced-scale decode then.
+                img.draft("RGB", (image_size, image_size))  # JPEG only: decode at a reduced scale.
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # Avoids PIL's warning about palette transparency.
             img = img.convert("RGB")
@@ -117,9 +122,13 @@ def load_image(path: str, image_size: int) -> np.ndarray:
             "or set data.skip_corrupt=True to skip unreadable images."
         ) from e
     width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
+    x1, y1, x2, y2 = (0.0, 0.0, width, height) if box is None else (float(v) for v in box)
+    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"Bounding box {list(box)} is empty inside {path!r} ({width}x{height}).")
     # Resizing the central square == resizing the shorter side, then centre-cropping.
+    side = min(x2 - x1, y2 - y1)
+    left, top = (x1 + x2 - side) / 2, (y1 + y2 - side) / 2
     img = img.resize(
         (image_size, image_size),
         Image.Resampling.BILINEAR,
