@@ -17,9 +17,9 @@ from configs import common
 def get_config(arg=None):
     c = common.base_config()
     c.old.model = common.model(width=4, depth=8, embedding_dim=64)
-    c.old.train = common.train(epochs=30, lr_drop_epochs=(20, 27))
+    c.old.train = common.train(epochs=30.0, lr_drop_epochs=(20, 27))
     c.new.model = common.model(width=16, depth=8, embedding_dim=64)
-    c.new.train = common.train(epochs=20, lr_drop_epochs=(14, 18))
+    c.new.train = common.train(epochs=20.0, lr_drop_epochs=(14, 18))
     c.methods = ('independent', 'bct', 'ndpp', 'odpp')
     if arg == 'smoke':
         shrink_to_smoke(c)
@@ -36,6 +36,7 @@ def shrink_to_smoke(c):
     for stage in (c.old, c.new):
         stage.model.width, stage.model.depth, stage.model.embedding_dim = 4, 8, 16
         stage.train.epochs, stage.train.batch_size = 2, 16
+    c.old.train.epochs = 2.5  # 4 old classes x 8 images: 5 steps, the last one off the 2-step grid
     c.perturb.start_epochs = 0.5
     c.perturb.odpp.passes = 10
     c.eval.batch_size = 16

@@ -127,7 +127,7 @@ def test_old_split_classes_mode():
     labels = labels[rng.permutation(len(labels))]
     s = splits.old_split(labels, c, fraction=0.3, mode='classes', seed=7)
     old_classes = np.flatnonzero(s.old_label >= 0)
-    assert len(old_classes) == s.num_old_classes == 6  # round(0.3 * 20)
+    assert len(old_classes) == s.num_old_classes == 6  # floor(0.3 * 20)
     assert s.old_label.dtype == np.int32 and s.old_label.shape == (c,)
     np.testing.assert_array_equal(np.sort(s.old_label[old_classes]), np.arange(6))  # dense
     assert (s.old_label[s.old_label < 0] == -1).all()
@@ -153,7 +153,7 @@ def test_old_split_class_count(c, expect):
 
 
 def test_old_split_images_mode():
-    sizes = [10, 1, 2, 7, 3]  # round(0.3 * n), at least 1: 3, 1, 1, 2, 1
+    sizes = [10, 1, 2, 7, 3]  # floor(0.3 * n), at least 1: 3, 1, 1, 2, 1
     labels = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)])
     labels = labels[np.random.default_rng(1).permutation(len(labels))]
     s = splits.old_split(labels, 5, fraction=0.3, mode='images', seed=0)
@@ -358,9 +358,9 @@ def test_build_synthetic_smoke():
     assert d.train[0]['image'].shape == (16, 16, 3)
     assert 'synthetic' in d.description
     old = np.flatnonzero(d.old_label >= 0)
-    assert len(old) == 5  # round(0.3 * 16)
-    np.testing.assert_array_equal(np.sort(d.old_label[old]), np.arange(5))
-    assert len(d.old_train) == 5 * 8 and d.old_train.num_classes == 5
+    assert len(old) == 4  # floor(0.3 * 16)
+    np.testing.assert_array_equal(np.sort(d.old_label[old]), np.arange(4))
+    assert len(d.old_train) == 4 * 8 and d.old_train.num_classes == 4
     train_labels = np.asarray(d.train.labels)
     in_old = np.flatnonzero(np.isin(train_labels, old))
     for k in (0, len(d.old_train) - 1):
@@ -404,9 +404,9 @@ def test_build_folder(tmp_path):
     # Query and gallery share one label mapping: x=0, y=1, z=2.
     np.testing.assert_array_equal(d.query.labels, [0, 1])
     np.testing.assert_array_equal(d.gallery.labels, [0, 0, 1, 1, 2, 2])
-    assert (d.old_label >= 0).sum() == 1  # round(0.3 * 4)
+    assert (d.old_label >= 0).sum() == 1  # floor(0.3 * 4)
     assert len(d.old_train) == 3 and d.old_train.num_classes == 1
-    # An 'images' split keeps every class with round(0.3 * 3) = 1 image each.
+    # An 'images' split keeps every class with max(1, floor(0.3 * 3)) = 1 image each.
     cfg.old_split = 'images'
     d = data.build(cfg)
     np.testing.assert_array_equal(d.old_label, np.arange(4))

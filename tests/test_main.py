@@ -133,7 +133,7 @@ def test_results_file_layout(e2e, data):
 def test_stage_folders(e2e, data):
     cfg, workdir, _, _ = e2e
     expected_steps = {
-        'old': round(2 * len(data.old_train) / 16),  # 5
+        'old': round(2.5 * len(data.old_train) / 16),  # 5
         'new_independent': round(2 * len(data.train) / 16),  # 16
         'new_bct': round(2 * len(data.train) / 16),
     }
@@ -150,6 +150,10 @@ def test_stage_folders(e2e, data):
         assert all(np.isfinite(r['loss']) for r in records)
         if stage == 'new_bct':
             assert all(r['loss'] == pytest.approx(r['cls'] + r['comp'], rel=1e-5) for r in records)
+    for stage in ('new_ndpp', 'new_odpp'):  # refreshes logged besides the step lines
+        with open(os.path.join(workdir, stage, 'metrics.jsonl')) as f:
+            assert any(json.loads(l).get('event') == 'refresh' for l in f)
+        assert os.path.getsize(os.path.join(workdir, stage, 'perturbation.png')) > 0
 
 
 def test_metrics_agree_with_a_numpy_recomputation(e2e, data):

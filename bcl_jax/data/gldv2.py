@@ -1,0 +1,469 @@
+"""Google Landmarks v2 in its released file layout (METHOD.md §7-§8).
+
+Files read::
+
+    train_clean.csv           landmark_id,images       one row per landmark, ids space-separated
+    train.csv                 id,url,landmark_id       one row per image
+    retrieval_solution_v2.1.csv  id,images,Usage       test query -> relevant index ids
+    <root>/<folder>/<a>/<b>/<c>/<id>.jpg               folder = train, index or test; a, b, c are
+                                                       the id's first three characters
+
+`read_train_csv` detects the CSV format from its header. Labels are dense 0..C-1 over the sorted
+landmark ids. `GLDv2Train` is a grain random-access source. The old model's share of the data
+(`splits.old_split`) is saved as a split file: JSON with the seed, mode and fraction, the old
+model's image ids and classes, and a sha256 checksum (`write_split`, `read_split`,
+`old_split_for`). `evaluate_retrieval` computes the challenge's mAP@100 with Public and Private
+queries reported apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from bcl_jax import knn, metrics
+from bcl_jax.data.folder import CorruptImageError, load_image  # noqa: F401  (re-exported)
+from bcl_jax.data.splits import OldSplit, old_split
+
+__all__ = [
+    "USAGES",
+    "GLDv2Train",
+    "evaluate_retrieval",
+    "image_path",
+    "old_split_for",
+    "read_retrieval_solution",
+    "read_split",
+    "read_split_file",
+    "read_train_csv",
+    "write_split",
+]
+
+CLEAN_HEADER = ("landmark_id", "images")
+FULL_HEADER = ("id", "url", "landmark_id")
+SOLUTION_HEADER = ("id", "images", "Usage")
+USAGES = ("Public", "Private", "Ignored")
+SPLIT_FORMAT = "bcl_jax.gldv2.split/1"
+_NUM_SHOWN = 5
+
+
+def _preview(items: Sequence) -> str:
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:_NUM_SHOWN])
+    return shown + (", ..." if len(items) > _NUM_SHOWN else "")
+
+
+def _rows(path: str):
+    """Yields (1-based line number, row): first the stripped header (also for an empty file, as
+    an empty tuple), then every non-blank row. Parse errors name the file and line."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+        reader = csv.reader(f)
+        first = True
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                if first:
+                    yield 1, ()
+                return
+            except csv.Error as e:
+                raise ValueError(f"{path}: line {reader.line_num}: bad CSV ({e}).") from e
+            if first:
+                first = False
+                yield reader.line_num, tuple(h.strip() for h in row)
+            elif row and not (len(row) == 1 and not row[0].strip()):
+                yield reader.line_num, row
+
+
+def _check_image_id(path: str, line: int, image_id: str):
+    if len(image_id) < 3 or any(c in image_id for c in "/\\. ") or not image_id.isprintable():
+        raise ValueError(
+            f"{path}: line {line}: invalid image id {image_id!r} (need at least 3 characters, "
+            "no '/', '\\', '.' or spaces)."
+        )
+
+
+def _parse_landmark(path: str, line: int, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{path}: line {line}: landmark id {text!r} is not an integer.") from None
+
+
+def read_train_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Reads `train_clean.csv` (landmark_id,images) or `train.csv` (id,url,landmark_id).
+
+    Returns:
+      image_ids: in file order (train_clean: row by row, each row's ids in order).
+      labels: int32 (num_images,), dense 0..C-1 over the sorted landmark ids.
+      landmark_ids: int64 (C,), sorted; `landmark_ids[label]` is the original landmark id.
+
+    Raises:
+      ValueError naming the file and 1-based line for: an unknown header, a wrong column count, a
+      non-integer landmark id, an empty image list, a duplicate image id (or a landmark listed on
+      two rows of train_clean.csv), an invalid image id; or when the file has no images.
+    """
+    path = os.fspath(path)
+    rows = _rows(path)
+    _, header = next(rows)
+    image_ids: list[str] = []
+    raw: list[int] = []
+    seen: dict[str, int] = {}  # image id -> line where first seen
+
+    def add(line, image_id, landmark):
+        _check_image_id(path, line, image_id)
+        if image_id in seen:
+            raise ValueError(
+                f"{path}: line {line}: duplicate image id {image_id!r} (first on line "
+                f"{seen[image_id]})."
+            )
+        seen[image_id] = line
+        image_ids.append(image_id)
+        raw.append(landmark)
+
+    if header == CLEAN_HEADER:
+        landmark_line: dict[int, int] = {}
+        for line, row in rows:
+            if len(row) != 2:
+                raise ValueError(
+                    f"{path}: line {line}: expected 2 columns (landmark_id,images), got {len(row)}."
+                )
+            landmark = _parse_landmark(path, line, row[0])
+            if landmark in landmark_line:
+                raise ValueError(
+                    f"{path}: line {line}: landmark id {landmark} repeated (first on line "
+                    f"{landmark_line[landmark]})."
+                )
+            landmark_line[landmark] = line
+            ids = row[1].split()
+            if not ids:
+                raise ValueError(f"{path}: line {line}: empty image list for landmark {landmark}.")
+            for image_id in ids:
+                add(line, image_id, landmark)
+    elif header == FULL_HEADER:
+        for line, row in rows:
+            if len(row) != 3:
+                raise ValueError(
+                    f"{path}: line {line}: expected 3 columns (id,url,landmark_id), got {len(row)}."
+                )
+            add(line, row[0].strip(), _parse_landmark(path, line, row[2]))
+    else:
+        raise ValueError(
+            f"{path}: line 1: unknown header {','.join(header)!r}; expected "
+            f"{','.join(CLEAN_HEADER)!r} (train_clean.csv) or {','.join(FULL_HEADER)!r} "
+            "(train.csv)."
+        )
+    if not image_ids:
+        raise ValueError(f"{path}: no images listed.")
+    landmark_ids, labels = np.unique(np.asarray(raw, dtype=np.int64), return_inverse=True)
+    return image_ids, labels.astype(np.int32).reshape(-1), landmark_ids
+
+
+def image_path(root: str | os.PathLike, image_id: str, folder: str = "train") -> str:
+    """`<root>/<folder>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`; folder is train, index or test."""
+    if len(image_id) < 3:
+        raise ValueError(f"Image id {image_id!r} is shorter than 3 characters.")
+    return os.path.join(
+        os.fspath(root), folder, image_id[0], image_id[1], image_id[2], image_id + ".jpg"
+    )
+
+
+class GLDv2Train:
+    """Random-access source (grain protocol) over the GLDv2 training images.
+
+    `ds[i]` -> {"image": uint8 (image_size, image_size, 3), "label": int32 scalar}; images are
+    decoded with `folder.load_image` (shorter side resized, centre-cropped), and an undecodable
+    file raises `CorruptImageError` when read.
+
+    Attributes: csv_path, root, folder, image_size, image_ids, labels (int32), landmark_ids
+    (label -> landmark id), num_classes, paths.
+
+    Raises FileNotFoundError at construction, with the count and the first paths, when image
+    files are missing (`check_files=False` skips the check, e.g. for a lazily mounted bucket).
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        root: str | os.PathLike,
+        *,
+        image_size: int,
+        folder: str = "train",
+        check_files: bool = True,
+    ):
+        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
+        if not is_int or image_size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        self.csv_path, self.root, self.folder = os.fspath(csv_path), os.fspath(root), folder
+        self.image_size = int(image_size)
+        self.image_ids, self.labels, self.landmark_ids = read_train_csv(self.csv_path)
+        self.num_classes = len(self.landmark_ids)
+        self.paths = [image_path(self.root, i, folder) for i in self.image_ids]
+        if check_files:
+            missing = [p for p in self.paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(
+                    f"GLDv2: {len(missing)} of {len(self.paths)} images listed in "
+                    f"{self.csv_path} are missing under {os.path.join(self.root, folder)}: "
+                    f"{_preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
+                )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        return {
+            "image": load_image(self.paths[index], self.image_size),
+            "label": np.int32(self.labels[index]),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"GLDv2Train(csv={self.csv_path!r}, root={self.root!r}, images={len(self)}, "
+            f"classes={self.num_classes}, image_size={self.image_size})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Split files.
+
+
+def _canonical(payload: Mapping) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def write_split(
+    path: str | os.PathLike,
+    split: OldSplit,
+    *,
+    image_ids: Sequence[str],
+    seed: int,
+    mode: str,
+    fraction: float,
+) -> None:
+    """Writes the old model's share as JSON: metadata, old image ids and indices, old classes.
+
+    `old_classes` lists the (new) labels of the old classes in old-label order; `sha256` is the
+    hex digest of the canonical JSON (sorted keys, no spaces) of every other field. The same
+    inputs give byte-identical files.
+    """
+    indices = np.asarray(split.indices, dtype=np.int64)
+    old_label = np.asarray(split.old_label)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(image_ids)):
+        raise ValueError(f"split indices out of range for {len(image_ids)} image ids.")
+    old_classes = np.flatnonzero(old_label >= 0)
+    old_classes = old_classes[np.argsort(old_label[old_classes], kind="stable")]
+    if not np.array_equal(old_label[old_classes], np.arange(old_classes.size)):
+        raise ValueError("split.old_label does not number the old classes densely from 0.")
+    payload = {
+        "format": SPLIT_FORMAT,
+        "seed": int(seed),
+        "mode": str(mode),
+        "fraction": float(fraction),
+        "num_images": len(image_ids),
+        "num_classes": int(old_label.size),
+        "old_classes": old_classes.tolist(),
+        "indices": indices.tolist(),
+        "image_ids": [image_ids[i] for i in indices.tolist()],
+    }
+    payload["sha256"] = hashlib.sha256(_canonical(payload)).hexdigest()
+    text = json.dumps(payload, sort_keys=True, indent=1) + "\n"
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_split(path: str | os.PathLike, *, image_ids: Sequence[str] | None = None) -> OldSplit:
+    """Reads and verifies a split file; returns its OldSplit (see `read_split_file`)."""
+    return read_split_file(path, image_ids=image_ids)[0]
+
+
+def read_split_file(
+    path: str | os.PathLike, *, image_ids: Sequence[str] | None = None
+) -> tuple[OldSplit, dict]:
+    """Reads and verifies a split file; returns (OldSplit, metadata).
+
+    metadata holds seed, mode, fraction, num_images, num_classes and the old image ids. With
+    `image_ids` (the full training list), also checks that the file was drawn from that list.
+
+    Raises ValueError naming the file on a bad format, a checksum mismatch or an id mismatch.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a valid split file ({e}).") from e
+    if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:
+        raise ValueError(f"{path}: not a split file of format {SPLIT_FORMAT!r}.")
+    stored = payload.pop("sha256", None)
+    actual = hashlib.sha256(_canonical(payload)).hexdigest()
+    if stored != actual:
+        raise ValueError(
+            f"{path}: checksum mismatch (stored {stored}, computed {actual}); the split file was "
+            "modified or truncated. Regenerate it with old_split_for."
+        )
+    indices = np.asarray(payload["indices"], dtype=np.int64)
+    if len(payload["image_ids"]) != indices.size:
+        raise ValueError(f"{path}: {indices.size} indices but {len(payload['image_ids'])} ids.")
+    if image_ids is not None:
+        if len(image_ids) != payload["num_images"]:
+            raise ValueError(
+                f"{path}: drawn from {payload['num_images']} images, but the given list has "
+                f"{len(image_ids)}."
+            )
+        wrong = [i for i, s in zip(indices.tolist(), payload["image_ids"]) if image_ids[i] != s]
+        if wrong:
+            raise ValueError(
+                f"{path}: {len(wrong)} indices point at other image ids in the given list, e.g. "
+                f"index {wrong[0]}; the split was drawn from a different CSV."
+            )
+    old_label = np.full(payload["num_classes"], -1, np.int32)
+    old_label[np.asarray(payload["old_classes"], dtype=np.int64)] = np.arange(
+        len(payload["old_classes"]), dtype=np.int32
+    )
+    meta = {k: payload[k] for k in ("seed", "mode", "fraction", "num_images", "num_classes")}
+    meta["image_ids"] = list(payload["image_ids"])
+    return OldSplit(indices=indices, old_label=old_label), meta
+
+
+def old_split_for(
+    csv_path: str | os.PathLike,
+    *,
+    fraction: float,
+    mode: str,
+    seed: int,
+    out: str | os.PathLike | None = None,
+) -> OldSplit:
+    """Draws the old split of a training CSV with `splits.old_split`; writes it to `out` if given.
+
+    Note: `splits.old_split` takes round(fraction × C) classes: 0.3 × 81,313 = 24,393.9 gives
+    24,394 (METHOD.md §8 quotes 24,393, i.e. floor).
+    """
+    image_ids, labels, landmark_ids = read_train_csv(csv_path)
+    split = old_split(labels, len(landmark_ids), fraction=fraction, mode=mode, seed=seed)
+    if out is not None:
+        write_split(out, split, image_ids=image_ids, seed=seed, mode=mode, fraction=fraction)
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval test.
+
+
+def read_retrieval_solution(path: str | os.PathLike) -> dict[str, tuple[list[str], str]]:
+    """Reads `retrieval_solution_v2.1.csv` -> {query_id: (index_ids, usage)}.
+
+    usage is Public, Private or Ignored; 'None' (or an empty cell) gives an empty list.
+    ValueError (file and 1-based line) on a wrong header, column count, usage or duplicate query.
+    """
+    path = os.fspath(path)
+    rows = _rows(path)
+    _, header = next(rows)
+    if header != SOLUTION_HEADER:
+        raise ValueError(
+            f"{path}: line 1: unknown header {','.join(header)!r}; expected "
+            f"{','.join(SOLUTION_HEADER)!r}."
+        )
+    solution: dict[str, tuple[list[str], str]] = {}
+    for line, row in rows:
+        if len(row) != 3:
+            raise ValueError(
+                f"{path}: line {line}: expected 3 columns (id,images,Usage), got {len(row)}."
+            )
+        query, images, usage = row[0].strip(), row[1].split(), row[2].strip()
+        if not query:
+            raise ValueError(f"{path}: line {line}: empty query id.")
+        if usage not in USAGES:
+            raise ValueError(f"{path}: line {line}: Usage {usage!r} is not one of {USAGES}.")
+        if query in solution:
+            raise ValueError(f"{path}: line {line}: duplicate query id {query!r}.")
+        if images == ["None"]:
+            images = []
+        solution[query] = (images, usage)
+    return solution
+
+
+def _id_index(ids: Sequence[str], what: str) -> dict[str, int]:
+    index = {s: i for i, s in enumerate(ids)}
+    if len(index) != len(ids):
+        seen, dup = set(), []
+        for s in ids:
+            if s in seen:
+                dup.append(s)
+            seen.add(s)
+        raise ValueError(f"{what} has duplicate ids: {_preview(dup)}.")
+    return index
+
+
+def evaluate_retrieval(
+    query_ids: Sequence[str],
+    query_emb,
+    index_ids: Sequence[str],
+    index_emb,
+    solution: Mapping[str, tuple[Sequence[str], str]],
+    k: int = 100,
+    block: int | tuple[int, int] = (1024, 4096),
+) -> dict[str, float | int]:
+    """GLDv2 retrieval mAP@k (dot-product ranking), Public and Private queries apart.
+
+    Only queries with usage Public or Private and a non-empty ground truth are scored (and only
+    they are searched); query ids not in the solution are ignored. Ranking uses `knn.topk` with
+    blocks `block` = (query_block, gallery_block) or one int for both, so the full Q×N
+    similarity is never built. Embeddings are used as given (L2-normalise them for cosine).
+
+    Returns {'public', 'private': mAP@k (NaN when no such query), 'num_public', 'num_private'}.
+
+    Raises ValueError on embedding/id count mismatches, duplicate ids, solution query ids absent
+    from `query_ids`, or solution index ids absent from `index_ids` (a few are named).
+    """
+    query_emb, index_emb = np.asarray(query_emb), np.asarray(index_emb)
+    if query_emb.ndim != 2 or index_emb.ndim != 2:
+        raise ValueError(
+            f"Embeddings must be 2-D; got {query_emb.shape} (queries), {index_emb.shape} (index)."
+        )
+    if query_emb.shape[0] != len(query_ids):
+        raise ValueError(f"{query_emb.shape[0]} query embeddings but {len(query_ids)} query ids.")
+    if index_emb.shape[0] != len(index_ids):
+        raise ValueError(f"{index_emb.shape[0]} index embeddings but {len(index_ids)} index ids.")
+    q_pos = _id_index(query_ids, "query_ids")
+    i_pos = _id_index(index_ids, "index_ids")
+    absent_q = [q for q in solution if q not in q_pos]
+    if absent_q:
+        raise ValueError(
+            f"{len(absent_q)} solution query ids are not in query_ids: {_preview(absent_q)}."
+        )
+    absent_i = sorted({i for imgs, _ in solution.values() for i in imgs if i not in i_pos})
+    if absent_i:
+        raise ValueError(
+            f"{len(absent_i)} solution index ids are not in index_ids: {_preview(absent_i)}."
+        )
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}.")
+    qb, gb = (block, block) if isinstance(block, (int, np.integer)) else block
+
+    result: dict[str, float | int] = {}
+    for usage, name in (("Public", "public"), ("Private", "private")):
+        scored = [(q, imgs) for q, (imgs, u) in solution.items() if u == usage and imgs]
+        result[f"num_{name}"] = len(scored)
+        if not scored:
+            result[name] = float("nan")
+            continue
+        rows = np.asarray([q_pos[q] for q, _ in scored])
+        _, idx = knn.topk(
+            query_emb[rows],
+            index_emb,
+            min(k, len(index_ids)),
+            query_block=int(qb),
+            gallery_block=int(gb),
+        )
+        positives = [[i_pos[i] for i in imgs] for _, imgs in scored]
+        result[name], _ = metrics.map_at_k(np.asarray(idx), positives, k=k)
+    return result
