@@ -152,7 +152,29 @@ def _find_corrupt(paths: list[str], image_size: int) -> list[str]:
     return [p for p, bad in zip(paths, flags) if bad]
 
 
-class ImageFolder:
+class ImageList:
+    """Random-access source (grain protocol) over image files `paths` with int32 `labels`.
+
+    ``ds[i]`` is ``{'image': uint8 (image_size, image_size, 3), 'label': int32}``, decoded by
+    `load_image`. The dataset sources (folders, GLDv2, In-shop) set the three attributes.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        return {
+            "image": load_image(self.paths[index], self.image_size),
+            "label": np.int32(self.labels[index]),
+        }
+
+
+class ImageFolder(ImageList):
     """Random-access source (grain protocol) over `root/<class_name>/<image>`.
 
     Attributes:
@@ -239,16 +261,6 @@ class ImageFolder:
             per_class[c] = [p for p in ps if p not in bad_set]
         self._check_no_empty_class(per_class, "has only unreadable images")
         return bad
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        return {
-            "image": load_image(self.paths[index], self.image_size),
-            "label": self.labels[index],
-        }
 
     def __repr__(self) -> str:
         return (

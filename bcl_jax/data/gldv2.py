@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from bcl_jax import knn, metrics
-from bcl_jax.data.folder import CorruptImageError, load_image  # noqa: F401  (re-exported)
+from bcl_jax.data.folder import CorruptImageError, ImageList, load_image  # noqa: F401
 from bcl_jax.data.splits import OldSplit, old_split
 
 __all__ = [
@@ -172,7 +172,7 @@ def image_path(root: str | os.PathLike, image_id: str, folder: str = "train") ->
     )
 
 
-class GLDv2Train:
+class GLDv2Train(ImageList):
     """Random-access source (grain protocol) over the GLDv2 training images.
 
     `ds[i]` -> {"image": uint8 (image_size, image_size, 3), "label": int32 scalar}; images are
@@ -211,16 +211,6 @@ class GLDv2Train:
                     f"{self.csv_path} are missing under {os.path.join(self.root, folder)}: "
                     f"{_preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
                 )
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        return {
-            "image": load_image(self.paths[index], self.image_size),
-            "label": np.int32(self.labels[index]),
-        }
 
     def __repr__(self) -> str:
         return (

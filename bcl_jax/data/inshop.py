@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from bcl_jax import metrics
-from bcl_jax.data.folder import CorruptImageError, load_image  # noqa: F401  (re-exported)
+from bcl_jax.data.folder import CorruptImageError, ImageList, load_image  # noqa: F401
 
 PARTITION_FILE = "list_eval_partition.txt"
 SPLITS = ("train", "query", "gallery")
@@ -151,7 +151,7 @@ def read_partition(root: str | os.PathLike) -> dict[str, Partition]:
     }
 
 
-class InShopSource:
+class InShopSource(ImageList):
     """Random-access source (grain protocol) over one In-shop split.
 
     `ds[i]` is `{"image": uint8 (image_size, image_size, 3), "label": int32 scalar}`, decoded by
@@ -201,16 +201,6 @@ class InShopSource:
             len(self.paths),
             self.num_classes,
         )
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        return {
-            "image": load_image(self.paths[index], self.image_size),
-            "label": self.labels[index],
-        }
 
     def __repr__(self) -> str:
         return (
