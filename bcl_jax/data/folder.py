@@ -51,8 +51,10 @@ def _is_image(name: str) -> bool:
     return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _preview(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_NUM_SHOWN])
+def preview(items) -> str:
+    """The first few of `items` for an error message, then "..." if there are more."""
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:_NUM_SHOWN])
     return shown + (", ..." if len(items) > _NUM_SHOWN else "")
 
 
@@ -89,12 +91,12 @@ def _check_class_names(class_names: Sequence[str], folder_classes: list[str], ro
         raise TypeError(f"class_names must be a sequence of names, not the string {class_names!r}.")
     duplicates = sorted(c for c, n in collections.Counter(class_names).items() if n > 1)
     if duplicates:
-        raise ValueError(f"class_names has duplicates: {_preview(duplicates)}.")
+        raise ValueError(f"class_names has duplicates: {preview(duplicates)}.")
     unknown = sorted(set(folder_classes) - set(class_names))
     if unknown:
         raise ValueError(
             f"Image folder {root!r} has class folder(s) not in class_names: "
-            f"{_preview(unknown)}. Build query and gallery with eval_folders(...) so they share "
+            f"{preview(unknown)}. Build query and gallery with eval_folders(...) so they share "
             "one mapping, or add the names to class_names, or remove those folders."
         )
 
@@ -233,7 +235,7 @@ class ImageFolder(ImageList):
         empty = [c for c, ps in per_class.items() if not ps]
         if empty:
             raise ValueError(
-                f"Image folder {self.root!r}: class folder(s) {_preview(empty)} {why}; an empty "
+                f"Image folder {self.root!r}: class folder(s) {preview(empty)} {why}; an empty "
                 "class cannot be trained on or evaluated. Add images or remove the folder(s). "
                 + _LAYOUT
             )
@@ -249,12 +251,12 @@ class ImageFolder(ImageList):
             self.root,
             len(bad),
             len(all_paths),
-            _preview(bad),
+            preview(bad),
         )
         if len(bad) == len(all_paths):
             raise ValueError(
                 f"Image folder {self.root!r}: all {len(bad)} images are "
-                f"unreadable, e.g. {_preview(bad)}."
+                f"unreadable, e.g. {preview(bad)}."
             )
         bad_set = set(bad)
         for c, ps in per_class.items():
@@ -293,7 +295,7 @@ def eval_folders(
             len(missing),
             len(query_classes),
             os.fspath(gallery_dir),
-            _preview(missing),
+            preview(missing),
         )
     query = ImageFolder(
         query_dir, image_size=image_size, class_names=class_names, skip_corrupt=skip_corrupt

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from bcl_jax import knn, metrics
-from bcl_jax.data.folder import CorruptImageError, ImageList, load_image  # noqa: F401
+from bcl_jax.data.folder import CorruptImageError, ImageList, load_image, preview  # noqa: F401
 from bcl_jax.data.splits import OldSplit, old_split
 
 __all__ = [
@@ -48,13 +48,6 @@ FULL_HEADER = ("id", "url", "landmark_id")
 SOLUTION_HEADER = ("id", "images", "Usage")
 USAGES = ("Public", "Private", "Ignored")
 SPLIT_FORMAT = "bcl_jax.gldv2.split/1"
-_NUM_SHOWN = 5
-
-
-def _preview(items: Sequence) -> str:
-    items = list(items)
-    shown = ", ".join(str(x) for x in items[:_NUM_SHOWN])
-    return shown + (", ..." if len(items) > _NUM_SHOWN else "")
 
 
 def _rows(path: str):
@@ -209,7 +202,7 @@ class GLDv2Train(ImageList):
                 raise FileNotFoundError(
                     f"GLDv2: {len(missing)} of {len(self.paths)} images listed in "
                     f"{self.csv_path} are missing under {os.path.join(self.root, folder)}: "
-                    f"{_preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
+                    f"{preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
                 )
 
     def __repr__(self) -> str:
@@ -388,7 +381,7 @@ def _id_index(ids: Sequence[str], what: str) -> dict[str, int]:
             if s in seen:
                 dup.append(s)
             seen.add(s)
-        raise ValueError(f"{what} has duplicate ids: {_preview(dup)}.")
+        raise ValueError(f"{what} has duplicate ids: {preview(dup)}.")
     return index
 
 
@@ -427,12 +420,12 @@ def evaluate_retrieval(
     absent_q = [q for q in solution if q not in q_pos]
     if absent_q:
         raise ValueError(
-            f"{len(absent_q)} solution query ids are not in query_ids: {_preview(absent_q)}."
+            f"{len(absent_q)} solution query ids are not in query_ids: {preview(absent_q)}."
         )
     absent_i = sorted({i for imgs, _ in solution.values() for i in imgs if i not in i_pos})
     if absent_i:
         raise ValueError(
-            f"{len(absent_i)} solution index ids are not in index_ids: {_preview(absent_i)}."
+            f"{len(absent_i)} solution index ids are not in index_ids: {preview(absent_i)}."
         )
     k = int(k)
     if k < 1:

@@ -32,13 +32,12 @@ import numpy as np
 from absl import logging
 
 from bcl_jax import metrics
-from bcl_jax.data.folder import CorruptImageError, ImageList, load_image  # noqa: F401
+from bcl_jax.data.folder import CorruptImageError, ImageList, load_image, preview  # noqa: F401
 
 PARTITION_FILE = "list_eval_partition.txt"
 SPLITS = ("train", "query", "gallery")
 HEADER = ("image_name", "item_id", "evaluation_status")
 KS = (1, 10, 20, 30, 40, 50)
-_NUM_SHOWN = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +63,6 @@ class Partition:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def _preview(items) -> str:
-    items = list(items)
-    shown = ", ".join(items[:_NUM_SHOWN])
-    return shown + (", ..." if len(items) > _NUM_SHOWN else "")
 
 
 def read_partition(root: str | os.PathLike) -> dict[str, Partition]:
@@ -188,7 +181,7 @@ class InShopSource(ImageList):
         if missing:
             raise FileNotFoundError(
                 f"In-shop {self.root!r}: {len(missing)} of {len(self.paths)} {split!r} images "
-                f"listed in {PARTITION_FILE} are missing, e.g. {_preview(missing)}."
+                f"listed in {PARTITION_FILE} are missing, e.g. {preview(missing)}."
             )
         self.item_ids = list(part.item_ids)
         self.labels = part.labels
