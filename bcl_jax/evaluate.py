@@ -11,10 +11,7 @@ from __future__ import annotations
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bcl_jax import metrics
 from bcl_jax.data import pipeline
-
-PRIMARY_METRIC = 'mAP'
 
 
 def embed_batches(model, source, *, mesh, batch_size: int):
@@ -44,44 +41,63 @@ def update_gain(new_old: float, old_old: float, reference_new_new: float) -> flo
     return float((new_old - old_old) / denominator) if denominator > 0 else None
 
 
+def _flat_metrics(tests, embeddings_per_test, eval_cfg) -> dict:
+    """Every test's metrics in one flat dict, keys prefixed '<test>/' when there are several."""
+    out = {}
+    for test, (queries, gallery) in zip(tests, embeddings_per_test):
+        prefix = f'{test.name}/' if len(tests) > 1 else ''
+        metrics_ = test.score(queries, queries if gallery is None else gallery, eval_cfg)
+        # None for an undefined metric (e.g. a GLDv2 usage without queries): strict JSON.
+        out.update({prefix + k: float(v) if np.isfinite(v) else None for k, v in metrics_.items()})
+    return out
+
+
 def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
-    """Metrics of old/old and, per method, new/new and new/old, plus update gains."""
+    """Metrics of old/old and, per method, new/new and new/old, plus update gains.
+
+    The primary metric, which decides `compatible` and the update gain, is the first column of
+    the first test (e.g. mAP on the built-in benchmark, Medium mAP on ROxford for GLDv2).
+    """
+    tests = data.tests
 
     def embeddings(model):
-        return tuple(
-            embed(model, s, mesh=mesh, batch_size=eval_cfg.batch_size)
-            for s in (data.query, data.gallery)
-        )
+        emb = lambda s: embed(model, s, mesh=mesh, batch_size=eval_cfg.batch_size)
+        return [(emb(t.query), None if t.gallery is None else emb(t.gallery)) for t in tests]
 
-    def test(queries, gallery):
-        m = metrics.retrieval_metrics(
-            queries,
-            np.asarray(data.query.labels),
-            gallery,
-            np.asarray(data.gallery.labels),
-            ks=tuple(eval_cfg.ks),
-            query_block=eval_cfg.query_block,
-        )
-        return {k: float(v) for k, v in m.items()}
+    def cross(new, old_):  # new queries against the old gallery (or old query set)
+        return [(nq, og if og is not None else oq) for (nq, _), (oq, og) in zip(new, old_)]
 
-    old_q, old_g = embeddings(old)
-    results = dict(primary_metric=PRIMARY_METRIC, old_old=test(old_q, old_g), methods={})
+    old_emb = embeddings(old)
+    old_old = _flat_metrics(tests, old_emb, eval_cfg)
+    columns = []
+    for t in tests:  # a test's own columns, else all its metrics but the counts
+        prefix = f'{t.name}/' if len(tests) > 1 else ''
+        mine = [k for k in old_old if k.startswith(prefix) and '/num_' not in '/' + k]
+        columns += [prefix + c for c in t.columns] if t.columns else mine
+    primary = columns[0]
+    results = dict(
+        primary_metric=primary,
+        columns=columns,
+        tests={t.name: t.protocol for t in tests},
+        old_old=old_old,
+        methods={},
+    )
     for name, model in new_models.items():
-        new_q, new_g = embeddings(model)
+        new_emb = embeddings(model)
         results['methods'][name] = dict(
-            new_new=test(new_q, new_g), new_old=test(new_q, old_g), train_seconds=model.seconds
+            new_new=_flat_metrics(tests, new_emb, eval_cfg),
+            new_old=_flat_metrics(tests, cross(new_emb, old_emb), eval_cfg),
+            train_seconds=model.seconds,
         )
     reference = results['methods'].get('independent')
     for r in results['methods'].values():
-        r['compatible'] = r['new_old'][PRIMARY_METRIC] > results['old_old'][PRIMARY_METRIC]
+        new_old, before = r['new_old'][primary], old_old[primary]
+        defined = None not in (new_old, before)
+        r['compatible'] = new_old > before if defined else None
         r['update_gain'] = (
-            None
-            if reference is None
-            else update_gain(
-                r['new_old'][PRIMARY_METRIC],
-                results['old_old'][PRIMARY_METRIC],
-                reference['new_new'][PRIMARY_METRIC],
-            )
+            update_gain(new_old, before, reference['new_new'][primary])
+            if defined and reference and reference['new_new'][primary] is not None
+            else None
         )
     return results
 
@@ -100,19 +116,16 @@ def aggregate(per_seed: list[dict]) -> dict:
     keys = ('old_old', 'methods')
     std = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
     return dict(
-        primary_metric=per_seed[0]['primary_metric'],
+        **{k: per_seed[0][k] for k in ('primary_metric', 'columns', 'tests')},
         **{k: combine([r[k] for r in per_seed], np.mean) for k in keys},
         std={k: combine([r[k] for r in per_seed], std) for k in keys},
     )
 
 
 def markdown(results: dict) -> str:
-    """The results table: the primary metric and Recall@K as percentages (± std over seeds)."""
+    """The results table: the tests' columns as percentages (± std over seeds)."""
     std = results.get('std')
-    keys = [PRIMARY_METRIC] + sorted(
-        (k for k in results['old_old'] if k.startswith('recall@')),
-        key=lambda k: int(k.split('@')[1]),
-    )
+    keys = results['columns']
 
     def cell(value, spread, scale=100.0, digits=2):
         if value is None:

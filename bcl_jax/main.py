@@ -69,17 +69,20 @@ def run_one(config, workdir: str) -> dict:
     )
     if jax.process_index() == 0:
         checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
-    data = data_lib.build(config.data)
+    data = data_lib.build(config.data, workdir=workdir)
     logging.info(
-        'data: %s: %d classes, %d training images (old model: %d classes, %d images), '
-        '%d queries, %d gallery images',
+        'data: %s: %d classes, %d training images (old model: %d classes, %d images); tests: %s',
         data.description,
         data.num_classes,
         len(data.train),
         data.old_train.num_classes,
         len(data.old_train),
-        len(data.query),
-        len(data.gallery),
+        ', '.join(
+            f'{t.name} ({len(t.query)} queries'
+            + ('' if t.gallery is None else f', {len(t.gallery)} gallery images')
+            + ')'
+            for t in data.tests
+        ),
     )
     common = dict(
         workdir=workdir,

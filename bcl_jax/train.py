@@ -86,7 +86,7 @@ def _describe(model_cfg) -> dict:
 def check_config(config):
     """The choices a long run would otherwise only trip over hours in."""
     unknown = [m for m in config.methods if m not in METHOD_TERMS]
-    if unknown or not config.methods:
+    if unknown:
         raise ValueError(
             f'config.methods={tuple(config.methods)}: unknown {unknown}; choose from '
             f'{tuple(METHOD_TERMS)}'

@@ -49,7 +49,7 @@ def base_config():
     c.seeds = ()  # e.g. (0, 1, 2): one run per seed under DIR/seed_<s>, then mean ± std
     c.data = config_dict.ConfigDict(
         dict(
-            name='synthetic',  # synthetic | folder
+            name='synthetic',  # synthetic | folder | gldv2 | inshop | sop | cub | cars
             image_size=16,
             old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
             old_fraction=0.3,
@@ -64,6 +64,27 @@ def base_config():
             folder=config_dict.ConfigDict(
                 dict(train_dir='', query_dir='', gallery_dir='', skip_corrupt=False)
             ),
+            # A folder written by `python -m bcl_jax.data.prepare` (ArrayRecord shards and a
+            # manifest whose old split must match old_split/old_fraction/split_seed); '' reads
+            # the raw files of the dataset's group below.
+            prepared='',
+            gldv2=config_dict.ConfigDict(
+                dict(
+                    root='',  # train_clean.csv, train/, index.csv, index/, test/, the solution
+                    csv='train_clean.csv',  # or train.csv
+                    split_file='',  # the old split's file; '' = <workdir>/old_split.json
+                    tests=('roxford5k', 'rparis6k', 'gldv2'),  # the first scores compatibility
+                )
+            ),
+            revisited=config_dict.ConfigDict(
+                dict(
+                    root='',  # holds roxford5k/ and rparis6k/, each gnd_<name>.pkl and jpg/
+                    protocols=('medium', 'hard'),
+                    crop_queries=True,  # the standard protocol; False: whole query images
+                )
+            ),
+            inshop=config_dict.ConfigDict(dict(root='')),  # list_eval_partition.txt and img/
+            tfds=config_dict.ConfigDict(dict(data_dir='')),  # sop, cub, cars: prepared by tfds
         )
     )
     c.old = config_dict.ConfigDict(

@@ -354,7 +354,8 @@ def test_build_synthetic_smoke():
     d = data.build(cfg)
     # smoke: 4 families x 4 siblings, 8 train images per class; 2 test families, 2 queries of 6.
     assert d.num_classes == 16 and len(d.train) == 16 * 8
-    assert len(d.query) == 8 * 2 and len(d.gallery) == 8 * 4
+    assert [t.name for t in d.tests] == ['synthetic']
+    assert len(d.tests[0].query) == 8 * 2 and len(d.tests[0].gallery) == 8 * 4
     assert d.train[0]['image'].shape == (16, 16, 3)
     assert 'synthetic' in d.description
     old = np.flatnonzero(d.old_label >= 0)
@@ -402,8 +403,8 @@ def test_build_folder(tmp_path):
     np.testing.assert_array_equal(d.train.labels, np.repeat(np.arange(4), 3))
     assert d.train[0]['image'].shape == (8, 8, 3)
     # Query and gallery share one label mapping: x=0, y=1, z=2.
-    np.testing.assert_array_equal(d.query.labels, [0, 1])
-    np.testing.assert_array_equal(d.gallery.labels, [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(d.tests[0].query.labels, [0, 1])
+    np.testing.assert_array_equal(d.tests[0].gallery.labels, [0, 0, 1, 1, 2, 2])
     assert (d.old_label >= 0).sum() == 1  # floor(0.3 * 4)
     assert len(d.old_train) == 3 and d.old_train.num_classes == 1
     # An 'images' split keeps every class with max(1, floor(0.3 * 3)) = 1 image each.

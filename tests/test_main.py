@@ -99,7 +99,7 @@ def test_results_file_layout(e2e, data):
             assert 0.0 <= m[k] <= 1.0, k
         assert m['recall@1'] <= m['recall@5'] <= m['recall@10']
         # 2 test families x 4 siblings x 2 queries, each with 4 gallery images of its class.
-        assert m['num_queries'] == len(data.query) == 16
+        assert m['num_queries'] == len(data.tests[0].query) == 16
         assert m['num_queries_without_positives'] == 0
 
     check_test(on_disk['old_old'])
@@ -168,12 +168,13 @@ def test_metrics_agree_with_a_numpy_recomputation(e2e, data):
     def embeddings(model):
         return [
             evaluate.embed(model, s, mesh=m, batch_size=cfg.eval.batch_size)
-            for s in (data.query, data.gallery)
+            for s in (data.tests[0].query, data.tests[0].gallery)
         ]
 
     old_q, old_g = embeddings(old)
-    assert old_q.shape == (len(data.query), 16) and old_g.shape == (len(data.gallery), 16)
-    q_labels, g_labels = np.asarray(data.query.labels), np.asarray(data.gallery.labels)
+    test = data.tests[0]
+    assert old_q.shape == (len(test.query), 16) and old_g.shape == (len(test.gallery), 16)
+    q_labels, g_labels = np.asarray(test.query.labels), np.asarray(test.gallery.labels)
     assert_metrics_match(results['old_old'], reference_retrieval(old_q, q_labels, old_g, g_labels))
 
     # The old prototypes: normalised class means of normalised old embeddings of the new set.

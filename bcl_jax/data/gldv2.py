@@ -33,13 +33,16 @@ from bcl_jax.data.splits import OldSplit, old_split
 __all__ = [
     "USAGES",
     "GLDv2Train",
+    "TestImages",
     "evaluate_retrieval",
     "image_path",
     "old_split_for",
+    "read_id_csv",
     "read_retrieval_solution",
     "read_split",
     "read_split_file",
     "read_train_csv",
+    "retrieval_queries",
     "write_split",
 ]
 
@@ -48,6 +51,8 @@ FULL_HEADER = ("id", "url", "landmark_id")
 SOLUTION_HEADER = ("id", "images", "Usage")
 USAGES = ("Public", "Private", "Ignored")
 SPLIT_FORMAT = "bcl_jax.gldv2.split/1"
+SOLUTION_FILE = "retrieval_solution_v2.1.csv"
+INDEX_FILE = "index.csv"
 
 
 def _rows(path: str):
@@ -156,6 +161,34 @@ def read_train_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.n
     return image_ids, labels.astype(np.int32).reshape(-1), landmark_ids
 
 
+def read_id_csv(path: str | os.PathLike) -> list[str]:
+    """Reads a CSV whose first column is `id` (GLDv2's index.csv and test.csv): ids in file order.
+
+    Raises FileNotFoundError, or ValueError naming the file and 1-based line for another header,
+    an invalid or duplicate id, or a file without ids.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GLDv2 id list {path!r} not found.")
+    rows = _rows(path)
+    _, header = next(rows)
+    if not header or header[0] != "id":
+        raise ValueError(f"{path}: line 1: expected a header starting with 'id', got {header!r}.")
+    ids, seen = [], {}
+    for line, row in rows:
+        image_id = row[0].strip()
+        _check_image_id(path, line, image_id)
+        if image_id in seen:
+            raise ValueError(
+                f"{path}: line {line}: duplicate id {image_id!r} (first on line {seen[image_id]})."
+            )
+        seen[image_id] = line
+        ids.append(image_id)
+    if not ids:
+        raise ValueError(f"{path}: no ids listed.")
+    return ids
+
+
 def image_path(root: str | os.PathLike, image_id: str, folder: str = "train") -> str:
     """`<root>/<folder>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`; folder is train, index or test."""
     if len(image_id) < 3:
@@ -210,6 +243,33 @@ class GLDv2Train(ImageList):
             f"GLDv2Train(csv={self.csv_path!r}, root={self.root!r}, images={len(self)}, "
             f"classes={self.num_classes}, image_size={self.image_size})"
         )
+
+
+class TestImages(ImageList):
+    """Random-access source over the retrieval test's `index/` or `test/` images, in `ids` order.
+
+    `ds[i]['label']` is i (relevance comes from the solution file). Attributes: root, folder,
+    ids, paths, labels, num_classes, image_size. Raises FileNotFoundError naming the missing
+    images at construction.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, folder: str, ids: Sequence[str], *, image_size: int
+    ):
+        self.root, self.folder, self.ids = os.fspath(root), folder, list(ids)
+        self.image_size = int(image_size)
+        self.paths = [image_path(self.root, i, folder) for i in self.ids]
+        self.labels = np.arange(len(self.ids), dtype=np.int32)
+        self.num_classes = len(self.ids)
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"GLDv2: {len(missing)} of {len(self.paths)} {folder} images are missing: "
+                f"{preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
+            )
+
+    def __repr__(self) -> str:
+        return f"TestImages(root={self.root!r}, folder={self.folder!r}, images={len(self)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,8 +386,8 @@ def old_split_for(
 ) -> OldSplit:
     """Draws the old split of a training CSV with `splits.old_split`; writes it to `out` if given.
 
-    Note: `splits.old_split` takes round(fraction × C) classes: 0.3 × 81,313 = 24,393.9 gives
-    24,394 (METHOD.md §8 quotes 24,393, i.e. floor).
+    `splits.old_split` takes floor(fraction × C) classes: 0.3 × 81,313 gives 24,393, as
+    METHOD.md §8 quotes.
     """
     image_ids, labels, landmark_ids = read_train_csv(csv_path)
     split = old_split(labels, len(landmark_ids), fraction=fraction, mode=mode, seed=seed)
@@ -373,6 +433,12 @@ def read_retrieval_solution(path: str | os.PathLike) -> dict[str, tuple[list[str
     return solution
 
 
+def retrieval_queries(solution: Mapping[str, tuple[Sequence[str], str]]) -> list[str]:
+    """The query ids that the test scores: Public or Private usage with a non-empty ground truth,
+    in solution order (1,129 in retrieval_solution_v2.1.csv)."""
+    return [q for q, (imgs, usage) in solution.items() if usage != "Ignored" and imgs]
+
+
 def _id_index(ids: Sequence[str], what: str) -> dict[str, int]:
     index = {s: i for i, s in enumerate(ids)}
     if len(index) != len(ids):
@@ -403,8 +469,9 @@ def evaluate_retrieval(
 
     Returns {'public', 'private': mAP@k (NaN when no such query), 'num_public', 'num_private'}.
 
-    Raises ValueError on embedding/id count mismatches, duplicate ids, solution query ids absent
-    from `query_ids`, or solution index ids absent from `index_ids` (a few are named).
+    Raises ValueError on embedding/id count mismatches, duplicate ids, scored solution query ids
+    absent from `query_ids` (Ignored ones need not be embedded), or solution index ids absent
+    from `index_ids` (a few are named).
     """
     query_emb, index_emb = np.asarray(query_emb), np.asarray(index_emb)
     if query_emb.ndim != 2 or index_emb.ndim != 2:
@@ -417,10 +484,11 @@ def evaluate_retrieval(
         raise ValueError(f"{index_emb.shape[0]} index embeddings but {len(index_ids)} index ids.")
     q_pos = _id_index(query_ids, "query_ids")
     i_pos = _id_index(index_ids, "index_ids")
-    absent_q = [q for q in solution if q not in q_pos]
+    absent_q = [q for q in retrieval_queries(solution) if q not in q_pos]
     if absent_q:
         raise ValueError(
-            f"{len(absent_q)} solution query ids are not in query_ids: {preview(absent_q)}."
+            f"{len(absent_q)} scored (Public/Private) solution query ids are not in query_ids: "
+            f"{preview(absent_q)}."
         )
     absent_i = sorted({i for imgs, _ in solution.values() for i in imgs if i not in i_pos})
     if absent_i:

@@ -1,0 +1,208 @@
+"""Reads a dataset converted by `python -m bcl_jax.data.prepare` (ArrayRecord shards of JPEGs).
+
+Layout of a prepared directory (see `prepare.py` for how it is made)::
+
+    manifest.json                         written last: its presence means preparation finished
+    <split>-00000-of-00003.array_record   one record per image: JPEG bytes
+    <split>.labels.npy                    int32 label of each record
+    <split>.ids.txt                       one id per line (GLDv2 image id, or the source path)
+    old_split.json                        the old model's share of `train` (gldv2.write_split)
+
+`PreparedSource(root, split, image_size=...)` is a grain random-access source giving
+``{"image": uint8 (image_size, image_size, 3), "label": int32}``; a stored image is re-decoded
+with `folder.load_image`, so a dataset prepared at 256 px serves any `image_size`. The split lists
+are checked against the manifest's checksums when a source is built. `prepared_old_split` returns
+the recorded old split, and refuses a config that asks for another fraction, mode or seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import grain
+import numpy as np
+
+from bcl_jax.data import splits
+from bcl_jax.data.folder import load_image
+
+FORMAT = "bcl_jax.prepared/1"
+MANIFEST = "manifest.json"
+_RERUN = (
+    "Run (or re-run: it resumes) `python -m bcl_jax.data.prepare --dataset=... --src=... "
+    "--dst={root}` to finish it."
+)
+
+
+def labels_file(split: str) -> str:
+    return f"{split}.labels.npy"
+
+
+def ids_file(split: str) -> str:
+    return f"{split}.ids.txt"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """The ids of an `<split>.ids.txt` file: one per line."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        text = f.read()
+    return text.split("\n")[:-1] if text else []
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """Loads `<root>/manifest.json`.
+
+    Raises:
+      FileNotFoundError: no manifest, i.e. preparation never ran or did not finish.
+      ValueError: the file is not a manifest of this format.
+    """
+    root = os.fspath(root)
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        what = "is incomplete" if os.path.isdir(root) else "is missing"
+        raise FileNotFoundError(
+            f"Prepared dataset {root!r} {what}: no {MANIFEST} (it is written last, when "
+            f"preparation finishes). " + _RERUN.format(root=root)
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: format {got!r} is not {FORMAT!r}; prepare the dataset again.")
+    return manifest
+
+
+def _verified(root: str, name: str, entry: dict, key: str) -> str:
+    """The path of `name` in `root` after checking its sha256 against `entry[key]`."""
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing. " + _RERUN.format(root=root))
+    actual = sha256_file(path)
+    if actual != entry[key]:
+        raise ValueError(
+            f"{path}: sha256 {actual} does not match the manifest's {entry[key]}; the file was "
+            "modified after preparation. Prepare the dataset again into a fresh directory."
+        )
+    return path
+
+
+class PreparedSource:
+    """Random-access source (grain protocol) over one split of a prepared dataset.
+
+    Attributes:
+      root, split, image_size: as given.
+      labels: int32 array, the label of each record.
+      ids: the id of each record (GLDv2 image id, or path relative to the raw dataset).
+      classes: class names (landmark ids, item ids, folder names); for splits in which every
+        image is its own class (GLDv2 index and test) the ids.
+      num_classes: size of the label space.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        *,
+        image_size: int,
+        manifest: dict | None = None,
+    ):
+        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
+        if not is_int or image_size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        self.root, self.split, self.image_size = os.fspath(root), split, int(image_size)
+        manifest = read_manifest(self.root) if manifest is None else manifest
+        if split not in manifest["splits"]:
+            raise ValueError(
+                f"Prepared dataset {self.root!r} has no split {split!r}; available: "
+                f"{sorted(manifest['splits'])}."
+            )
+        entry = manifest["splits"][split]
+        labels_path = _verified(self.root, labels_file(split), entry, "labels_sha256")
+        ids_path = _verified(self.root, ids_file(split), entry, "ids_sha256")
+        self.labels = np.load(labels_path).astype(np.int32, copy=False)
+        self.ids = read_ids(ids_path)
+        for path, n in ((labels_path, len(self.labels)), (ids_path, len(self.ids))):
+            if n != entry["count"]:
+                raise ValueError(f"{path}: {n} entries, but the manifest says {entry['count']}.")
+        self.num_classes = int(entry["num_classes"])
+        self.classes = self.ids if entry["classes"] is None else list(entry["classes"])
+        shards = [os.path.join(self.root, s) for s in entry["shards"]]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(
+                f"Prepared dataset {self.root!r}: shard(s) {missing[:3]} are missing. "
+                + _RERUN.format(root=self.root)
+            )
+        self._records = grain.sources.ArrayRecordDataSource(shards)
+        if len(self._records) != entry["count"]:
+            raise ValueError(
+                f"Prepared dataset {self.root!r}: the {split!r} shards hold "
+                f"{len(self._records)} records, but the manifest says {entry['count']}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        record = self._records[index]
+        return {
+            "image": load_image(io.BytesIO(record), self.image_size),
+            "label": np.int32(self.labels[index]),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedSource(root={self.root!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={self.num_classes}, image_size={self.image_size})"
+        )
+
+
+def prepared_old_split(
+    root: str | os.PathLike,
+    *,
+    fraction: float,
+    mode: str,
+    seed: int,
+    manifest: dict | None = None,
+) -> splits.OldSplit:
+    """The old split recorded at preparation; ValueError if it is not the one the config asks.
+
+    Also checks old_split.json against the manifest's sha256 and against the train ids.
+    """
+    from bcl_jax.data import gldv2  # Only the split-file reader; gldv2 pulls in knn/metrics.
+
+    root = os.fspath(root)
+    manifest = read_manifest(root) if manifest is None else manifest
+    info = manifest["old_split"]
+    if (float(info["fraction"]), info["mode"], int(info["seed"])) != (
+        float(fraction),
+        mode,
+        int(seed),
+    ):
+        raise ValueError(
+            f"prepared dataset {root} has old split fraction={info['fraction']} "
+            f"mode={info['mode']} seed={info['seed']}, but the config asks for "
+            f"fraction={fraction} mode={mode} seed={seed}; set data.old_fraction/old_split/"
+            f"split_seed to match or re-run prepare with --old_fraction={fraction} "
+            f"--old_split={mode} --split_seed={seed} (only the split is redrawn)."
+        )
+    path = _verified(root, info["file"], info, "sha256")
+    train_ids = read_ids(
+        _verified(root, ids_file("train"), manifest["splits"]["train"], "ids_sha256")
+    )
+    split, _ = gldv2.read_split_file(path, image_ids=train_ids)
+    return split

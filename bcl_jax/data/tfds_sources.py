@@ -1,0 +1,272 @@
+"""Stanford Online Products, CUB-200-2011 and Cars196, read from tfds-prepared data (METHOD.md §7).
+
+The datasets are prepared once by TensorFlow Datasets in the array_record file format, in an
+environment that has TensorFlow (tfds' builders and its CLI import it to read the original files)::
+
+    pip install tensorflow tensorflow-datasets
+    tfds build stanford_online_products --data_dir=DATA_DIR --file_format=array_record
+    tfds build caltech_birds2011 --data_dir=DATA_DIR --file_format=array_record
+    tfds build cars196 --data_dir=DATA_DIR --file_format=array_record
+
+or in Python: ``tfds.builder(name, data_dir=DATA_DIR, file_format="array_record")
+.download_and_prepare()``. Reading them needs no TensorFlow: `TfdsSource` opens
+``tfds.data_source(name, split=..., data_dir=DATA_DIR, download=False)`` (random access) and never
+downloads or prepares anything itself.
+
+Splits follow the deep-metric-learning protocol, by class, with each split labelled densely
+0..C-1 over its sorted tfds class ids:
+
+- SOP (`stanford_online_products`, label `class_id`): tfds' `train` (11,318 classes) and `test`
+  (11,316 classes) already are the DML splits.
+- CUB-200-2011 (`caltech_birds2011`, label `label`): tfds' `train`/`test` splits are the
+  classification split (by image, over all 200 classes), so both are read together
+  (``train+test``) and split by class: 0-99 train, 100-199 test.
+- Cars196 (`cars196`, label `label`): likewise, classes 0-97 train, 98-195 test.
+
+The test split is both query set and gallery, each query excluded from its own ranking; `evaluate`
+gives Recall@K (K = 1, 10, 100, 1000 for SOP; 1, 2, 4, 8 for CUB and Cars) and mAP.
+
+Labels are read at construction without decoding any image (tfds' `SkipDecoding` on the image
+features); `ds[i]` decodes the stored image bytes with `folder.load_image` (RGB, shorter side
+resized, centre crop), as every bcl_jax source does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from bcl_jax import metrics
+from bcl_jax.data.folder import CorruptImageError, load_image
+
+SPLITS = ("train", "test")
+_READ_CHUNK = 4096  # Records deserialised per batched read while collecting labels.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How one dataset is read from tfds and evaluated.
+
+    Attributes:
+      tfds_name: the tfds builder name.
+      label_key: the feature holding the class id.
+      class_ranges: None when tfds' `train`/`test` splits already are the DML splits; otherwise
+        {split: range of tfds class ids}, and both tfds splits are read together and split by
+        class.
+      num_classes: the protocol's number of classes per split (a warning is logged otherwise).
+      ks: the K of Recall@K.
+      image_features: image features left undecoded (`image` is decoded by `load_image`; the
+        others, e.g. CUB's segmentation masks, are never needed).
+    """
+
+    tfds_name: str
+    label_key: str
+    class_ranges: dict[str, range] | None
+    num_classes: dict[str, int]
+    ks: tuple[int, ...]
+    image_features: tuple[str, ...] = ("image",)
+
+    def prepare_command(self, data_dir: str = "DATA_DIR") -> str:
+        return f"tfds build {self.tfds_name} --data_dir={data_dir} --file_format=array_record"
+
+
+DATASETS = {
+    "sop": DatasetSpec(
+        tfds_name="stanford_online_products",
+        label_key="class_id",
+        class_ranges=None,
+        num_classes={"train": 11318, "test": 11316},
+        ks=(1, 10, 100, 1000),
+    ),
+    "cub": DatasetSpec(
+        tfds_name="caltech_birds2011",
+        label_key="label",
+        class_ranges={"train": range(100), "test": range(100, 200)},
+        num_classes={"train": 100, "test": 100},
+        ks=(1, 2, 4, 8),
+        image_features=("image", "segmentation_mask"),
+    ),
+    "cars": DatasetSpec(
+        tfds_name="cars196",
+        label_key="label",
+        class_ranges={"train": range(98), "test": range(98, 196)},
+        num_classes={"train": 98, "test": 98},
+        ks=(1, 2, 4, 8),
+    ),
+}
+
+
+def get_spec(dataset: str) -> DatasetSpec:
+    """The `DATASETS` entry of `dataset`; ValueError listing the known names otherwise."""
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown tfds dataset {dataset!r}; known: {', '.join(DATASETS)}.")
+    return DATASETS[dataset]
+
+
+def _prepare_hint(spec: DatasetSpec, data_dir: str) -> str:
+    return (
+        f"Prepare it once, in an environment with TensorFlow installed (pip install tensorflow), "
+        f"with `{spec.prepare_command(data_dir)}` or, in Python, "
+        f"`tfds.builder({spec.tfds_name!r}, data_dir={data_dir!r}, "
+        f'file_format="array_record").download_and_prepare()`.'
+    )
+
+
+def _is_prepared(spec: DatasetSpec, data_dir: str) -> bool:
+    """Whether some version of the dataset has a dataset_info.json under `data_dir`."""
+    root = os.path.join(data_dir, spec.tfds_name)
+    if not os.path.isdir(root):
+        return False
+    return any(
+        os.path.isfile(os.path.join(root, version, "dataset_info.json"))
+        for version in os.listdir(root)
+    )
+
+
+def _open(spec: DatasetSpec, tfds_split: str, data_dir: str):
+    """`tfds.data_source` with the image features left as encoded bytes; clear errors."""
+    try:
+        return tfds.data_source(
+            spec.tfds_name,
+            split=tfds_split,
+            data_dir=data_dir,
+            download=False,
+            decoders={key: tfds.decode.SkipDecoding() for key in spec.image_features},
+        )
+    except Exception as e:  # tfds raises NotImplementedError, ValueError, ... here.
+        if not _is_prepared(spec, data_dir):
+            # tfds then falls back to the builder's code and complains about the file format.
+            raise FileNotFoundError(
+                f"{spec.tfds_name} is not prepared in data_dir {data_dir!r} (no "
+                f"{spec.tfds_name}/<version>/dataset_info.json). {_prepare_hint(spec, data_dir)}"
+            ) from e
+        raise RuntimeError(
+            f"Cannot open {spec.tfds_name} split {tfds_split!r} in {data_dir!r} as a random-access "
+            f"tfds data source ({type(e).__name__}: {e}). It must be prepared in the array_record "
+            f"format; delete {os.path.join(data_dir, spec.tfds_name)!r} and prepare it again. "
+            + _prepare_hint(spec, data_dir)
+        ) from e
+
+
+def _read_labels(source, label_key: str) -> np.ndarray:
+    """The int64 class id of every record (the images are not decoded)."""
+    labels = np.empty(len(source), dtype=np.int64)
+    for start in range(0, len(source), _READ_CHUNK):
+        keys = list(range(start, min(start + _READ_CHUNK, len(source))))
+        labels[start : start + len(keys)] = [r[label_key] for r in source.__getitems__(keys)]
+    return labels
+
+
+class TfdsSource:
+    """Random-access source (grain protocol) over one DML split of SOP, CUB or Cars.
+
+    `ds[i]` is `{"image": uint8 (image_size, image_size, 3), "label": int32 scalar}`.
+
+    Attributes:
+      dataset, split, data_dir, image_size: as given.
+      spec: the dataset's `DatasetSpec`.
+      labels: (len,) int32, dense 0..num_classes-1 within the split.
+      classes: (num_classes,) int64, the tfds class id of each label, sorted.
+      num_classes: len(classes).
+      record_indices: (len,) int64, each example's index in the tfds data source (`train` for
+        SOP's train split, `test` for its test split, `train+test` for CUB and Cars).
+    """
+
+    def __init__(self, dataset: str, split: str, *, data_dir: str | os.PathLike, image_size: int):
+        spec = get_spec(dataset)
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
+        if not is_int or image_size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        if not data_dir:
+            raise ValueError(
+                f"data_dir is not set; point it to the tfds data_dir holding {spec.tfds_name}. "
+                + _prepare_hint(spec, "DATA_DIR")
+            )
+        data_dir = os.fspath(data_dir)
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(
+                f"tfds data_dir {data_dir!r} does not exist. " + _prepare_hint(spec, data_dir)
+            )
+        self.dataset, self.split, self.spec = dataset, split, spec
+        self.data_dir, self.image_size = data_dir, int(image_size)
+
+        tfds_split = split if spec.class_ranges is None else "+".join(SPLITS)
+        self._source = _open(spec, tfds_split, data_dir)
+        class_ids = _read_labels(self._source, spec.label_key)
+        if spec.class_ranges is None:
+            keep = np.ones(len(class_ids), dtype=bool)
+        else:
+            wanted = spec.class_ranges[split]
+            keep = (class_ids >= wanted.start) & (class_ids < wanted.stop)
+        self.record_indices = np.flatnonzero(keep)
+        if not len(self.record_indices):
+            raise ValueError(
+                f"{spec.tfds_name} in {data_dir!r} has no {split!r} examples "
+                f"(tfds split {tfds_split!r}, {len(class_ids)} records). "
+                + _prepare_hint(spec, data_dir)
+            )
+        self.classes, labels = np.unique(class_ids[keep], return_inverse=True)
+        self.labels = labels.astype(np.int32)
+        self.num_classes = len(self.classes)
+        expected = spec.num_classes[split]
+        if self.num_classes != expected:
+            logging.warning(
+                "%s %s: %d classes, but the standard protocol has %d; is the tfds data complete?",
+                dataset,
+                split,
+                self.num_classes,
+                expected,
+            )
+        logging.info(
+            "%s %s (tfds %s %s): %d images, %d classes.",
+            dataset,
+            split,
+            spec.tfds_name,
+            tfds_split,
+            len(self),
+            self.num_classes,
+        )
+
+    def __len__(self) -> int:
+        return len(self.record_indices)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        record_index = int(self.record_indices[index])
+        data = self._source[record_index]["image"]
+        try:
+            image = load_image(io.BytesIO(data), self.image_size)
+        except CorruptImageError as e:
+            raise CorruptImageError(
+                f"{self.dataset} {self.split} example {index} (tfds {self.spec.tfds_name} record "
+                f"{record_index} in {self.data_dir!r}): cannot decode the image ({e.__cause__!r})."
+            ) from e
+        return {"image": image, "label": np.int32(self.labels[index])}
+
+    def __repr__(self) -> str:
+        return (
+            f"TfdsSource(dataset={self.dataset!r}, split={self.split!r}, "
+            f"data_dir={self.data_dir!r}, images={len(self)}, classes={self.num_classes}, "
+            f"image_size={self.image_size})"
+        )
+
+
+def evaluate(embeddings, labels, *, dataset: str, query_block: int = 256) -> dict:
+    """Recall@K (the dataset's `ks`) and mAP of the test split against itself, self excluded."""
+    spec = get_spec(dataset)
+    return metrics.retrieval_metrics(
+        embeddings,
+        labels,
+        embeddings,
+        labels,
+        ks=spec.ks,
+        query_block=query_block,
+        exclude_self=True,
+    )

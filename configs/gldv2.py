@@ -1,0 +1,60 @@
+"""GLDv2-clean: a ResNet-18 old model on 30% of the landmarks, then ResNet-50 new models
+(independent, BCT, NDPP, ODPP), tested on ROxford5k, RParis6k (Medium, Hard) and the GLDv2
+retrieval test (METHOD.md §6-§8).
+
+    python -m bcl_jax.data.prepare --dataset=gldv2 --src=$GLDV2 --dst=$PREPARED   # optional, once
+    python -m bcl_jax.main --config=configs/gldv2.py --workdir=$RUN \
+        --config.data.gldv2.root=$GLDV2 --config.data.revisited.root=$REVISITOP \
+        [--config.data.prepared=$PREPARED]
+
+$GLDV2 holds train_clean.csv, train/a/b/c/<id>.jpg, index.csv, index/, test/ and
+retrieval_solution_v2.1.csv; $REVISITOP holds roxford5k/ and rparis6k/ (gnd_<name>.pkl, jpg/).
+The old split (24,393 of 81,313 classes, seed `data.split_seed`) is saved to $RUN/old_split.json,
+or read from the prepared folder, whose manifest must match it.
+
+Meant for a Cloud TPU v4-32 / v5e-32 or 8+ GPUs (`launch/`): 30 epochs of 1.58M images at 224 px
+is about 47M images per model. Expect an old/old ROxford Medium mAP in the 60s and BCT new/old
+above it; the published tables (Zhou et al. 2025) are the reference. For the same architecture
+old and new, add --config.new.model.arch=resnet18.
+
+`:smoke` keeps the stages and the tests but shrinks models, images and epochs so that the tests
+run it end to end in seconds on small files in these formats.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base_config()
+    c.data.name = 'gldv2'
+    c.data.image_size = 224
+    c.data.crop_padding = 16  # pad-and-crop: random 224 crops
+    c.data.num_threads = 16
+    c.old.model = common.model(arch='resnet18', embedding_dim=256, head='cosface')
+    c.new.model = common.model(arch='resnet50', embedding_dim=256, head='cosface')
+    for stage in (c.old, c.new):
+        stage.train = common.train(
+            epochs=30.0, batch_size=256, learning_rate=0.1, lr_drop_epochs=(5.0, 10.0, 20.0)
+        )
+    c.methods = ('independent', 'bct', 'ndpp', 'odpp')
+    c.eval.batch_size = 512
+    c.eval.ks = (1, 10, 100)
+    c.ckpt.every_steps = 2000
+    c.log_every_steps = 100
+    if arg == 'smoke':
+        shrink_to_smoke(c)
+    elif arg is not None:
+        raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
+    return c
+
+
+def shrink_to_smoke(c):
+    """Tiny models on 16 px images for a few steps: every stage and test, in seconds."""
+    c.data.image_size, c.data.crop_padding, c.data.num_threads = 16, 2, 2
+    for stage in (c.old, c.new):
+        stage.model = common.model(width=4, depth=8, embedding_dim=16)
+        stage.train = common.train(epochs=2.0, batch_size=8, lr_drop_epochs=(1.5,))
+    c.perturb.start_epochs, c.perturb.odpp.passes = 0.5, 5
+    c.perturb.ndpp.k = c.perturb.odpp.k = 3
+    c.eval.batch_size = 8
+    c.ckpt.every_steps, c.log_every_steps = 4, 2

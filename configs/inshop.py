@@ -1,0 +1,41 @@
+"""DeepFashion In-shop: a ResNet-18 old model on 30% of the 3,997 training items, then ResNet-50
+new models (independent, BCT, NDPP, ODPP), tested by Recall@{1,10,20,30,40,50} and mAP of the
+14,218 queries against the 12,612 gallery images (METHOD.md §6-§8).
+
+    python -m bcl_jax.data.prepare --dataset=inshop --src=$INSHOP --dst=$PREPARED   # optional
+    python -m bcl_jax.main --config=configs/inshop.py --workdir=$RUN \
+        --config.data.inshop.root=$INSHOP [--config.data.prepared=$PREPARED]
+
+$INSHOP holds list_eval_partition.txt and img/. Schedule: 200 epochs, lr ×0.1 at 50/100/150.
+
+Meant for one GPU or a TPU v4-8 / v5e-8: 25,882 training images × 200 epochs is about 5.2M
+images per model, a few hours at 224 px. Expect BCT new/old Recall@1 above old/old; the published
+tables (Zhou et al. 2025) are the reference. `:smoke` shrinks everything for the tests.
+"""
+
+from configs import common, gldv2
+
+
+def get_config(arg=None):
+    c = common.base_config()
+    c.data.name = 'inshop'
+    c.data.image_size = 224
+    c.data.crop_padding = 16
+    c.data.num_threads = 16
+    c.old.model = common.model(arch='resnet18', embedding_dim=256, head='cosface')
+    c.new.model = common.model(arch='resnet50', embedding_dim=256, head='cosface')
+    for stage in (c.old, c.new):
+        stage.train = common.train(
+            epochs=200.0, batch_size=128, learning_rate=0.1, lr_drop_epochs=(50.0, 100.0, 150.0)
+        )
+    c.perturb.start_epochs = 10.0
+    c.perturb.refresh_every_epochs = 5.0
+    c.methods = ('independent', 'bct', 'ndpp', 'odpp')
+    c.eval.batch_size = 512
+    c.ckpt.every_steps = 2000
+    c.log_every_steps = 100
+    if arg == 'smoke':
+        gldv2.shrink_to_smoke(c)
+    elif arg is not None:
+        raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
+    return c

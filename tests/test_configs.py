@@ -1,0 +1,233 @@
+"""The experiment configs: each loads, documents its command, and its `:smoke` variant runs end to
+end through bcl_jax.main on small fake files in the real dataset formats."""
+
+import glob
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fake_datasets
+from bcl_jax import evaluate, main, train
+from bcl_jax import data as data_lib
+from bcl_jax.data import gldv2, prepare, revisited
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+    if not p.endswith(('__init__.py', 'common.py'))
+)
+GLDV2_COLUMNS = [
+    'roxford5k/medium/mAP',
+    'roxford5k/hard/mAP',
+    'rparis6k/medium/mAP',
+    'rparis6k/hard/mAP',
+    'gldv2/mAP@100/private',
+    'gldv2/mAP@100/public',
+]
+
+
+def config(name, arg=None):
+    return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_loads_and_documents_its_command(name):
+    module = importlib.import_module(f'configs.{name}')
+    assert f'--config=configs/{name}.py' in module.__doc__
+    full, smoke = config(name), config(name, 'smoke')
+    train.check_config(full)
+    assert smoke.data.name == full.data.name and smoke.methods == full.methods
+    assert smoke.data.image_size <= full.data.image_size
+    with pytest.raises(ValueError, match='unknown config argument'):
+        config(name, 'huge')
+
+
+def test_gldv2_configs_follow_the_reference_schedule():
+    c = config('gldv2')
+    assert (c.old.model.arch, c.new.model.arch, c.new.model.embedding_dim) == (
+        'resnet18',
+        'resnet50',
+        256,
+    )
+    assert c.data.image_size == 224 and c.data.flip and c.data.old_fraction == 0.3
+    for stage in (c.old.train, c.new.train):
+        assert (stage.epochs, tuple(stage.lr_drop_epochs)) == (30.0, (5.0, 10.0, 20.0))
+        assert (stage.learning_rate, stage.momentum, stage.weight_decay) == (0.1, 0.9, 5e-4)
+    assert config('gldv2_old').methods == ()
+    assert [config(f'gldv2_{m}').methods for m in ('bct', 'ndpp', 'odpp')] == [
+        ('bct',),
+        ('ndpp',),
+        ('odpp',),
+    ]
+    inshop = config('inshop')
+    assert (inshop.new.train.epochs, tuple(inshop.new.train.lr_drop_epochs)) == (
+        200.0,
+        (50.0, 100.0, 150.0),
+    )
+
+
+@pytest.fixture(scope='module')
+def gldv2_files(tmp_path_factory):
+    base = tmp_path_factory.mktemp('gldv2_files')
+    root = fake_datasets.gldv2_root(base / 'gldv2')
+    for dataset in revisited.DATASETS:
+        fake_datasets.revisited_root(base / 'revisitop', dataset)
+    return root, str(base / 'revisitop')
+
+
+def gldv2_smoke(name, files):
+    c = config(name, 'smoke')
+    c.data.gldv2.root, c.data.revisited.root = files
+    return c
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
+    """gldv2_old, then gldv2_bct in the same workdir (which reuses the old model), scored by the
+    three GLDv2 tests; every number checked against the tests' own scoring of fresh embeddings."""
+    workdir = str(tmp_path / 'run')
+    old_only = main.run(gldv2_smoke('gldv2_old', gldv2_files), workdir)
+    assert old_only['methods'] == {}
+    assert old_only['columns'] == GLDV2_COLUMNS
+    assert old_only['primary_metric'] == 'roxford5k/medium/mAP'
+    assert 'cropped to their box' in old_only['tests']['roxford5k']
+
+    # The old split was drawn with the recorded seed and saved with its checksum.
+    split_file = os.path.join(workdir, 'old_split.json')
+    split, meta = gldv2.read_split_file(split_file)
+    expected = gldv2.old_split_for(
+        os.path.join(gldv2_files[0], 'train_clean.csv'), fraction=0.3, mode='classes', seed=0
+    )
+    np.testing.assert_array_equal(split.indices, expected.indices)
+    assert (meta['fraction'], meta['mode'], meta['seed']) == (0.3, 'classes', 0)
+    assert split.num_old_classes == 3  # floor(0.3 * 10)
+
+    cfg = gldv2_smoke('gldv2_bct', gldv2_files)
+    results = main.run(cfg, workdir)
+    assert results['old_old'] == old_only['old_old']  # the same old model, not retrained
+    assert list(results['methods']) == ['bct']
+    assert read_json(os.path.join(workdir, 'results.json'))['columns'] == GLDV2_COLUMNS
+    table = open(os.path.join(workdir, 'results.md')).read()
+    assert table.startswith('| model | test | ' + ' | '.join(GLDV2_COLUMNS) + ' |')
+
+    # Recompute every test from embeddings of the saved models.
+    data = data_lib.build(cfg.data, workdir=workdir)
+    mesh = train.make_mesh(cfg.mesh)
+    old = train.load(
+        os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh
+    )
+    new = train.load(
+        os.path.join(workdir, 'new_bct', 'ckpt'), cfg.new.model, data.num_classes, mesh
+    )
+    embed = lambda model, s: evaluate.embed(model, s, mesh=mesh, batch_size=8)
+    tests = {t.name: t for t in data.tests}
+    assert list(tests) == ['roxford5k', 'rparis6k', 'gldv2']
+    for name in ('roxford5k', 'rparis6k'):
+        t = tests[name]
+        new_q, old_db = embed(new, t.query), embed(old, t.gallery)
+        want = revisited.evaluate(new_q, old_db, t.query.gnd, crop_queries=True)
+        for protocol in ('medium', 'hard'):
+            got = results['methods']['bct']['new_old'][f'{name}/{protocol}/mAP']
+            assert got == pytest.approx(want[protocol]['mAP'], abs=1e-6)
+    t = tests['gldv2']
+    assert len(t.query) == 6 and len(t.gallery) == 20  # the Ignored query is not embedded
+    want = gldv2.evaluate_retrieval(
+        t.query.ids,
+        embed(old, t.query),
+        t.gallery.ids,
+        embed(old, t.gallery),
+        gldv2.read_retrieval_solution(os.path.join(gldv2_files[0], gldv2.SOLUTION_FILE)),
+    )
+    assert results['old_old']['gldv2/mAP@100/public'] == pytest.approx(want['public'], abs=1e-6)
+    assert results['old_old']['gldv2/num_private'] == want['num_private'] == 3
+
+
+def test_gldv2_split_file_must_match_the_config(gldv2_files, tmp_path):
+    cfg = gldv2_smoke('gldv2_bct', gldv2_files)
+    split_file = str(tmp_path / 'split.json')
+    gldv2.old_split_for(
+        os.path.join(gldv2_files[0], 'train_clean.csv'),
+        fraction=0.5,
+        mode='classes',
+        seed=0,
+        out=split_file,
+    )
+    cfg.data.gldv2.split_file = split_file
+    with pytest.raises(ValueError, match='fraction=0.5'):
+        main.run(cfg, str(tmp_path / 'run'))
+    assert not os.path.exists(tmp_path / 'run' / 'old')
+
+
+def test_gldv2_prepared_smoke_and_manifest_check(gldv2_files, tmp_path):
+    prepared_dir = str(tmp_path / 'prepared')
+    prepare.prepare(
+        dataset='gldv2', src=gldv2_files[0], dst=prepared_dir, image_size=24, workers=2
+    )
+    cfg = gldv2_smoke('gldv2_ndpp', gldv2_files)
+    cfg.data.prepared = prepared_dir
+    cfg.data.gldv2.tests = ('gldv2',)
+    results = main.run(cfg, str(tmp_path / 'run'))
+    assert results['columns'] == ['mAP@100/private', 'mAP@100/public']
+    assert set(results['methods']) == {'ndpp'}
+
+    # A config whose old split differs from the prepared one stops before anything trains.
+    cfg.data.old_fraction = 0.5
+    with pytest.raises(ValueError, match='old split'):
+        main.run(cfg, str(tmp_path / 'other'))
+    assert not os.path.exists(tmp_path / 'other' / 'old')
+
+
+def test_inshop_smoke_end_to_end(tmp_path):
+    cfg = config('inshop_odpp', 'smoke')
+    cfg.data.inshop.root = fake_datasets.inshop_root(tmp_path / 'inshop')
+    results = main.run(cfg, str(tmp_path / 'run'))
+    assert results['columns'] == ['mAP'] + [f'recall@{k}' for k in (1, 10, 20, 30, 40, 50)]
+    for test in ('old_old',):
+        m = results[test]
+        assert m['num_queries'] == 10 and m['recall@50'] == 1.0  # every item is in the top 50
+    assert set(results['methods']) == {'odpp'}
+
+
+def test_cub_end_to_end_query_set_is_its_own_gallery(tmp_path):
+    """data.name=cub: CUB's DML split by class, and the test set searched against itself with
+    each query left out, for old/old, new/new and new/old alike."""
+    from test_tfds_sources import write_tfds
+
+    from bcl_jax import metrics
+    from configs import synthetic
+
+    class_ids = {'train': [c for c in range(10) for _ in range(4)]}
+    class_ids['test'] = [c for c in range(100, 110) for _ in range(3)]
+    write_tfds(tmp_path / 'tfds', 'cub', class_ids)
+    cfg = synthetic.get_config('smoke')
+    cfg.data.name, cfg.data.tfds.data_dir = 'cub', str(tmp_path / 'tfds')
+    cfg.methods = ('bct',)
+    workdir = str(tmp_path / 'run')
+    results = main.run(cfg, workdir)
+    assert results['columns'] == ['mAP'] + [f'recall@{k}' for k in (1, 2, 4, 8)]
+    assert 'excluded from its own gallery' in results['tests']['cub']
+
+    data = data_lib.build(cfg.data)
+    (test,) = data.tests
+    assert test.gallery is None and len(test.query) == 30 and data.num_classes == 10
+    mesh = train.make_mesh(cfg.mesh)
+    old = train.load(
+        os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh
+    )
+    new = train.load(os.path.join(workdir, 'new_bct', 'ckpt'), cfg.new.model, 10, mesh)
+    old_emb, new_emb = (evaluate.embed(m, test.query, mesh=mesh, batch_size=16) for m in (old, new))
+    labels = np.asarray(test.query.labels)
+    want = metrics.retrieval_metrics(
+        new_emb, labels, old_emb, labels, ks=(1, 2, 4, 8), exclude_self=True
+    )
+    got = results['methods']['bct']['new_old']
+    assert got['mAP'] == pytest.approx(want['mAP'], abs=1e-6)
+    assert got['num_queries'] == 30
