@@ -168,9 +168,7 @@ def test_gldv2_split_file_must_match_the_config(gldv2_files, tmp_path):
 
 def test_gldv2_prepared_smoke_and_manifest_check(gldv2_files, tmp_path):
     prepared_dir = str(tmp_path / 'prepared')
-    prepare.prepare(
-        dataset='gldv2', src=gldv2_files[0], dst=prepared_dir, image_size=24, workers=2
-    )
+    prepare.prepare(dataset='gldv2', src=gldv2_files[0], dst=prepared_dir, image_size=24, workers=2)
     cfg = gldv2_smoke('gldv2_ndpp', gldv2_files)
     cfg.data.prepared = prepared_dir
     cfg.data.gldv2.tests = ('gldv2',)
