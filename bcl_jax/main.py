@@ -23,6 +23,25 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the run writes')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed',
+    False,
+    'multi-host: call jax.distributed.initialize() first (Cloud TPU slices and SLURM are '
+    'detected; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)',
+)
+
+
+def initialize_distributed():
+    """Joins the hosts of a multi-host run, or says what is missing."""
+    env = {k: os.environ.get(f'JAX_{k.upper()}') for k in ('num_processes', 'process_id')}
+    try:
+        jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v is not None})
+    except ValueError as e:  # jax found no cluster and no coordinator address
+        raise SystemExit(
+            f'--distributed: no multi-host coordinator found ({e}). Launch on a Cloud TPU slice '
+            'or under SLURM (see launch/), or set JAX_COORDINATOR_ADDRESS=host:port, '
+            'JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host; drop --distributed on one host.'
+        ) from e
 
 
 def run(config, workdir: str) -> dict:
@@ -92,11 +111,18 @@ def run_one(config, workdir: str) -> dict:
         log_every_steps=config.log_every_steps,
         compat_cfg=config.compat,
         perturb_cfg=config.perturb,
+        shard_classes=config.mesh.shard_classes,
     )
 
     # 1. The old model: given, or trained on the old split.
     if config.old.checkpoint:
-        old = train.load(config.old.checkpoint, config.old.model, data.old_train.num_classes, mesh)
+        old = train.load(
+            config.old.checkpoint,
+            config.old.model,
+            data.old_train.num_classes,
+            mesh,
+            shard_classes=config.mesh.shard_classes,
+        )
     else:
         old = train.train(
             stage='old',
@@ -166,6 +192,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+    if _DISTRIBUTED.value:
+        initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value)
 
 

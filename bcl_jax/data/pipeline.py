@@ -62,10 +62,12 @@ def train_stream(
     Returns a grain iterator with get_state()/set_state() for checkpoints.
     """
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    ds = ds[jax.process_index() :: jax.process_count()]
-    if crop_padding or flip:
+    if crop_padding or flip:  # keyed by the global position: the same on any number of hosts
         ds = ds.random_map(lambda r, rng: _augment(r, rng, crop_padding=crop_padding, flip=flip))
+    # Host h reads the h-th slice of every global batch, so that the global batch is the same
+    # run of examples, in the same order, on 1 host or many.
     ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)
+    ds = ds[jax.process_index() :: jax.process_count()]
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(options))
 
