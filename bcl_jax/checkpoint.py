@@ -103,26 +103,36 @@ class Checkpointer:
         _check_meta(meta, expected, self.directory)
         return meta
 
-    def restore(self, step: int, state: dict, expected_meta: dict):
-        """(state, data_state, meta) at `step`, onto the shardings of the template `state`."""
+    def restore(self, step: int, state: dict, expected_meta: dict, *, strict: bool = True):
+        """(state, data_state, meta) at `step`, onto the shardings of the template `state`.
+
+        The arrays land with the template's shardings, on its mesh, whatever mesh wrote them.
+        `strict=False` also pads (with zeros) or truncates arrays whose shape differs from the
+        template's: a class axis padded for another device count (bcl_jax.sharding). Pass it
+        only with `expected_meta` naming the model and class count, which rules out any other
+        difference.
+        """
         meta = self._meta(step, expected_meta)
         weights = dict(params=state['params'], batch_stats=state['batch_stats'])
         train = {k: v for k, v in state.items() if k not in weights}
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                weights=ocp.args.StandardRestore(_abstract(weights)),
-                train=ocp.args.StandardRestore(_abstract(train)),
+                weights=ocp.args.StandardRestore(_abstract(weights), strict=strict),
+                train=ocp.args.StandardRestore(_abstract(train), strict=strict),
                 data=ocp.args.JsonRestore(),
             ),
         )
         return dict(out['train'], **out['weights']), out['data'], meta
 
-    def restore_weights(self, step: int, weights: dict, expected_meta: dict):
-        """(weights, meta) only: what using a finished model needs."""
+    def restore_weights(self, step: int, weights: dict, expected_meta: dict, *, strict=True):
+        """(weights, meta) only: what using a finished model needs (`strict` as in `restore`)."""
         meta = self._meta(step, expected_meta)
         out = self._manager.restore(
-            step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(_abstract(weights)))
+            step,
+            args=ocp.args.Composite(
+                weights=ocp.args.StandardRestore(_abstract(weights), strict=strict)
+            ),
         )
         return out['weights'], meta
 

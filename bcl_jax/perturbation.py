@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcl_jax import knn
@@ -58,8 +58,10 @@ def _first(flags, n=10):
     return np.flatnonzero(np.asarray(flags))[:n].tolist()
 
 
-def _check_banks(old, new, *, extra=(), zero_ok=()):
-    """Shapes (C, D) equal for all banks; no NaN/Inf; no zero rows (except banks in zero_ok)."""
+def _check_banks(old, new, *, extra=(), zero_ok=(), num_classes=None):
+    """Shapes (C, D) equal for all banks; no NaN/Inf; no zero rows (except banks in zero_ok).
+
+    Rows from `num_classes` on are padding (bcl_jax.sharding) and are not checked."""
     banks = {'old': old, 'new': new, **dict(extra)}
     for name, x in banks.items():
         if getattr(x, 'ndim', None) != 2:
@@ -72,10 +74,14 @@ def _check_banks(old, new, *, extra=(), zero_ok=()):
                 f'{name} bank has shape {x.shape} but the old bank has {old.shape}; '
                 'all banks must be (classes, dim) with the same classes and dim.'
             )
-    if old.shape[0] < 2:
-        raise ValueError(f'Prototype perturbation needs at least 2 classes; got {old.shape[0]}.')
+    c = old.shape[0] if num_classes is None else num_classes
+    if not 2 <= c <= old.shape[0]:
+        raise ValueError(
+            f'Prototype perturbation needs at least 2 classes (and at most the {old.shape[0]} '
+            f'rows of the banks); got {c}.'
+        )
     for name, x in banks.items():
-        nonfinite, zero = _row_flags(x)
+        nonfinite, zero = (np.asarray(f)[:c] for f in _row_flags(x))
         if np.any(nonfinite):
             raise ValueError(
                 f'{name} bank has NaN/Inf in classes {_first(nonfinite)} '
@@ -116,6 +122,20 @@ def _replicated(x, mesh=None):
             return x
         mesh = sharding.mesh
     return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+def _valid_rows(x, num_classes, mesh=None):
+    """x replicated (see `_replicated`) without its padding rows (from `num_classes` on)."""
+    x = _replicated(x, mesh)
+    return x if num_classes is None or num_classes == x.shape[0] else x[:num_classes]
+
+
+def _auto(mesh):
+    """`mesh` with Auto axes: the compiler then partitions row lookups into a row-sharded bank
+    (a masked local gather and a sum over devices), which Explicit axes refuse."""
+    return jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)
+    )
 
 
 def _even_block(n: int, max_block: int, multiple: int = 8) -> int:
@@ -200,6 +220,7 @@ def ndpp(
     axis=None,
     query_block: int = 256,
     gallery_block: int = 131072,
+    num_classes: int | None = None,
 ):
     """Neighbour-driven prototype perturbation (METHOD.md §4): the perturbed old bank p̃.
 
@@ -226,11 +247,15 @@ def ndpp(
         splits C (or the per-device shard) into equal blocks. Peak memory is about
         query_block × gallery_block scores plus query_block × K × D gathered neighbours.
         Wide gallery blocks matter on CPU, where each top-k call has a large fixed cost.
+      num_classes: the real classes when the banks carry padding rows after them (zero rows
+        added to shard the class axis evenly, bcl_jax.sharding); they are dropped. The banks
+        may be sharded by class: they are gathered whole (on `mesh` when given) for the search.
 
     Returns:
-      (C, D) float32 perturbed old prototypes, L2-normalised.
+      (C, D) float32 perturbed old prototypes, L2-normalised (C = num_classes when given).
     """
-    _check_banks(old, new)
+    _check_banks(old, new, num_classes=num_classes)
+    old, new = _valid_rows(old, num_classes, mesh), _valid_rows(new, num_classes, mesh)
     c = old.shape[0]
     k = _clamp_k(k, c, 'ndpp')
     if query_block < 1 or gallery_block < 1:
@@ -239,8 +264,8 @@ def ndpp(
     hyper = (jnp.float32(alpha), jnp.float32(beta))
     if mesh is None:
         return _ndpp_jit(
-            _replicated(old),
-            _replicated(new),
+            old,
+            new,
             *hyper,
             k=k,
             exclude_self=bool(exclude_self),
@@ -251,8 +276,8 @@ def ndpp(
     axis = axis if isinstance(axis, str) else tuple(axis)
     shard_rows = -(-c // knn._axis_size(mesh, axis))  # also checks that the axes exist
     return _ndpp_sharded_jit(
-        _replicated(old, mesh),
-        _replicated(new, mesh),
+        old,
+        new,
         *hyper,
         k=k,
         exclude_self=bool(exclude_self),
@@ -280,6 +305,7 @@ def odpp_loss(
     lambda_old=1.0,
     lambda_new=1.0,
     gamma=0.0,
+    num_classes=None,
 ):
     """J(Δ) of METHOD.md §5 on the index pairs (i, j):
 
@@ -297,6 +323,7 @@ def odpp_loss(
       i, j: (B,) int class indices.
       gamma: weight of the mean squared norm of Δ (over all C classes). A Python 0 skips the
         term entirely (its gradient would otherwise touch every row).
+      num_classes: C when Δ carries zero padding rows after its C classes (bcl_jax.sharding).
 
     Returns:
       scalar float32 J.
@@ -310,7 +337,8 @@ def odpp_loss(
     hinge_new = jax.nn.relu(jnp.sum(pi * qj, axis=-1) - margin_new)
     loss = (lambda_old * jnp.sum(mask * hinge_old) + lambda_new * jnp.sum(mask * hinge_new)) / count
     if not (isinstance(gamma, (int, float)) and gamma == 0):
-        loss = loss + gamma * jnp.mean(jnp.sum(jnp.square(delta), axis=-1))
+        c = delta.shape[0] if num_classes is None else num_classes
+        loss = loss + gamma * jnp.sum(jnp.square(delta)) / c
     return loss
 
 
@@ -348,8 +376,25 @@ def _draw_pairs(key_perm, key_pair, s, perm, neighbours, *, pairs_per_step, pair
     return i, j, perm
 
 
-@functools.partial(jax.jit, static_argnames=('steps', 'pairs_per_step', 'pairs', 'use_gamma'))
-def _odpp_jit(old, new, delta0, key, neighbours, hyper, *, steps, pairs_per_step, pairs, use_gamma):
+@functools.partial(
+    jax.jit,
+    static_argnames=('steps', 'pairs_per_step', 'pairs', 'use_gamma', 'num_classes', 'sharding'),
+)
+def _odpp_jit(
+    old,
+    new,
+    delta0,
+    key,
+    neighbours,
+    hyper,
+    *,
+    steps,
+    pairs_per_step,
+    pairs,
+    use_gamma,
+    num_classes,
+    sharding,
+):
     learning_rate, margin_old, margin_new, lambda_old, lambda_new, gamma = hyper
     loss_kwargs = dict(
         margin_old=margin_old,
@@ -357,9 +402,18 @@ def _odpp_jit(old, new, delta0, key, neighbours, hyper, *, steps, pairs_per_step
         lambda_old=lambda_old,
         lambda_new=lambda_new,
         gamma=gamma if use_gamma else 0.0,
+        num_classes=num_classes,
     )
     optimizer = optax.adam(learning_rate)
     key_perm, key_pair = jax.random.split(key)
+
+    def keep_layout(tree):
+        # Δ and Adam's moments stay sharded by class through the scan (when they are).
+        if sharding is None:
+            return tree
+        return jax.tree.map(
+            lambda x: lax.with_sharding_constraint(x, sharding) if x.ndim == 2 else x, tree
+        )
 
     def step(carry, s):
         delta, opt_state, perm = carry
@@ -368,9 +422,9 @@ def _odpp_jit(old, new, delta0, key, neighbours, hyper, *, steps, pairs_per_step
         )
         loss, grad = jax.value_and_grad(odpp_loss)(delta, old, new, i, j, **loss_kwargs)
         updates, opt_state = optimizer.update(grad, opt_state, delta)
-        return (optax.apply_updates(delta, updates), opt_state, perm), loss
+        return keep_layout((optax.apply_updates(delta, updates), opt_state)) + (perm,), loss
 
-    init = (delta0, optimizer.init(delta0), jnp.zeros((old.shape[0],), jnp.int32))
+    init = keep_layout((delta0, optimizer.init(delta0))) + (jnp.zeros((num_classes,), jnp.int32),)
     (delta, _, _), losses = lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))
     return delta, losses
 
@@ -391,6 +445,9 @@ def odpp(
     lambda_old: float = 1.0,
     lambda_new: float = 1.0,
     gamma: float = 0.0,
+    num_classes: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    axis: str = 'data',
 ):
     """Optimisation-driven prototype perturbation (METHOD.md §5): `steps` Adam steps on J(Δ).
 
@@ -405,13 +462,20 @@ def odpp(
     Adam's state is fresh on every call; Δ starts from `delta0` (warm start across refreshes).
     p̃ = normalize(old + Δ) is what the compatibility loss should then use.
 
+    `num_classes`: the real classes when the banks carry zero padding rows after them
+    (bcl_jax.sharding); pairs are drawn among them only and the padding rows of Δ stay as given.
+    `mesh`, `axis`: when given, p, q, Δ and Adam's moments are kept sharded by class over mesh
+    axis `axis` (their rows must be a multiple of its size: pad them). The compiler turns each
+    step's row lookups into masked local gathers and (pairs, D) sums over devices, and the
+    gradient into local scatter-adds, so nothing (C, D)-sized moves between devices.
+
     Returns:
-      delta: (C, D) float32, the new Δ.
+      delta: (rows, D) float32, the new Δ (sharded like the banks when `mesh` is given).
       losses: (steps,) float32, J on each step's pairs before that step's update.
     """
     if pairs not in PAIR_MODES:
         raise ValueError(f'pairs must be one of {PAIR_MODES}; got {pairs!r}.')
-    _check_banks(old, new, extra={'delta0': delta0}, zero_ok=('delta0',))
+    _check_banks(old, new, extra={'delta0': delta0}, zero_ok=('delta0',), num_classes=num_classes)
     for name, m in (('margin_old', margin_old), ('margin_new', margin_new)):
         if not -1.0 <= m <= 1.0:
             raise ValueError(f'{name}={m} is outside [-1, 1], the range of a cosine similarity.')
@@ -424,19 +488,38 @@ def odpp(
             raise ValueError(f'{name} must be finite and >= 0; got {value}.')
     if not learning_rate > 0:
         raise ValueError(f'learning_rate must be > 0; got {learning_rate}.')
-    c = old.shape[0]
-    old, new, delta0 = (jnp.asarray(_replicated(x), jnp.float32) for x in (old, new, delta0))
-    if pairs == 'neighbours':
-        _, neighbours = knn.topk(
-            old,
-            old,
-            _clamp_k(k, c, 'odpp'),
-            exclude_self=True,
-            query_block=256,
-            gallery_block=_even_block(c, 131072),
-        )
+    rows = old.shape[0]
+    c = rows if num_classes is None else num_classes
+    if mesh is None:
+        sharding = None
+        old, new, delta0 = (jnp.asarray(_replicated(x), jnp.float32) for x in (old, new, delta0))
     else:
-        neighbours = jnp.zeros((c, 1), jnp.int32)  # unused
+        mesh = _auto(mesh)
+        if rows % mesh.shape[axis]:
+            raise ValueError(
+                f'odpp over mesh axis {axis!r} of size {mesh.shape[axis]}: the banks have {rows} '
+                'rows, not a multiple of it; pad them with zero rows and pass num_classes.'
+            )
+        sharding = NamedSharding(mesh, P(axis, None))
+        old, new, delta0 = (
+            jax.device_put(jnp.asarray(x, jnp.float32), sharding) for x in (old, new, delta0)
+        )
+    if pairs == 'neighbours':
+        valid = _valid_rows(old, c, mesh)
+        search = dict(exclude_self=True, query_block=256)
+        if mesh is None:
+            search.update(gallery_block=_even_block(c, 131072))
+            _, neighbours = knn.topk(valid, valid, _clamp_k(k, c, 'odpp'), **search)
+        else:
+            search.update(gallery_block=_even_block(-(-c // mesh.shape[axis]), 131072))
+            _, neighbours = knn.sharded_topk(
+                valid, valid, _clamp_k(k, c, 'odpp'), mesh=mesh, axis=axis, **search
+            )
+        neighbours = jnp.pad(neighbours, ((0, rows - c), (0, 0)))
+        if mesh is not None:
+            neighbours = jax.device_put(neighbours, sharding)
+    else:
+        neighbours = jnp.zeros((rows, 1), jnp.int32)  # unused
     hyper = tuple(
         jnp.float32(x)
         for x in (learning_rate, margin_old, margin_new, lambda_old, lambda_new, gamma)
@@ -452,6 +535,8 @@ def odpp(
         pairs_per_step=int(pairs_per_step),
         pairs=pairs,
         use_gamma=gamma != 0,
+        num_classes=int(c),
+        sharding=sharding,
     )
 
 
@@ -460,13 +545,24 @@ def odpp(
 # ----------------------------------------------------------------------------------------------
 
 
-def perturbation_stats(old, perturbed) -> dict[str, float]:
+def perturbation_stats(
+    old, perturbed, *, num_classes: int | None = None, mesh=None, axis: str = 'data'
+) -> dict[str, float]:
     """For logging: mean ||p̃ − p||, and the mean top-1 neighbour similarity among the old and
-    among the perturbed prototypes (perturbation should lower the latter)."""
+    among the perturbed prototypes (perturbation should lower the latter).
+
+    Rows from `num_classes` on are padding and are left out; with `mesh`, the neighbour search
+    is sharded over its axis `axis` (`knn.sharded_topk`)."""
     if old.shape != perturbed.shape:
         raise ValueError(f'Shapes differ: old {old.shape}, perturbed {perturbed.shape}.')
-    old, perturbed = _replicated(old), _replicated(perturbed)
-    blocks = dict(query_block=256, gallery_block=_even_block(old.shape[0], 131072))
-    top1 = lambda x: float(jnp.mean(knn.topk(x, x, 1, exclude_self=True, **blocks)[0]))
+    old, perturbed = _valid_rows(old, num_classes, mesh), _valid_rows(perturbed, num_classes, mesh)
+    c = old.shape[0]
+    if mesh is None:
+        blocks = dict(query_block=256, gallery_block=_even_block(c, 131072))
+        search = functools.partial(knn.topk, **blocks)
+    else:
+        blocks = dict(query_block=256, gallery_block=_even_block(-(-c // mesh.shape[axis]), 131072))
+        search = functools.partial(knn.sharded_topk, mesh=mesh, axis=axis, **blocks)
+    top1 = lambda x: float(jnp.mean(search(x, x, 1, exclude_self=True)[0]))
     shift = jnp.mean(jnp.linalg.norm(jnp.asarray(perturbed) - jnp.asarray(old), axis=1))
     return dict(mean_shift=float(shift), top1_old=top1(old), top1_perturbed=top1(perturbed))

@@ -16,23 +16,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint
+from bcl_jax import checkpoint, sharding
 from bcl_jax.evaluate import embed_batches
 
 
-@jax.jit(static_argnames='num_classes')
-def class_sums(emb, labels, valid, *, num_classes: int):
-    """Per-class sums of embeddings and counts; rows with valid=False are ignored."""
+@jax.jit(static_argnames=('num_classes', 'mesh'))
+def class_sums(emb, labels, valid, *, num_classes: int, mesh=None):
+    """Per-class sums of embeddings and counts; rows with valid=False are ignored.
+
+    With `mesh`, the sums and counts are sharded by class over its 'data' axis (`num_classes`
+    then a multiple of its size): each device adds the batch into its own classes.
+    """
     w = valid.astype(emb.dtype)
     sums = jax.ops.segment_sum(emb * w[:, None], labels, num_segments=num_classes)
     counts = jax.ops.segment_sum(w, labels, num_segments=num_classes)
+    if mesh is not None:
+        sums = jax.lax.with_sharding_constraint(sums, NamedSharding(mesh, P(sharding.AXIS, None)))
+        counts = jax.lax.with_sharding_constraint(counts, NamedSharding(mesh, P(sharding.AXIS)))
     return sums, counts
 
 
 def ema_class_means(bank, emb, labels, *, decay: float):
     """One EMA update of per-class means: bank_c <- decay·bank_c + (1 − decay)·mean of the batch's
-    class-c embeddings, for the classes in the batch; absent classes keep their value."""
+    class-c embeddings, for the classes in the batch; absent classes keep their value.
+
+    On a bank sharded by class, the segment sums are a scatter-add of the (gathered, (B, D))
+    batch into each device's own classes; nothing (C, D)-sized moves between devices."""
     num_classes = bank.shape[0]
     sums = jax.ops.segment_sum(emb, labels, num_segments=num_classes)
     counts = jax.ops.segment_sum(jnp.ones_like(labels, emb.dtype), labels, num_segments=num_classes)
@@ -50,13 +62,19 @@ def class_means(sums, counts, *, what: str = 'prototype bank'):
     return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
 
 
-def compute(model, source, *, num_classes: int, mesh, batch_size: int) -> np.ndarray:
-    """The (C, D) prototype bank of `model` over `source`, one pass, sums kept on device."""
+def compute(
+    model, source, *, num_classes: int, mesh, batch_size: int, shard_classes: bool = False
+) -> np.ndarray:
+    """The (C, D) prototype bank of `model` over `source`, one pass, sums kept on device (sharded
+    by class over `mesh` with `shard_classes`, the class axis padded as bcl_jax.sharding says)."""
+    rows = sharding.padded(num_classes, sharding.class_multiple(mesh, shard_classes))
     sums = counts = 0
     for emb, labels, valid in embed_batches(model, source, mesh=mesh, batch_size=batch_size):
-        s, c = class_sums(emb, labels, valid, num_classes=num_classes)
+        s, c = class_sums(
+            emb, labels, valid, num_classes=rows, mesh=mesh if shard_classes else None
+        )
         sums, counts = sums + s, counts + c
-    return class_means(jax.device_get(sums), jax.device_get(counts))
+    return class_means(sharding.to_host(sums)[:num_classes], sharding.to_host(counts)[:num_classes])
 
 
 def old_bank(old, source, *, num_classes: int, workdir: str, mesh, batch_size: int):

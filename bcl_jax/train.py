@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, losses, perturbation, prototypes
+from bcl_jax import checkpoint, losses, perturbation, prototypes, sharding
 from bcl_jax.data import pipeline
 from bcl_jax.models.heads import build_model, l2_normalize
 
@@ -56,26 +56,29 @@ class Trained:
     _embed_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def embed_fn(self, mesh):
-        """A jitted `(params, batch_stats, images) -> embeddings`, images sharded over `mesh`."""
+        """A jitted `(params, batch_stats, images) -> embeddings`, images sharded over `mesh`;
+        the weights are used where they are (replicated, or a classifier sharded by class)."""
         if mesh not in self._embed_fns:
-            replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+            rows = NamedSharding(mesh, P('data'))
             graphdef = self.graphdef
             self._embed_fns[mesh] = jax.jit(
                 lambda params, stats, images: nnx.merge(graphdef, params, stats).embed(images),
-                in_shardings=(replicated, replicated, rows),
+                in_shardings=(None, None, rows),
                 out_shardings=rows,
             )
         return self._embed_fns[mesh]
 
     def identity(self) -> str:
-        """A digest of the weights: names this exact model in prototype banks and results."""
+        """A digest of the weights: names this exact model in prototype banks and results, the
+        same whatever mesh (and class padding, bcl_jax.sharding) it was trained on."""
         h = hashlib.sha256()
+        weights = sharding.unpad((self.params, self.batch_stats), self.num_classes)
         for path, leaf in sorted(
-            jax.tree_util.tree_leaves_with_path((self.params, self.batch_stats)),
+            jax.tree_util.tree_leaves_with_path(weights),
             key=lambda kv: jax.tree_util.keystr(kv[0]),
         ):
             h.update(jax.tree_util.keystr(path).encode())
-            h.update(np.asarray(leaf).tobytes())
+            h.update(leaf.tobytes())
         return h.hexdigest()[:16]
 
 
@@ -139,12 +142,22 @@ def init_model(model_cfg, num_classes: int, seed: int):
 
 
 def make_train_step(
-    graphdef, tx, *, weights: dict, model_cfg, compat_cfg, old: Trained | None, perturb_cfg=None
+    graphdef,
+    tx,
+    *,
+    weights: dict,
+    model_cfg,
+    compat_cfg,
+    old: Trained | None,
+    perturb_cfg=None,
+    num_classes: int | None = None,
 ):
     """The pure step `(state, batch, aux) -> (state, metrics)`; jit it with shardings.
 
     With a perturbation method, `state['bank']` holds the perturbed positive prototypes that
     L_comp reads and the running new-model prototypes (`new`, updated here when they are an EMA).
+    `num_classes`: the real classes when the class axes carry padding (bcl_jax.sharding); the
+    losses leave the padding out.
     """
     head = dict(kind=model_cfg.head, scale=model_cfg.scale, margin=model_cfg.margin)
 
@@ -152,7 +165,7 @@ def make_train_step(
         model = nnx.merge(graphdef, params, batch_stats)
         emb, logits = model(batch['image'], train=True)
         labels = batch['label']
-        terms = {'cls': losses.classification_loss(logits, labels, **head)}
+        terms = {'cls': losses.classification_loss(logits, labels, num_classes=num_classes, **head)}
         if 'comp' in weights:
             positive = aux.get('positive_prototypes')
             negatives = (
@@ -166,6 +179,7 @@ def make_train_step(
                 negatives,
                 temperature=compat_cfg.temperature,
                 positive_prototypes=positive,
+                num_classes=num_classes,
             )
         if 'influence' in weights:
             old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
@@ -176,6 +190,7 @@ def make_train_step(
                 kind=old.model_cfg.head,
                 scale=old.model_cfg.scale,
                 margin=old.model_cfg.margin,
+                num_classes=old.num_classes,
             )
         if 'l2' in weights:
             old_model = nnx.merge(old.graphdef, aux['old_params'], aux['old_batch_stats'])
@@ -227,25 +242,30 @@ def make_train_step(
     return train_step
 
 
-def jit_train_step(mesh, step):
-    """The step jitted for data parallelism: state and aux replicated, batch split by rows."""
+def jit_train_step(mesh, step, state_sharding=None, aux_sharding=None):
+    """The step jitted for data parallelism: the batch split by rows; the state and aux laid out
+    as `state_sharding` and `aux_sharding` (from `sharding.place`; default: replicated)."""
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    state_sharding = replicated if state_sharding is None else state_sharding
+    aux_sharding = replicated if aux_sharding is None else aux_sharding
     return jax.jit(
         step,
-        in_shardings=(replicated, rows, replicated),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, rows, aux_sharding),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
 
 
-def make_mesh(mesh_cfg):
-    n = jax.device_count() if mesh_cfg.data == -1 else mesh_cfg.data
-    if n != jax.device_count():
+def make_mesh(mesh_cfg, devices=None):
+    """The 1-D mesh, axis 'data', over all devices (or over `devices`, e.g. for tests)."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices) if mesh_cfg.data == -1 else mesh_cfg.data
+    if n != len(devices):
         raise ValueError(
             f'config.mesh.data={mesh_cfg.data} does not match the '
-            f'{jax.device_count()} devices; use -1 for all devices'
+            f'{len(devices)} devices; use -1 for all devices'
         )
-    return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 class _Log:
@@ -319,8 +339,13 @@ def train(
     aux: dict | None = None,
     perturb_cfg=None,
     stop_after_steps: int | None = None,
+    shard_classes: bool = False,
 ) -> Trained:
-    """Trains (or resumes, or just loads a finished) model of one stage; returns it."""
+    """Trains (or resumes, or just loads a finished) model of one stage; returns it.
+
+    `shard_classes` (config.mesh.shard_classes): the classifier, its momentum and the prototype
+    banks are sharded by class over the mesh (bcl_jax.sharding), else replicated.
+    """
     # ---------------------------------------------------------------- set-up
     if method not in METHOD_TERMS:
         raise ValueError(f'unknown method {method!r}; known: {sorted(METHOD_TERMS)}')
@@ -346,18 +371,17 @@ def train(
     perturbing = method in PERTURBATIONS
     if perturbing:
         # Until the first refresh p̃ = p; a class's new prototype starts at its old one.
-        bank = np.asarray(aux['prototypes'])  # each leaf its own buffer: the state is donated
-        state['bank'] = dict(
-            positive=jnp.array(bank), new=jnp.array(bank), delta=jnp.zeros_like(bank)
-        )
+        bank = sharding.to_host(aux['prototypes'])[:num_classes]
+        # Each leaf its own buffer: the state is donated.
+        state['bank'] = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
         start_step = int(round(perturb_cfg.start_epochs * per_epoch))
         every = max(1, int(round(perturb_cfg.refresh_every_epochs * per_epoch)))
     num_params = sum(x.size for x in jax.tree.leaves(params))
 
     # ---------------------------------------------------------------- sharding
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
-    aux = jax.device_put(dict(aux or {}), replicated)
+    # Replicated, or the class axes (padded to a multiple of the devices) split by class.
+    state, state_sharding = sharding.place(state, mesh, shard_classes=shard_classes)
+    aux, aux_sharding = sharding.place(dict(aux or {}), mesh, shard_classes=shard_classes)
     step_fn = jit_train_step(
         mesh,
         make_train_step(
@@ -368,7 +392,10 @@ def train(
             compat_cfg=compat_cfg,
             old=old,
             perturb_cfg=perturb_cfg,
+            num_classes=num_classes,
         ),
+        state_sharding,
+        aux_sharding,
     )
 
     # ---------------------------------------------------------------- resume
@@ -392,7 +419,8 @@ def train(
     )
     start, seconds = 0, 0.0
     if ckpt.latest_step() is not None:
-        state, data_state, saved = ckpt.restore(ckpt.latest_step(), state, meta)
+        # Onto this mesh's shardings and class padding, whatever mesh wrote the checkpoint.
+        state, data_state, saved = ckpt.restore(ckpt.latest_step(), state, meta, strict=False)
         stream.set_state(data_state)
         start, seconds = int(state['step']), saved.get('seconds', 0.0)
         logging.info(
@@ -410,7 +438,7 @@ def train(
         )
     logging.info(
         '[%s] method=%s params=%s steps=%d (%.1f epochs of %d images) global batch=%d '
-        '(%d per device on %d devices)',
+        '(%d per device on %d devices); %d classes %s',
         stage,
         method,
         f'{num_params:,}',
@@ -418,8 +446,10 @@ def train(
         steps / per_epoch,
         len(source),
         batch,
-        batch // jax.device_count(),
-        jax.device_count(),
+        batch // mesh.size,
+        mesh.size,
+        num_classes,
+        'sharded by class' if shard_classes else 'replicated',
     )
 
     # ---------------------------------------------------------------- loop
@@ -440,6 +470,8 @@ def train(
                 model=current,
                 source=source,
                 mesh=mesh,
+                shard_classes=shard_classes,
+                num_classes=num_classes,
             )
             log.write(dict(stage=stage, step=step, event='refresh', **stats))
             logging.info(
@@ -487,10 +519,11 @@ def train(
     if perturbing and end == steps and jax.process_index() == 0:
         from bcl_jax import plots  # matplotlib only where a figure is made
 
+        bank = lambda x: sharding.to_host(x)[:num_classes]
         plots.perturbation_figure(
-            np.asarray(aux['prototypes']),
-            np.asarray(state['bank']['positive']),
-            np.asarray(l2_normalize(state['bank']['new'])),
+            bank(aux['prototypes']),
+            bank(state['bank']['positive']),
+            bank(l2_normalize(state['bank']['new'])),
             os.path.join(directory, 'perturbation.png'),
             title=f'{stage}: {method}',
         )
@@ -508,23 +541,42 @@ def train(
 
 
 def refresh_bank(
-    state, *, old, method: str, cfg, step: int, seed: int, model: Trained, source, mesh
+    state,
+    *,
+    old,
+    method: str,
+    cfg,
+    step: int,
+    seed: int,
+    model: Trained,
+    source,
+    mesh,
+    shard_classes: bool = False,
+    num_classes: int | None = None,
 ):
     """Recomputes the perturbed positive prototypes from the current new prototypes.
 
     The new prototypes q are the EMA kept by the step, or an exact pass of the current model
     over the training set (`cfg.new_prototypes`). NDPP perturbs the old bank p directly; ODPP
-    warm-starts its offset Δ from the last refresh. Returns the new state and what to log.
+    warm-starts its offset Δ from the last refresh. With `shard_classes` the banks stay sharded
+    by class: NDPP's neighbour search runs sharded (`knn.sharded_topk`) and ODPP's Δ and Adam
+    state stay sharded. `num_classes`: the real classes when the banks carry class padding.
+    Returns the new state and what to log.
     """
     bank = state['bank']
+    c = old.shape[0] if num_classes is None else num_classes
+    layout, rows = bank['positive'].sharding, bank['positive'].shape[0]
+    place = lambda x: jax.device_put(sharding.pad_rows(x, rows), layout)
+    sharded = dict(mesh=mesh, axis=sharding.AXIS) if shard_classes else {}
     if cfg.new_prototypes == 'exact':
-        new = jnp.asarray(
+        new = place(
             prototypes.compute(
                 model,
                 source,
-                num_classes=bank['new'].shape[0],
+                num_classes=c,
                 mesh=mesh,
                 batch_size=cfg.exact_batch_size,
+                shard_classes=shard_classes,
             )
         )
     elif cfg.new_prototypes == 'ema':
@@ -533,22 +585,24 @@ def refresh_bank(
         raise ValueError(f"perturb.new_prototypes={cfg.new_prototypes!r}: use 'ema' or 'exact'")
     stats = {}
     if method == 'ndpp':
-        positive, delta = perturbation.ndpp(old, new, **cfg.ndpp.to_dict()), bank['delta']
+        positive = perturbation.ndpp(old, new, num_classes=c, **sharded, **cfg.ndpp.to_dict())
+        delta = bank['delta']
     else:
         options = cfg.odpp.to_dict()
-        steps = perturbation.passes_to_steps(
-            old.shape[0], options.pop('passes'), options['pairs_per_step']
-        )
+        steps = perturbation.passes_to_steps(c, options.pop('passes'), options['pairs_per_step'])
         key = jax.random.fold_in(jax.random.key(seed), step)
-        delta, curve = perturbation.odpp(old, new, bank['delta'], key, steps=steps, **options)
+        delta, curve = perturbation.odpp(
+            old, new, bank['delta'], key, steps=steps, num_classes=c, **sharded, **options
+        )
         positive = l2_normalize(old + delta)
         stats = dict(odpp_loss_first=float(curve[0]), odpp_loss_last=float(curve[-1]))
-    stats = dict(perturbation.perturbation_stats(old, positive), **stats)
+    positive = place(positive)
+    stats = dict(perturbation.perturbation_stats(old, positive, num_classes=c, **sharded), **stats)
     new_bank = jax.device_put(
         dict(
             positive=positive, new=bank['new'] if cfg.new_prototypes == 'ema' else new, delta=delta
         ),
-        bank['positive'].sharding,
+        layout,
     )
     return dict(state, bank=new_bank), stats
 
@@ -558,8 +612,9 @@ def _hms(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def load(directory: str, model_cfg, num_classes: int, mesh) -> Trained:
-    """A finished model from a stage's checkpoint directory (e.g. a given old model)."""
+def load(directory: str, model_cfg, num_classes: int, mesh, shard_classes: bool = False) -> Trained:
+    """A finished model from a stage's checkpoint directory (e.g. a given old model), laid out
+    on `mesh` (its classifier sharded by class with `shard_classes`), whatever mesh wrote it."""
     graphdef, params, stats = init_model(model_cfg, num_classes, seed=0)
     ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
     step = ckpt.latest_step()
@@ -568,9 +623,11 @@ def load(directory: str, model_cfg, num_classes: int, mesh) -> Trained:
             f'no checkpoint in {directory}: give the directory that holds '
             'the numbered step folders of a finished old-model run'
         )
-    target = jax.device_put(dict(params=params, batch_stats=stats), NamedSharding(mesh, P()))
+    target, _ = sharding.place(
+        dict(params=params, batch_stats=stats), mesh, shard_classes=shard_classes
+    )
     weights, meta = ckpt.restore_weights(
-        step, target, dict(model=_describe(model_cfg), num_classes=num_classes)
+        step, target, dict(model=_describe(model_cfg), num_classes=num_classes), strict=False
     )
     ckpt.close()
     return Trained(

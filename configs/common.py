@@ -130,5 +130,12 @@ def base_config():
     c.eval = config_dict.ConfigDict(dict(batch_size=256, ks=(1, 5, 10), query_block=256))
     c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))
     c.log_every_steps = 50
-    c.mesh = config_dict.ConfigDict(dict(data=-1))  # -1: all devices
+    c.mesh = config_dict.ConfigDict(
+        dict(
+            data=-1,  # devices on the one mesh axis, 'data'; -1: all devices
+            # True: the classifier, its momentum and the prototype banks are split by class over
+            # the devices (for C too large to replicate: GLDv2's 81k, millions); else replicated.
+            shard_classes=False,
+        )
+    )
     return c

@@ -555,6 +555,43 @@ def test_batch_not_divisible_by_devices(smoke, tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, 'old', 'ckpt'))
 
 
+def test_class_sharded_run_resumes_on_another_mesh(smoke, tmp_path):
+    """Stopped after 2 steps with the classifier sharded by class over 8 devices (4 classes,
+    padded to 8), then resumed replicated on 1 device: the weights of a 1-device run."""
+    cfg, data = smoke
+    eight, one = train.make_mesh(cfg.mesh), train.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+
+    def run(workdir, mesh, shard_classes, stop=None):
+        return train.train(
+            stage='old',
+            workdir=str(workdir),
+            model_cfg=cfg.old.model,
+            train_cfg=cfg.old.train,
+            source=data.old_train,
+            num_classes=data.old_train.num_classes,
+            mesh=mesh,
+            seed=cfg.seed,
+            data_cfg=cfg.data,
+            ckpt_cfg=cfg.ckpt,
+            log_every_steps=cfg.log_every_steps,
+            shard_classes=shard_classes,
+            stop_after_steps=stop,
+        )
+
+    dim, classes = cfg.old.model.embedding_dim, data.old_train.num_classes
+    first = run(tmp_path / 'a', eight, True, stop=2)
+    kernel = first.params['classifier']['kernel']
+    assert first.step == 2 and classes == 4
+    assert kernel.shape == (dim, 8) and kernel.sharding.spec == P(None, 'data')
+    resumed = run(tmp_path / 'a', one, False)
+    straight = run(tmp_path / 'b', one, False)
+    assert resumed.step == straight.step == 5
+    kernel = resumed.params['classifier']['kernel']
+    assert kernel.shape == (dim, classes) and kernel.sharding.mesh == one
+    assert_trees_close(host(resumed.params), host(straight.params))
+    assert_trees_close(host(resumed.batch_stats), host(straight.batch_stats))
+
+
 @pytest.mark.parametrize('mode', ['exact', 'ema'])
 def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     """A refresh feeds the current new prototypes (an exact pass over the data, or the

@@ -1,0 +1,113 @@
+"""Where the train state lives: replicated, or with the class axis split over the devices.
+
+The mesh is 1-D with axis 'data'; the batch is split by rows over it. With
+`config.mesh.shard_classes`, the arrays whose size grows with the number of classes C are split
+by class over the same axis, and everything else stays replicated. The rule goes by a leaf's
+path in the state or aux dict (`class_axis`):
+
+- a classifier's `kernel` (D, C) and `bias` (C,): any leaf under a 'classifier' key, so the new
+  model's weights, the optimizer's momentum (which mirrors them) and the frozen old model's
+  classifier in aux alike: P(None, 'data') and P('data');
+- a (C, D) prototype bank: aux['prototypes'] and every entry of state['bank']: P('data', None).
+
+JAX 0.10.2 refuses a NamedSharding whose dimension the device count does not divide (for
+`device_put` and jit arguments), so a sharded class axis is padded with zero classes up to a
+multiple of the device count (`pad_classes`). The padding stays zero (masked logits give it zero
+gradients; no label points at it), every loss, softmax, top-k and ODPP pair draw ignores it
+through a `num_classes` argument, and `unpad` drops it on the host. Checkpoints hold the padding
+of the mesh that wrote them; a restore pads or truncates to the current one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = 'data'  # the batch's axis, and the class axis's when classes are sharded
+_BANKS = ('bank', 'prototypes', 'positive_prototypes')  # top-level keys of (C, D) banks
+
+
+def _keys(path) -> list:
+    return [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path]
+
+
+def class_axis(path, leaf) -> int | None:
+    """The class axis of a leaf of the train state or aux, by its path; None if it has none."""
+    keys, ndim = _keys(path), np.ndim(leaf)
+    if 'classifier' in keys and keys[-1] in ('kernel', 'bias'):
+        return ndim - 1
+    if keys and keys[0] in _BANKS and ndim == 2:
+        return 0
+    return None
+
+
+def _spec(path, leaf, shard_classes: bool) -> P:
+    axis = class_axis(path, leaf) if shard_classes else None
+    if axis is None:
+        return P()
+    return P(*[AXIS if d == axis else None for d in range(np.ndim(leaf))])
+
+
+def shardings(tree, mesh, *, shard_classes: bool):
+    """The NamedSharding of every leaf of `tree` (a state or aux dict) under the rule above."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, _spec(path, x, shard_classes)), tree
+    )
+
+
+def class_multiple(mesh, shard_classes: bool) -> int:
+    """What a class axis is padded to a multiple of: the device count when sharded, else 1."""
+    return mesh.shape[AXIS] if shard_classes else 1
+
+
+def padded(num_classes: int, multiple: int) -> int:
+    return -(-num_classes // multiple) * multiple
+
+
+def pad_rows(x, size: int, axis: int = 0):
+    """`x` with zeros appended along `axis` up to `size` (NumPy stays NumPy)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, extra if d == axis else 0) for d in range(x.ndim)]
+    return np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)
+
+
+def pad_classes(tree, multiple: int):
+    """Every class axis of `tree` padded with zero classes to a multiple of `multiple`."""
+
+    def pad(path, x):
+        axis = class_axis(path, x)
+        if axis is None or multiple == 1:
+            return x
+        return pad_rows(x, padded(x.shape[axis], multiple), axis)
+
+    return jax.tree_util.tree_map_with_path(pad, tree)
+
+
+def place(tree, mesh, *, shard_classes: bool):
+    """`tree` padded and laid out on `mesh` under the rule; returns (placed tree, shardings)."""
+    tree = pad_classes(tree, class_multiple(mesh, shard_classes))
+    placement = shardings(tree, mesh, shard_classes=shard_classes)
+    return jax.device_put(tree, placement), placement
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a global array, also when other hosts hold some of its shards."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def unpad(tree, num_classes: int):
+    """Host copies of `tree`'s leaves with the class padding dropped (C classes kept)."""
+
+    def cut(path, x):
+        x, axis = to_host(x), class_axis(path, x)
+        return x if axis is None else np.take(x, np.arange(num_classes), axis=axis)
+
+    return jax.tree_util.tree_map_with_path(cut, tree)
