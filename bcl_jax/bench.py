@@ -3,6 +3,9 @@
     python -m bcl_jax.bench [--classes=81313] [--dim=256] [--k=100] [--odpp_classes=24393]
                             [--odpp_passes=100] [--out=bench.json] [--quick]
                             [--measure=floor,ndpp,odpp]
+    python -m bcl_jax.bench --measure=eval_topk [--eval_queries=1129] [--eval_index=761757]
+                            [--eval_dim=512] [--eval_k=100] [--eval_query_block=1024]
+                            [--eval_gallery_block=32768] [--eval_repeats=3] [--quick]
 
 Measurements (each a named entry of `MEASUREMENTS`; add one by decorating a function with
 `@measurement('name')` — it gets the parsed flags and the results so far, returns a dict):
@@ -15,6 +18,14 @@ Measurements (each a named entry of `MEASUREMENTS`; add one by decorating a func
 - ndpp_parts (not run by default): the two neighbour searches alone, to see what dominates.
 - odpp: one ODPP refresh (`odpp_passes` passes of 1,024 pairs per step) at `odpp_classes`
   classes, one NDPP refresh at that C (timed in turn), and their ratio (target <= 10).
+- eval_topk (not run by default; ~45 s at full size, 5 GB of memory): the GLDv2 retrieval
+  search, 1,129 queries against 761,757 index embeddings, D = 512, top-100 by inner product:
+  `knn.topk` and, when `import faiss` works (requirements-bench.txt), faiss-cpu `IndexFlatIP`
+  (exact; all cores), timed in turn. faiss's search time is the one compared (its add, a copy
+  of the index, is reported apart); ratio bcl_jax / faiss (target <= 1). Also: whether both
+  found the same neighbours (scores per rank within 1e-5; top-k sets equal, or differing only
+  by items at the cut-off within 1e-5, i.e. float32 near-ties), and knn's peak extra memory
+  (XLA's temp buffers) against the Q × N matrix. Without faiss, `faiss.available` is false.
 
 Every timing is of a jitted computation after a warm-up call (which compiles), waited for with
 `block_until_ready`; the warm-up time (compile + first run) is reported beside it. Banks are
@@ -44,6 +55,42 @@ vary by up to 2x from minute to minute; compare only numbers from one run:
   runs 2-3x slower (88 s vs 26 s at full size), hence the probe between two variants.
 - ODPP at 24,393 classes is bound by the dense Adam update of the (C, D) offset (~8 ms/step,
   memory traffic of Δ, m, v and the gradient), ~2.7x one NDPP refresh at that C.
+- GLDv2 search (eval_topk), knn as it was: expected about faiss's time (both are a 0.9 TFLOP
+  matmul on 2 cores plus a selection). Measured, one quiet run: faiss search 3.68 s; knn with
+  gldv2.retrieval's blocks (1,024 × 4,096) 13.1 s (3.6x): the 1,129 queries were padded to
+  2 × 1,024 rows (1.8x the work), each 4,096 columns cost a TopK and a merge (~7 us per row
+  each), and XLA's temporaries held a padded and a sliced copy of the gallery (3.1 GB, 0.9x
+  the 3.4 GB Q × N matrix that blocking avoids). With 1,129 × 32,768 blocks: 4.24 s (1.15x).
+- knn changes, one at a time, each kept (results bit-identical to the old code at equal
+  blocks): (1) Q split into equal blocks (1,129 -> 2 × 565): expected -45% at 1,024-row blocks,
+  measured -22% at 4,096-wide blocks (N = 262,144, old code: 3.94 -> 3.08 s). (2) The gallery
+  sliced in place, the last partial block being the window that ends at N (rows already seen
+  masked), and one top-k per block over [running top-k, block] instead of a top-k and a merge:
+  expected the same speed, one merge call less; measured 1.36 vs 1.34 s (N = 262,144, 1,129 ×
+  65,536), temp memory 3.1 GB -> 31 MB at 1,024 × 4,096 blocks. (3) The group-max pre-filter
+  tried for NDPP above, now with the running k-th best as threshold (knn._block_candidates):
+  expected -30 to -40% of the top-k time (1,136 × 65,536 scores: TopK 125 ms; group max,
+  TopK of 4,096 maxima, gather, TopK of 1,600: 70 ms), more once the threshold leaves few
+  groups (here 24 blocks; NDPP's search is one block). Measured, full size, same run: 3.67 ->
+  2.56 s (-30%). A mask (padding, self pairs) on a score block costs ~15% (1.11 vs 0.91 s at
+  N = 262,144), so blocks that need none get none. NDPP's searches are unchanged (C = 40,000:
+  7.33 vs 7.28 s; 81,313: 19.45 vs 19.54 s).
+- Group size: 16 columns; 8 +10%, 32 +4% (same run). XLA:CPU's max over a minor axis of 8
+  runs ~4x slower than over 16.
+- Block shape, N = 262,144, same run: 1,024 × 4,096 1.25 s, × 16,384 1.01, × 32,768 0.94,
+  × 65,536 0.92; 256 × 65,536 1.07; 128 × 131,072 1.24. Default here 1,024 × 32,768 (a 74 MB
+  score block; XLA temp 220 MB at full size, 6.4% of Q × N).
+- `lax.approx_max_k(recall_target=1.0)`: on CPU it lowers to the same TopK call as
+  `lax.top_k`: identical results and time. Not used.
+- Result, `--measure=eval_topk`, two runs on a quiet machine: knn 2.53 / 2.52 s, faiss search
+  3.62 / 4.05 s (add 0.7 s), ratio 0.70 / 0.62 (paired 0.61-0.72); with gldv2.retrieval's
+  1,024 × 4,096 blocks knn 3.40 s against faiss's 3.68 (0.92). knn is within ~1.2x of its matmul (a masked row max on the same blocks: 0.78 vs
+  0.92 s at N = 262,144). Same neighbours: 1,128 of 1,129 top-100 sets equal, the other one
+  swaps two items at the cut-off whose scores agree to 3e-7. faiss (its wheel loads the AVX2
+  build here) slows far more under load from other jobs: 9-18 s in busy minutes where knn
+  took 2.5-4.5 s.
+- Microbenchmark pitfall: a `lax.top_k` whose outputs are only partly used (say `t[:, -1]`)
+  becomes a full sort in XLA:CPU (~50x slower); consume whole outputs when timing it.
 """
 
 from __future__ import annotations
@@ -57,6 +104,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from jax import lax
 
@@ -70,11 +118,32 @@ flags.DEFINE_integer('odpp_classes', 24393, 'C for ODPP (GLDv2 old classes: 24,3
 flags.DEFINE_float('odpp_passes', 100, 'ODPP passes over the classes per refresh.')
 flags.DEFINE_integer('odpp_pairs_per_step', 1024, 'ODPP pairs per inner step.')
 flags.DEFINE_integer('repeats', 1, 'Timed runs after the warm-up; the minimum is reported.')
+flags.DEFINE_integer('eval_queries', 1129, 'eval_topk: queries (GLDv2 retrieval test: 1,129).')
+flags.DEFINE_integer('eval_index', 761757, 'eval_topk: index embeddings (GLDv2: 761,757).')
+flags.DEFINE_integer('eval_dim', 512, 'eval_topk: embedding dimension.')
+flags.DEFINE_integer('eval_k', 100, 'eval_topk: neighbours per query (mAP@100).')
+flags.DEFINE_integer('eval_query_block', 1024, 'eval_topk: knn.topk query_block.')
+flags.DEFINE_integer('eval_gallery_block', 32768, 'eval_topk: knn.topk gallery_block.')
+flags.DEFINE_integer('eval_repeats', 3, 'eval_topk: timed runs of each tool, taken in turn.')
 flags.DEFINE_list('measure', ['floor', 'ndpp', 'odpp'], 'Measurements to run, in order.')
 flags.DEFINE_string('out', 'bench.json', 'Where to write the JSON results.')
 flags.DEFINE_bool('quick', False, 'Small sizes (seconds), for tests.')
 
-QUICK = dict(classes=600, dim=32, k=10, odpp_classes=300, odpp_passes=2, odpp_pairs_per_step=64)
+QUICK = {
+    'classes': 600,
+    'dim': 32,
+    'k': 10,
+    'odpp_classes': 300,
+    'odpp_passes': 2,
+    'odpp_pairs_per_step': 64,
+    'eval_queries': 50,
+    'eval_index': 3000,
+    'eval_dim': 32,
+    'eval_k': 10,
+    'eval_query_block': 32,
+    'eval_gallery_block': 1024,
+    'eval_repeats': 1,
+}
 
 MEASUREMENTS: dict[str, Callable[[dict, dict], dict]] = {}
 
@@ -276,6 +345,114 @@ def bench_odpp(cfg, results):
     )
 
 
+def random_unit_np(seed: int, rows: int, dim: int, chunk: int = 65536):
+    """(rows, dim) float32 random unit vectors, drawn `chunk` rows at a time (no float64 or
+    second full-size temporary)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((rows, dim), np.float32)
+    for start in range(0, rows, chunk):
+        x = rng.standard_normal((min(chunk, rows - start), dim), dtype=np.float32)
+        out[start : start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def topk_agreement(scores_a, idx_a, scores_b, idx_b, tol: float = 1e-5) -> dict:
+    """How far two top-k results (rows sorted by descending score) agree. Float32 scores from
+    differently ordered sums differ in the last bits, so near-ties may swap: a differing index
+    is `explained` when its score is within `tol` of the row's k-th score (an item at the
+    cut-off), and ranks where the two differ must still agree in score within `tol`."""
+    scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    idx_a, idx_b = np.asarray(idx_a), np.asarray(idx_b)
+    score_diff = np.abs(scores_a - scores_b)
+    same_set, unexplained = 0, 0
+    for sa, ia, sb, ib in zip(scores_a, idx_a, scores_b, idx_b):
+        only_a, only_b = np.setdiff1d(ia, ib), np.setdiff1d(ib, ia)
+        if not len(only_a):
+            same_set += 1
+            continue
+        kth = min(sa[-1], sb[-1])
+        edge = np.concatenate([sa[np.isin(ia, only_a)], sb[np.isin(ib, only_b)]])
+        unexplained += int(np.any(edge > kth + tol))
+    q = len(idx_a)
+    return {
+        'queries_same_order': int(np.sum(np.all(idx_a == idx_b, axis=1))),
+        'queries_same_set': same_set,
+        'queries_set_differs_beyond_ties': unexplained,
+        'fraction_same_set': same_set / q,
+        'ranks_score_within_tol': float(np.mean(score_diff <= tol)),
+        'max_score_diff': float(score_diff.max()),
+        'tol': tol,
+    }
+
+
+@measurement('eval_topk')
+def bench_eval_topk(cfg, results):
+    """The GLDv2 retrieval search (top-k by inner product of unit vectors): `knn.topk` against
+    faiss-cpu `IndexFlatIP` (exact), timed in turn; faiss's search time is the one to compare
+    (its add, a copy of the index, is reported apart). Also checks that both find the same
+    neighbours and reports knn's peak extra memory (XLA's temp buffers) against Q × N scores."""
+    q, n, d, k = cfg['eval_queries'], cfg['eval_index'], cfg['eval_dim'], cfg['eval_k']
+    queries_np, index_np = random_unit_np(0, q, d), random_unit_np(1, n, d)
+    queries, index = jax.device_put(queries_np), jax.device_put(index_np)
+    blocks = {'query_block': cfg['eval_query_block'], 'gallery_block': cfg['eval_gallery_block']}
+
+    def search(qs, gs):
+        return knn.topk(qs, gs, k, **blocks)
+
+    calls = {'bcl_jax': (search, (queries, index))}
+    try:
+        import faiss
+    except ImportError as e:
+        faiss_out = {'available': False, 'error': str(e)}
+    else:
+        faiss.omp_set_num_threads(os.cpu_count())
+        start = time.perf_counter()
+        flat = faiss.IndexFlatIP(d)
+        flat.add(index_np)
+        faiss_out = {
+            'available': True,
+            'version': faiss.__version__,
+            'threads': faiss.omp_get_max_threads(),
+            'add_seconds': time.perf_counter() - start,
+        }
+        calls['faiss'] = (lambda x: flat.search(x, k), (queries_np,))
+    timing = timed_together(calls, repeats=cfg['eval_repeats'])
+
+    compiled = jax.jit(search).lower(queries, index).compile()
+    stats = compiled.memory_analysis()
+    temp = None if stats is None else int(stats.temp_size_in_bytes)
+    full = 4 * q * n
+    qb = knn._even_block(q, blocks['query_block'])  # knn splits Q into equal blocks
+    out = dict(
+        timing['bcl_jax'],
+        queries=q,
+        index=n,
+        dim=d,
+        k=k,
+        **blocks,
+        faiss=faiss_out,
+        memory={
+            'temp_bytes': temp,
+            'score_block_bytes': 4 * qb * min(blocks['gallery_block'], n),
+            'full_matrix_bytes': full,
+            'temp_fraction_of_full': None if temp is None else temp / full,
+            'index_bytes': 4 * n * d,
+        },
+        target_ratio=1.0,
+    )
+    if faiss_out['available']:
+        faiss_out.update(timing['faiss'])
+        ratios = _ratios(timing, 'bcl_jax', 'faiss')
+        scores, idx = search(queries, index)
+        f_scores, f_idx = calls['faiss'][0](queries_np)
+        out.update(
+            ratio_to_faiss=ratios['ratio'],
+            paired_ratios_to_faiss=ratios['paired_ratios'],
+            agreement=topk_agreement(scores, idx, f_scores, f_idx),
+        )
+    return out
+
+
 def environment() -> dict:
     return dict(
         jax=jax.__version__,
@@ -308,6 +485,13 @@ def main(argv):
         odpp_passes=FLAGS.odpp_passes,
         odpp_pairs_per_step=FLAGS.odpp_pairs_per_step,
         repeats=FLAGS.repeats,
+        eval_queries=FLAGS.eval_queries,
+        eval_index=FLAGS.eval_index,
+        eval_dim=FLAGS.eval_dim,
+        eval_k=FLAGS.eval_k,
+        eval_query_block=FLAGS.eval_query_block,
+        eval_gallery_block=FLAGS.eval_gallery_block,
+        eval_repeats=FLAGS.eval_repeats,
         measure=list(FLAGS.measure),
         quick=FLAGS.quick,
     )

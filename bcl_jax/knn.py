@@ -1,9 +1,14 @@
 """Exact top-k neighbours by dot-product similarity, blocked and optionally sharded.
 
 Used for NDPP's prototype neighbours (METHOD.md §4) and for retrieval. The full Q×N similarity
-matrix is never built: queries are processed `query_block` rows at a time and the gallery is
-scanned `gallery_block` rows at a time, keeping a running top-k, so peak memory is about
-query_block × gallery_block scores.
+matrix is never built: queries are processed in equal blocks of at most `query_block` rows and
+the gallery is scanned `gallery_block` rows at a time, in place (never copied whole), keeping a
+running top-k, so peak memory is a few query_block × gallery_block score blocks and
+gallery_block × D gallery blocks (XLA's temporaries for the GLDv2 search, 1,129 × 761,757 at
+D = 512 with blocks of 1,024 × 32,768: 220 MB, against 3.4 GB for Q×N; see bench.py).
+
+On CPU, XLA's TopK runs on one thread, so wide score blocks are cut down by an exact group-max
+pre-filter before it (`_block_candidates`); other platforms select from whole blocks.
 
 Ties are broken towards the lower gallery index, in both `topk` and `sharded_topk`.
 """
@@ -57,65 +62,129 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _merge(scores_a, idx_a, scores_b, idx_b, k):
-    """Top-k of the union of two candidate lists; `a` wins ties, so pass lower indices first."""
-    scores = jnp.concatenate([scores_a, scores_b], axis=1)
-    idx = jnp.concatenate([idx_a, idx_b], axis=1)
-    top, pos = lax.top_k(scores, k)
-    return top, jnp.take_along_axis(idx, pos, axis=1)
+def _pad_rows(x, rows):
+    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+def _even_block(n: int, max_block: int) -> int:
+    """The largest block that splits n rows into as few equal blocks of <= max_block as
+    possible: 1,129 queries with max_block 1,024 give 2 blocks of 565, not 1,024 + 105 padded
+    to 2 × 1,024 (which would nearly double the work)."""
+    return -(-n // -(-n // max_block))
+
+
+# Columns per group in the top-k pre-filter. 16 (one AVX-512 register of float32) measured
+# fastest end to end at the GLDv2 shapes: 8 was ~10% slower (XLA:CPU's max over a minor axis of
+# 8 is ~4x slower than over 16), 32 ~4% slower.
+_GROUP = 16
+
+
+def _block_candidates(scores, first_col, threshold, k):
+    """A few columns of each row of a score block that surely hold its top-k, as (scores, cols).
+
+    Used on CPU only (unmeasured elsewhere). XLA:CPU's TopK is one thread and costs ~1-2 ns per element, so a wide block is first cut
+    to the columns of the k groups of `_GROUP` adjacent columns with the largest maxima (a
+    vectorised, multi-threaded max), kept in column order. Exact, ties included: an item of a
+    group left out is beaten by the maxima of k chosen groups, each larger, or equal and then
+    to its left. Groups whose maximum is <= `threshold` (the running k-th best, (rows, 1)) are
+    set to -inf first: their items cannot enter, as the running top-k holds k items >= the
+    threshold at lower indices; few groups then pass, and the top-k over the group maxima does
+    little heap work. Narrow blocks (< 2 k groups) are returned whole.
+    """
+    rows, width = scores.shape
+    if width % _GROUP or width < 2 * k * _GROUP:
+        cols = first_col + jnp.arange(width, dtype=jnp.int32)
+        return scores, jnp.broadcast_to(cols, scores.shape)
+    grouped = scores.reshape(rows, width // _GROUP, _GROUP)
+    maxima = jnp.max(grouped, axis=2)
+    maxima = jnp.where(maxima > threshold, maxima, -jnp.inf)
+    _, groups = lax.top_k(maxima, k)
+    groups = jnp.sort(groups, axis=1)
+    cand = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(rows, k * _GROUP)
+    in_group = jnp.arange(_GROUP, dtype=jnp.int32)
+    cand_cols = first_col + groups[:, :, None] * _GROUP + in_group
+    return cand, cand_cols.reshape(rows, k * _GROUP)
 
 
 def _blocked_topk(
-    queries, gallery, k, *, query_block, gallery_block, col_offset, num_valid, exclude_self
+    queries, gallery, k, *, query_block, gallery_block, col_offset, num_valid, exclude_self, vary
 ):
     """Top-k of `queries` against a (local piece of a) gallery, by blocks.
 
-    queries (Qp, D) and gallery (Np, D) are already padded to block multiples. Gallery row r has
-    global index `col_offset + r`; global indices >= `num_valid` are padding and are masked, as
-    is the pair (i, i) when `exclude_self` (query row i is global query i). Rows of the result
-    may hold -inf candidates with meaningless indices when the local gallery has fewer than k
-    eligible items; the caller's validation guarantees they never survive a global merge.
+    queries (Qp, D) are padded to a multiple of `query_block`. The gallery (Ng, D), Ng >=
+    `gallery_block`, is not padded (a copy would double its memory): blocks are sliced in
+    place, and when `gallery_block` does not divide Ng the last block is the window ending at
+    row Ng, its rows already seen masked. Gallery row r has global index `col_offset + r`;
+    global indices >= `num_valid` (None: no padding) are padding and are masked, as is the pair
+    (i, i) when `exclude_self` (query row i is global query i). Blocks that need no mask get
+    none (a mask costs ~15% at D = 512). `vary` types the initial carry as the loop's output
+    (shard_map's varying axes). Rows of the result may hold -inf candidates with
+    meaningless indices when the local gallery has fewer than k eligible items; the caller's
+    validation guarantees they never survive a global merge.
+
+    A running top-k is kept per query row; each block's pre-filtered candidates
+    (`_block_candidates`) are appended after it, so one top-k both selects and merges, and
+    ties go to the lower gallery index.
     """
     dtype = jnp.result_type(queries.dtype, gallery.dtype)  # dot_general wants one dtype
     queries, gallery = queries.astype(dtype), gallery.astype(dtype)
     qp, d = queries.shape
-    n_qblocks, n_gblocks = qp // query_block, gallery.shape[0] // gallery_block
+    n_local = gallery.shape[0]
+    n_qblocks, n_gblocks = qp // query_block, -(-n_local // gallery_block)
     q_blocks = queries.reshape(n_qblocks, query_block, d)
-    g_blocks = gallery.reshape(n_gblocks, gallery_block, d)
     q_starts = jnp.arange(n_qblocks, dtype=jnp.int32) * query_block
-    g_starts = col_offset + jnp.arange(n_gblocks, dtype=jnp.int32) * gallery_block
-    block_k = min(k, gallery_block)
+    in_block = jnp.arange(gallery_block, dtype=jnp.int32)
 
     def one_query_block(args):
         q_block, q_start = args
         rows = q_start + jnp.arange(query_block, dtype=jnp.int32)
 
-        def block_topk(g_block, g_start):
+        def step(j, carry, masked):
+            first = j * gallery_block  # first row not seen yet
+            start = jnp.minimum(first, n_local - gallery_block)
             scores = lax.dot_general(
                 q_block,
-                g_block,
+                lax.dynamic_slice_in_dim(gallery, start, gallery_block),
                 (((1,), (1,)), ((), ())),
                 precision=lax.Precision.HIGHEST,
                 preferred_element_type=jnp.float32,
             )
-            cols = g_start + jnp.arange(gallery_block, dtype=jnp.int32)
-            invalid = (cols >= num_valid)[None, :]
-            if exclude_self:
-                invalid = invalid | (rows[:, None] == cols[None, :])
-            top, pos = lax.top_k(jnp.where(invalid, -jnp.inf, scores), block_k)
-            return top, cols[pos]
+            cols = col_offset + start + in_block
+            if masked:
+                invalid = (start + in_block < first)[None, :]
+                if num_valid is not None:
+                    invalid = invalid | (cols >= num_valid)[None, :]
+                if exclude_self:
+                    invalid = invalid | (rows[:, None] == cols[None, :])
+                scores = jnp.where(invalid, -jnp.inf, scores)
+            return lax.platform_dependent(
+                scores,
+                carry,
+                cpu=functools.partial(merge, first_col=cols[0], prefilter=True),
+                default=functools.partial(merge, first_col=cols[0], prefilter=False),
+            )
 
-        def step(carry, g_args):
-            return _merge(*carry, *block_topk(*g_args), k), None
+        def merge(scores, carry, first_col, prefilter):
+            if prefilter:
+                cand, cand_cols = _block_candidates(scores, first_col, carry[0][:, -1:], k)
+            else:
+                cand = scores
+                cand_cols = jnp.broadcast_to(first_col + in_block, scores.shape)
+            cand = jnp.concatenate([carry[0], cand], axis=1)
+            cand_cols = jnp.concatenate([carry[1], cand_cols], axis=1)
+            top, pos = lax.top_k(cand, k)
+            return top, jnp.take_along_axis(cand_cols, pos, axis=1)
 
-        # The first block seeds the running top-k (padded to width k with -inf). Deriving the
-        # carry from the data, rather than from constants, keeps its shard_map varying-axes
-        # type equal to the scan output's.
-        top, idx = block_topk(g_blocks[0], g_starts[0])
-        pad = ((0, 0), (0, k - block_k))
-        init = (jnp.pad(top, pad, constant_values=-jnp.inf), jnp.pad(idx, pad, constant_values=-1))
-        (top, idx), _ = lax.scan(step, init, (g_blocks[1:], g_starts[1:]))
-        return top, idx
+        init = (
+            vary(jnp.full((query_block, k), -jnp.inf, jnp.float32)),
+            vary(jnp.full((query_block, k), -1, jnp.int32)),
+        )
+        n_full = n_local // gallery_block
+        mask_all = exclude_self or num_valid is not None
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=mask_all), init)
+        if n_full < n_gblocks:  # the last window, overlapping the block before it
+            carry = step(n_full, carry, masked=True)
+        return carry
 
     top, idx = lax.map(one_query_block, (q_blocks, q_starts))
     return top.reshape(qp, k), idx.reshape(qp, k)
@@ -130,23 +199,20 @@ def _unsharded(x):
     return x
 
 
-def _pad_rows(x, rows):
-    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
-
-
 @functools.partial(jax.jit, static_argnames=("k", "query_block", "gallery_block", "exclude_self"))
 def _topk_jit(queries, gallery, *, k, query_block, gallery_block, exclude_self):
-    q, n = queries.shape[0], gallery.shape[0]
+    q = queries.shape[0]
     queries, gallery = _unsharded(queries), _unsharded(gallery)
     top, idx = _blocked_topk(
         _pad_rows(queries, _round_up(q, query_block)),
-        _pad_rows(gallery, _round_up(n, gallery_block)),
+        gallery,
         k,
         query_block=query_block,
         gallery_block=gallery_block,
         col_offset=0,
-        num_valid=n,
+        num_valid=None,
         exclude_self=exclude_self,
+        vary=lambda x: x,
     )
     return top[:q], idx[:q]
 
@@ -166,8 +232,11 @@ def topk(
       queries: (Q, D) float array.
       gallery: (N, D) float array.
       k: neighbours per query, 1 <= k <= N (N - 1 with `exclude_self`).
-      query_block, gallery_block: tile sizes; peak memory ~ query_block × gallery_block scores.
-        Clamped to Q and N so tiny inputs work.
+      query_block, gallery_block: tile sizes; peak memory ~ a few query_block × gallery_block
+        scores. Q is split into equal blocks of at most query_block rows (1,129 queries with
+        1,024 give 2 blocks of 565). gallery_block is clamped to N so tiny inputs work. On
+        CPU, a gallery_block of >= 2 k × 16 (k neighbours) enables the top-k pre-filter, and
+        ~32,768 was fastest for the GLDv2 search (bench.py).
       exclude_self: queries and gallery are the same set; pair (i, i) is never returned.
 
     Sharded inputs are gathered onto every device; for a gallery too large for that, use
@@ -181,7 +250,7 @@ def topk(
         queries,
         gallery,
         k=k,
-        query_block=min(query_block, q),
+        query_block=_even_block(q, query_block),
         gallery_block=min(gallery_block, n),
         exclude_self=exclude_self,
     )
@@ -246,6 +315,7 @@ def _sharded_topk_jit(
             col_offset=offset,
             num_valid=n,
             exclude_self=exclude_self,
+            vary=lambda x: lax.pcast(x, axis, to="varying"),
         )
 
     # Each shard's (Qp, k) candidates are concatenated along columns in shard order, so lower
@@ -294,7 +364,7 @@ def sharded_topk(
         mesh=mesh,
         axis=axis,
         exclude_self=exclude_self,
-        query_block=min(query_block, q),
+        query_block=_even_block(q, query_block),
         gallery_block=gallery_block,
         shard_rows=_round_up(shard_rows, gallery_block),
     )

@@ -139,3 +139,63 @@ def test_explicitly_sharded_inputs(data):
         ),
         want,
     )
+
+
+# Blocks of >= 2 k groups of 16 columns take the group pre-filter (knn._block_candidates).
+@pytest.mark.parametrize("k, gallery_block", [(1, 32), (5, 512), (10, 320)])
+def test_topk_group_prefilter_matches_brute_force(k, gallery_block):
+    rng = np.random.default_rng(1)
+    queries, gallery = _normalised(rng, 37), _normalised(rng, 2000)  # 2000 % block != 0
+    got = knn.topk(queries, gallery, k, query_block=16, gallery_block=gallery_block)
+    _check(got, _brute_force(queries, gallery, k))
+
+
+def test_topk_group_prefilter_exclude_self():
+    bank = _normalised(np.random.default_rng(2), 700)
+    got = knn.topk(bank, bank, 5, query_block=64, gallery_block=256, exclude_self=True)
+    _check(got, _brute_force(bank, bank, 5, exclude_self=True))
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """Small-integer vectors: every dot product is exact and most are tied."""
+    rng = np.random.default_rng(3)
+    queries, gallery = (rng.integers(0, 3, size=(n, 4)).astype(np.float32) for n in (20, 1500))
+    return queries, gallery
+
+
+@pytest.mark.parametrize("gallery_block", [320, 512, 1500])
+def test_topk_group_prefilter_ties_prefer_lower_index(tied, gallery_block):
+    queries, gallery = tied
+    got = knn.topk(queries, gallery, 10, query_block=8, gallery_block=gallery_block)
+    _check(got, _brute_force(queries, gallery, 10))
+
+
+def test_topk_group_prefilter_tie_across_groups():
+    """The tie for 2nd place is between column 3 (group 0) and column 21 (group 1, whose max
+    is larger); column 3 must win, so candidates are kept in column order, not by group max."""
+    values = np.zeros(96, np.float32)
+    values[[3, 20, 21, 70]] = [0.5, 0.9, 0.5, 0.5]
+    gallery = np.stack([values, np.zeros_like(values)], axis=1)
+    scores, idx = knn.topk(np.array([[1.0, 0.0]], np.float32), gallery, 3, gallery_block=96)
+    np.testing.assert_array_equal(np.asarray(idx), [[20, 3, 21]])
+    np.testing.assert_array_equal(np.asarray(scores), np.float32([[0.9, 0.5, 0.5]]))
+
+
+def test_sharded_group_prefilter_ties(tied):
+    queries, gallery = tied
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    got = knn.sharded_topk(queries, gallery, 10, mesh=mesh, axis="data", gallery_block=320)
+    _check(got, _brute_force(queries, gallery, 10))
+
+
+def test_topk_memory_is_blocked():
+    """XLA's temporaries hold a few blocks: neither the Q × N scores nor a gallery copy."""
+    q, n, d = 100, 20000, 64
+    args = (jax.ShapeDtypeStruct((q, d), np.float32), jax.ShapeDtypeStruct((n, d), np.float32))
+    search = jax.jit(lambda a, b: knn.topk(a, b, 10, query_block=64, gallery_block=1024))
+    stats = search.lower(*args).compile().memory_analysis()
+    if stats is None:
+        pytest.skip("no memory analysis on this backend")
+    blocks = 4 * 50 * 1024 + 4 * 1024 * d  # a score block (2 x 50 queries) and a gallery block
+    assert stats.temp_size_in_bytes <= 3 * blocks < 4 * min(q * n, n * d)

@@ -458,7 +458,7 @@ def evaluate_retrieval(
     index_emb,
     solution: Mapping[str, tuple[Sequence[str], str]],
     k: int = 100,
-    block: int | tuple[int, int] = (1024, 4096),
+    block: int | tuple[int, int] = (1024, 32768),
 ) -> dict[str, float | int]:
     """GLDv2 retrieval mAP@k (dot-product ranking), Public and Private queries apart.
 
