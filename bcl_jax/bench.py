@@ -3,6 +3,8 @@
     python -m bcl_jax.bench [--classes=81313] [--dim=256] [--k=100] [--odpp_classes=24393]
                             [--odpp_passes=100] [--out=bench.json] [--quick]
                             [--measure=floor,ndpp,odpp]
+    python -m bcl_jax.bench --measure=train_step [--step_image_size=112] [--step_batch=32]
+                            [--step_classes=81313] [--step_repeats=3] [--quick]
     python -m bcl_jax.bench --measure=eval_topk [--eval_queries=1129] [--eval_index=761757]
                             [--eval_dim=512] [--eval_k=100] [--eval_query_block=1024]
                             [--eval_gallery_block=32768] [--eval_repeats=3] [--quick]
@@ -26,6 +28,10 @@ Measurements (each a named entry of `MEASUREMENTS`; add one by decorating a func
   found the same neighbours (scores per rank within 1e-5; top-k sets equal, or differing only
   by items at the cut-off within 1e-5, i.e. float32 near-ties), and knn's peak extra memory
   (XLA's temp buffers) against the Q × N matrix. Without faiss, `faiss.available` is false.
+
+- train_step (not run by default): one jitted train step of the GLDv2 configs' old ResNet-18
+  and new ResNet-50 at `step_image_size` px, batch `step_batch`, `step_classes` classes:
+  images/s of each, and the new model's step with BCT, NDPP and ODPP and their ratios to BCT.
 
 Every timing is of a jitted computation after a warm-up call (which compiles), waited for with
 `block_until_ready`; the warm-up time (compile + first run) is reported beside it. Banks are
@@ -125,6 +131,10 @@ flags.DEFINE_integer('eval_k', 100, 'eval_topk: neighbours per query (mAP@100).'
 flags.DEFINE_integer('eval_query_block', 1024, 'eval_topk: knn.topk query_block.')
 flags.DEFINE_integer('eval_gallery_block', 32768, 'eval_topk: knn.topk gallery_block.')
 flags.DEFINE_integer('eval_repeats', 3, 'eval_topk: timed runs of each tool, taken in turn.')
+flags.DEFINE_integer('step_image_size', 112, 'train_step: image side (GLDv2 configs: 224).')
+flags.DEFINE_integer('step_batch', 32, 'train_step: global batch (GLDv2 configs: 256).')
+flags.DEFINE_integer('step_classes', 81313, 'train_step: classes of the new model.')
+flags.DEFINE_integer('step_repeats', 3, 'train_step: timed steps of each model, taken in turn.')
 flags.DEFINE_list('measure', ['floor', 'ndpp', 'odpp'], 'Measurements to run, in order.')
 flags.DEFINE_string('out', 'bench.json', 'Where to write the JSON results.')
 flags.DEFINE_bool('quick', False, 'Small sizes (seconds), for tests.')
@@ -143,6 +153,10 @@ QUICK = {
     'eval_query_block': 32,
     'eval_gallery_block': 1024,
     'eval_repeats': 1,
+    'step_image_size': 32,
+    'step_batch': 8,
+    'step_classes': 100,
+    'step_repeats': 1,
 }
 
 MEASUREMENTS: dict[str, Callable[[dict, dict], dict]] = {}
@@ -453,6 +467,96 @@ def bench_eval_topk(cfg, results):
     return out
 
 
+def _train_step_call(model_cfg, method: str, cfg, config, mesh):
+    """A no-argument call running one jitted train step of `method` (state carried over)."""
+    from bcl_jax import sharding, train
+    from bcl_jax.data import pipeline
+
+    classes, batch, size = cfg['step_classes'], cfg['step_batch'], cfg['step_image_size']
+    graphdef, params, stats = train.init_model(model_cfg, classes, seed=0)
+    tx, _ = train.make_optimizer(config.new.train, steps_per_epoch=1000.0)
+    state = dict(
+        step=jnp.int32(0),
+        params=params,
+        batch_stats=stats,
+        opt_state=tx.init(params),
+        first_nonfinite_step=jnp.int32(-1),
+    )
+    weights = {t: config.compat.weight for t in train.METHOD_TERMS[method]}
+    aux = {}
+    if weights:
+        aux['prototypes'] = random_bank(1, classes, model_cfg.embedding_dim)
+    if method in train.PERTURBATIONS:
+        bank = np.asarray(aux['prototypes'])
+        state['bank'] = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
+    state, state_sharding = sharding.place(state, mesh, shard_classes=False)
+    aux, aux_sharding = sharding.place(aux, mesh, shard_classes=False)
+    step = train.jit_train_step(
+        mesh,
+        train.make_train_step(
+            graphdef,
+            tx,
+            weights=weights,
+            model_cfg=model_cfg,
+            compat_cfg=config.compat,
+            old=None,
+            perturb_cfg=config.perturb,
+            num_classes=classes,
+        ),
+        state_sharding,
+        aux_sharding,
+    )
+    rng = np.random.default_rng(0)
+    images = pipeline.to_global(
+        dict(
+            image=rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            label=rng.integers(0, classes, batch).astype(np.int32),
+        ),
+        mesh,
+    )
+    carried = [state]
+
+    def call():
+        carried[0], metrics = step(carried[0], images, aux)
+        return metrics['loss']
+
+    return call
+
+
+@measurement('train_step')
+def bench_train_step(cfg, results):
+    """The train step of the GLDv2 configs' models (configs/gldv2.py) at a reduced image size:
+    the old ResNet-18 and the new ResNet-50 alone (independent), and the new one with BCT, NDPP
+    and ODPP, timed in turn; images/s per step and the ratios to BCT. NDPP's and ODPP's steps
+    differ from BCT's by the EMA update of the new prototypes; their refreshes (measured by
+    `ndpp` and `odpp`) come once per epoch, ~6,200 steps of GLDv2 at batch 256."""
+    from bcl_jax import train
+    from configs import gldv2
+
+    config = gldv2.get_config()
+    mesh = train.make_mesh(config.mesh)
+    calls = {
+        'old_resnet18': (_train_step_call(config.old.model, 'independent', cfg, config, mesh), ())
+    }
+    for method in ('independent', 'bct', 'ndpp', 'odpp'):
+        calls[f'new_resnet50_{method}'] = (
+            _train_step_call(config.new.model, method, cfg, config, mesh),
+            (),
+        )
+    timings = timed_together(calls, repeats=cfg['step_repeats'])
+    for t in timings.values():
+        t['images_per_sec'] = cfg['step_batch'] / t['seconds']
+    bct = timings['new_resnet50_bct']['seconds']
+    return dict(
+        image_size=cfg['step_image_size'],
+        batch=cfg['step_batch'],
+        classes=cfg['step_classes'],
+        devices=jax.device_count(),
+        steps=timings,
+        ratio_to_bct={m: timings[f'new_resnet50_{m}']['seconds'] / bct for m in ('ndpp', 'odpp')},
+    )
+
+
 def environment() -> dict:
     return dict(
         jax=jax.__version__,
@@ -492,6 +596,10 @@ def main(argv):
         eval_query_block=FLAGS.eval_query_block,
         eval_gallery_block=FLAGS.eval_gallery_block,
         eval_repeats=FLAGS.eval_repeats,
+        step_image_size=FLAGS.step_image_size,
+        step_batch=FLAGS.step_batch,
+        step_classes=FLAGS.step_classes,
+        step_repeats=FLAGS.step_repeats,
         measure=list(FLAGS.measure),
         quick=FLAGS.quick,
     )

@@ -30,8 +30,8 @@ def get_config(arg=None):
     c.data.image_size = 224
     c.data.crop_padding = 16  # pad-and-crop: random 224 crops
     c.data.num_threads = 16
-    c.old.model = common.model(arch='resnet18', embedding_dim=256, head='cosface')
-    c.new.model = common.model(arch='resnet50', embedding_dim=256, head='cosface')
+    c.old.model = common.model(arch='resnet18', width=64, embedding_dim=256, head='cosface')
+    c.new.model = common.model(arch='resnet50', width=64, embedding_dim=256, head='cosface')
     for stage in (c.old, c.new):
         stage.train = common.train(
             epochs=30.0, batch_size=256, learning_rate=0.1, lr_drop_epochs=(5.0, 10.0, 20.0)

@@ -22,8 +22,8 @@ def get_config(arg=None):
     c.data.image_size = 224
     c.data.crop_padding = 16
     c.data.num_threads = 16
-    c.old.model = common.model(arch='resnet18', embedding_dim=256, head='cosface')
-    c.new.model = common.model(arch='resnet50', embedding_dim=256, head='cosface')
+    c.old.model = common.model(arch='resnet18', width=64, embedding_dim=256, head='cosface')
+    c.new.model = common.model(arch='resnet50', width=64, embedding_dim=256, head='cosface')
     for stage in (c.old, c.new):
         stage.train = common.train(
             epochs=200.0, batch_size=128, learning_rate=0.1, lr_drop_epochs=(50.0, 100.0, 150.0)

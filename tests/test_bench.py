@@ -89,3 +89,26 @@ def test_topk_agreement_tolerates_ties_only():
     assert got['queries_set_differs_beyond_ties'] == 1
     assert got['ranks_score_within_tol'] == pytest.approx(5 / 6)
     assert bench.topk_agreement(scores, idx, scores, idx)['fraction_same_set'] == 1.0
+
+
+@pytest.mark.slow
+def test_train_step_measurement_quick(tmp_path):
+    """The train_step measurement builds and runs every model's step (no timing is judged)."""
+    out = tmp_path / 'bench.json'
+    subprocess.run(
+        [sys.executable, '-m', 'bcl_jax.bench', '--quick', '--measure=train_step', f'--out={out}'],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    r = json.loads(out.read_text())['results']['train_step']
+    assert set(r['steps']) == {
+        'old_resnet18',
+        'new_resnet50_independent',
+        'new_resnet50_bct',
+        'new_resnet50_ndpp',
+        'new_resnet50_odpp',
+    }
+    for timing in r['steps'].values():
+        assert timing['images_per_sec'] == pytest.approx(r['batch'] / timing['seconds'])
+    assert set(r['ratio_to_bct']) == {'ndpp', 'odpp'}

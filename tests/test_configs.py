@@ -53,6 +53,8 @@ def test_gldv2_configs_follow_the_reference_schedule():
         'resnet50',
         256,
     )
+    # Standard widths: tests/test_models.py checks these nets' published parameter counts.
+    assert c.old.model.width == c.new.model.width == config('inshop').new.model.width == 64
     assert c.data.image_size == 224 and c.data.flip and c.data.old_fraction == 0.3
     for stage in (c.old.train, c.new.train):
         assert (stage.epochs, tuple(stage.lr_drop_epochs)) == (30.0, (5.0, 10.0, 20.0))
