@@ -141,6 +141,22 @@ def init_model(model_cfg, num_classes: int, seed: int):
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
+def initial_state(params, batch_stats, tx, bank=None) -> dict:
+    """The train state at step 0. With the old prototypes `bank` (C, D), also the perturbation
+    bank: until the first refresh p̃ = p, and a class's new prototype starts at its old one."""
+    state = dict(
+        step=jnp.int32(0),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        first_nonfinite_step=jnp.int32(-1),
+    )
+    if bank is not None:  # each leaf its own buffer: the state is donated
+        bank = np.asarray(bank)
+        state['bank'] = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
+    return state
+
+
 def make_train_step(
     graphdef,
     tx,
@@ -361,19 +377,10 @@ def train(
     # ---------------------------------------------------------------- model + optimizer
     graphdef, params, stats = init_model(model_cfg, num_classes, seed)
     tx, schedule = make_optimizer(train_cfg, per_epoch)
-    state = dict(
-        step=jnp.int32(0),
-        params=params,
-        batch_stats=stats,
-        opt_state=tx.init(params),
-        first_nonfinite_step=jnp.int32(-1),
-    )
     perturbing = method in PERTURBATIONS
+    bank = sharding.to_host(aux['prototypes'])[:num_classes] if perturbing else None
+    state = initial_state(params, stats, tx, bank)
     if perturbing:
-        # Until the first refresh p̃ = p; a class's new prototype starts at its old one.
-        bank = sharding.to_host(aux['prototypes'])[:num_classes]
-        # Each leaf its own buffer: the state is donated.
-        state['bank'] = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
         start_step = int(round(perturb_cfg.start_epochs * per_epoch))
         every = max(1, int(round(perturb_cfg.refresh_every_epochs * per_epoch)))
     num_params = sum(x.size for x in jax.tree.leaves(params))
