@@ -5,6 +5,8 @@
                             [--measure=floor,ndpp,odpp]
     python -m bcl_jax.bench --measure=train_step [--step_image_size=112] [--step_batch=32]
                             [--step_classes=81313] [--step_repeats=3] [--quick]
+    python -m bcl_jax.bench --measure=train_step,torch_step [--step_image_size=224]
+                            [--step_batch=256] [--torch_compile=false] [--torch_warmup=3]
     python -m bcl_jax.bench --measure=eval_topk [--eval_queries=1129] [--eval_index=761757]
                             [--eval_dim=512] [--eval_k=100] [--eval_query_block=1024]
                             [--eval_gallery_block=32768] [--eval_repeats=3] [--quick]
@@ -32,6 +34,18 @@ Measurements (each a named entry of `MEASUREMENTS`; add one by decorating a func
 - train_step (not run by default): one jitted train step of the GLDv2 configs' old ResNet-18
   and new ResNet-50 at `step_image_size` px, batch `step_batch`, `step_classes` classes:
   images/s of each, and the new model's step with BCT, NDPP and ODPP and their ratios to BCT.
+- torch_step (not run by default; needs torch and torchvision, requirements-bench.txt, else
+  `available` is false): the new model's BCT step of train_step in PyTorch, same model, loss,
+  optimizer, batch and sizes (`torch_bct_module`; tests/test_bench.py checks that its losses
+  equal bcl_jax's on the same weights), on CUDA when there is one, else the CPU; eager and
+  torch.compile'd (`--torch_compile`), channels_last, cudnn.benchmark, and TF32 in matmuls and
+  convolutions exactly when JAX's default matmul precision uses it (the default does, on Ampere
+  and newer GPUs). It runs in a child process (no shared CUDA libraries, memory pools or CPU
+  threads with JAX); with it, JAX's GPU memory preallocation is off unless XLA_PYTHON_CLIENT_*
+  says otherwise, so that JAX does not hold 75% of the GPU. After train_step in the same run,
+  `jax_to_torch` is JAX's BCT images/s per device over PyTorch's on one (target >= 1 on a GPU at
+  224 px and the configs' batch 256: `--step_image_size=224 --step_batch=256`). `--quick`
+  leaves torch.compile out.
 
 Every timing is of a jitted computation after a warm-up call (which compiles), waited for with
 `block_until_ready`; the warm-up time (compile + first run) is reported beside it. Banks are
@@ -95,6 +109,10 @@ vary by up to 2x from minute to minute; compare only numbers from one run:
   swaps two items at the cut-off whose scores agree to 3e-7. faiss (its wheel loads the AVX2
   build here) slows far more under load from other jobs: 9-18 s in busy minutes where knn
   took 2.5-4.5 s.
+- train_step against torch_step (PyTorch 2.15 on the CPU, oneDNN), one run, 112 px, batch 32,
+  81,313 classes, not timed in turn, so only indicative: JAX's BCT step 13.3 images/s, PyTorch
+  eager 32.3, torch.compile'd 38.9 (48 s to compile): JAX / PyTorch 0.41 and 0.34. The issue's
+  target (>= 1) is for a GPU at 224 px and batch 256; not yet measured there.
 - Microbenchmark pitfall: a `lax.top_k` whose outputs are only partly used (say `t[:, -1]`)
   becomes a full sort in XLA:CPU (~50x slower); consume whole outputs when timing it.
 """
@@ -102,9 +120,13 @@ vary by up to 2x from minute to minute; compare only numbers from one run:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -135,6 +157,8 @@ flags.DEFINE_integer('step_image_size', 112, 'train_step: image side (GLDv2 conf
 flags.DEFINE_integer('step_batch', 32, 'train_step: global batch (GLDv2 configs: 256).')
 flags.DEFINE_integer('step_classes', 81313, 'train_step: classes of the new model.')
 flags.DEFINE_integer('step_repeats', 3, 'train_step: timed steps of each model, taken in turn.')
+flags.DEFINE_bool('torch_compile', True, 'torch_step: also time the step under torch.compile.')
+flags.DEFINE_integer('torch_warmup', 3, 'torch_step: untimed steps first (cudnn autotuning).')
 flags.DEFINE_list('measure', ['floor', 'ndpp', 'odpp'], 'Measurements to run, in order.')
 flags.DEFINE_string('out', 'bench.json', 'Where to write the JSON results.')
 flags.DEFINE_bool('quick', False, 'Small sizes (seconds), for tests.')
@@ -157,6 +181,8 @@ QUICK = {
     'step_batch': 8,
     'step_classes': 100,
     'step_repeats': 1,
+    'torch_compile': False,
+    'torch_warmup': 1,
 }
 
 MEASUREMENTS: dict[str, Callable[[dict, dict], dict]] = {}
@@ -557,6 +583,320 @@ def bench_train_step(cfg, results):
     )
 
 
+def _tf32_for(jax_precision) -> bool:
+    """Whether JAX computes float32 matmuls and convolutions in TF32 on an Ampere or newer GPU
+    at this `jax_default_matmul_precision`: unset (DEFAULT) does, as do the reduced levels; only
+    the full-float32 names do not."""
+    name = 'default' if jax_precision is None else str(jax_precision).lower()
+    return name not in ('highest', 'float32', 'f32_f32_f32')
+
+
+def torch_bct_module(
+    classes: int,
+    *,
+    dim: int = 256,
+    scale: float = 30.0,
+    margin: float = 0.3,
+    temperature: float = 0.07,
+    weight: float = 1.0,
+    prototypes=None,
+):
+    """The GLDv2 configs' new model and BCT loss in PyTorch (needs torch and torchvision):
+    uint8 NHWC images -> ImageNet standardisation -> torchvision ResNet-50 (no fc) ->
+    Linear(2048, dim) -> L2 normalisation; CosFace cosines against the normalised columns of
+    `kernel` (dim, C), clipped to [-1, 1]; loss = CE(s·(cos − m on the target)) + weight ·
+    CE(emb·prototypesᵀ / temperature), as bcl_jax.losses. `prototypes` (C, dim): a fixed bank
+    (default: random unit vectors). `forward(images, labels)` returns (loss, l_cls, l_comp)."""
+    import torch
+    import torchvision
+    from torch.nn import functional as F
+
+    from bcl_jax.models.heads import IMAGENET_MEAN, IMAGENET_STD
+
+    def unit(x, axis=-1):  # bcl_jax.models.heads.l2_normalize
+        return x * torch.rsqrt(x.square().sum(axis, keepdim=True).clamp_min(1e-24))
+
+    if prototypes is None:
+        prototypes = random_unit_np(1, classes, dim)
+
+    class BCTStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torchvision.models.resnet50(weights=None, zero_init_residual=True)
+            self.backbone.fc = torch.nn.Identity()
+            self.proj = torch.nn.Linear(self.backbone.inplanes, dim)
+            self.kernel = torch.nn.Parameter(torch.randn(dim, classes) / dim**0.5)
+            for name, value in (
+                ('prototypes', prototypes),
+                ('mean', np.reshape(IMAGENET_MEAN, (1, 3, 1, 1))),
+                ('std', np.reshape(IMAGENET_STD, (1, 3, 1, 1))),
+            ):
+                tensor = torch.as_tensor(np.asarray(value, np.float32))
+                self.register_buffer(name, tensor, persistent=False)
+
+        def embed(self, images):
+            """Unit embeddings (B, dim) and cosines (B, C) of uint8 (B, H, W, 3) images."""
+            # A view, not a copy: NCHW indexing of NHWC memory is PyTorch's channels_last.
+            x = images.permute(0, 3, 1, 2).float() / 255.0
+            emb = unit(self.proj(self.backbone((x - self.mean) / self.std)))
+            cos = (unit(emb) @ unit(self.kernel, 0)).clamp(-1.0, 1.0)
+            return emb, cos
+
+        def forward(self, images, labels):
+            emb, cos = self.embed(images)
+            target = labels[:, None]
+            z = scale * cos.scatter(1, target, cos.gather(1, target) - margin)
+            l_cls = F.cross_entropy(z, labels)
+            l_comp = F.cross_entropy(emb @ self.prototypes.T / temperature, labels)
+            return l_cls + weight * l_comp, l_cls, l_comp
+
+    return BCTStep()
+
+
+def torch_state_from_bcl_jax(params, batch_stats, stage_sizes=(3, 4, 6, 3)) -> dict:
+    """A `torch_bct_module` state dict (numpy arrays) from bcl_jax's ResNet-50 EmbeddingModel
+    weights (`train.init_model`'s pure dicts): conv kernels HWIO -> OIHW, BatchNorm scale/bias
+    and mean/var -> weight/bias and running_mean/running_var, the Dense kernel transposed; the
+    CosFace kernel (dim, C) as it is."""
+    out = {}
+
+    def conv(name, p):
+        out[f'{name}.weight'] = np.transpose(np.asarray(p['kernel']), (3, 2, 0, 1))
+
+    def bn(name, p, s):
+        out[f'{name}.weight'], out[f'{name}.bias'] = np.asarray(p['scale']), np.asarray(p['bias'])
+        out[f'{name}.running_mean'], out[f'{name}.running_var'] = map(
+            np.asarray, (s['mean'], s['var'])
+        )
+
+    bb, bs = params['backbone'], batch_stats['backbone']
+    conv('backbone.conv1', bb['stem_conv'])
+    bn('backbone.bn1', bb['stem_bn'], bs['stem_bn'])
+    i = 0
+    for stage, blocks in enumerate(stage_sizes):
+        for j in range(blocks):
+            p, s, name = bb['blocks'][i], bs['blocks'][i], f'backbone.layer{stage + 1}.{j}'
+            for k in (1, 2, 3):
+                conv(f'{name}.conv{k}', p[f'conv{k}'])
+                bn(f'{name}.bn{k}', p[f'bn{k}'], s[f'bn{k}'])
+            if p.get('shortcut') is not None:
+                conv(f'{name}.downsample.0', p['shortcut']['conv'])
+                bn(f'{name}.downsample.1', p['shortcut']['bn'], s['shortcut']['bn'])
+            i += 1
+    if i != len(bb['blocks']):
+        raise ValueError(f'{len(bb["blocks"])} blocks, expected {i} (ResNet-50)')
+    out['proj.weight'] = np.asarray(params['head']['proj']['kernel']).T
+    out['proj.bias'] = np.asarray(params['head']['proj']['bias'])
+    out['kernel'] = np.asarray(params['classifier']['kernel'])
+    return out
+
+
+def load_bcl_jax_weights(module, params, batch_stats) -> None:
+    """Copy bcl_jax's weights into a `torch_bct_module`; every parameter and statistic is set
+    (only BatchNorm's step counters, which bcl_jax has not, are left)."""
+    import torch
+
+    state = {k: torch.tensor(v) for k, v in torch_state_from_bcl_jax(params, batch_stats).items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if missing or unexpected:
+        raise ValueError(f'weights not matched: missing {missing}, unexpected {unexpected}')
+
+
+def torch_sgd(module, *, lr: float, momentum: float, weight_decay: float):
+    """torch SGD over every parameter, as bcl_jax.train.make_optimizer (decay on all weights);
+    the fused kernel where this build has it."""
+    import torch
+
+    kw = {'lr': lr, 'momentum': momentum, 'weight_decay': weight_decay}
+    try:
+        return torch.optim.SGD(module.parameters(), fused=True, **kw), 'fused'
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.SGD(module.parameters(), **kw), 'default'
+
+
+def _torch_step_child(spec_path: str, out_path: str) -> None:
+    """Runs in a child process (see `bench_torch_step`): times the PyTorch step, writes JSON."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    with open(out_path, 'w') as f:
+        json.dump(_torch_step_timings(spec), f)
+
+
+def _torch_step_timings(spec: dict) -> dict:
+    try:
+        import torch
+        import torchvision
+    except (ImportError, OSError, RuntimeError) as e:  # also a torchvision unfit for the torch
+        return {'available': False, 'error': f'{type(e).__name__}: {e}'}
+    cuda = torch.cuda.is_available()
+    device = torch.device('cuda' if cuda else 'cpu')
+    tf32 = _tf32_for(spec['jax_default_matmul_precision'])
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    classes, batch, size = spec['classes'], spec['batch'], spec['image_size']
+    rng = np.random.default_rng(0)  # the batch of bench._train_step_call
+    images = torch.from_numpy(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, classes, batch).astype(np.int64))
+    images, labels = images.to(device), labels.to(device)
+    head = {k: spec[k] for k in ('dim', 'scale', 'margin', 'temperature', 'weight')}
+    opt = {k: spec[k] for k in ('lr', 'momentum', 'weight_decay')}
+
+    variants, out = {}, {}
+    for name in ('eager', 'compiled') if spec['compile'] else ('eager',):
+        torch.manual_seed(0)
+        module = torch_bct_module(classes, **head).to(device, memory_format=torch.channels_last)
+        module.train()
+        optimizer, impl = torch_sgd(module, **opt)
+        forward = torch.compile(module) if name == 'compiled' else module
+
+        def step(forward=forward, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward(images, labels)[0]
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        start, first = time.perf_counter(), None
+        try:
+            for _ in range(max(spec['warmup'], 1)):
+                loss = step()
+                sync()
+                first = float(loss) if first is None else first
+        except Exception as e:  # noqa: BLE001 (torch.compile fails in many ways; report it)
+            out[name] = {'error': f'{type(e).__name__}: {e}'[:2000]}
+            continue
+        out[name] = {
+            'warmup_seconds': time.perf_counter() - start,
+            'warmup_steps': max(spec['warmup'], 1),
+            'first_loss': first,
+            'optimizer': impl,
+            'all_seconds': [],
+        }
+        variants[name] = step
+    for _ in range(spec['repeats']):  # in turn, as timed_together
+        for name, step in variants.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            out[name]['all_seconds'].append(time.perf_counter() - start)
+    for name in variants:
+        r = out[name]
+        r.update(seconds=min(r['all_seconds']), runs=len(r['all_seconds']))
+        r['images_per_sec'] = batch / r['seconds']
+    backends = torch.backends
+    return {
+        'available': True,
+        'torch': torch.__version__,
+        'torchvision': torchvision.__version__,
+        'device': str(device),
+        'device_name': torch.cuda.get_device_name() if cuda else platform.processor() or 'cpu',
+        'threads': torch.get_num_threads(),
+        'settings': {
+            'channels_last': True,
+            'cudnn_benchmark': backends.cudnn.benchmark,
+            'matmul_allow_tf32': backends.cuda.matmul.allow_tf32,
+            'cudnn_allow_tf32': backends.cudnn.allow_tf32,
+            'float32_matmul_precision': torch.get_float32_matmul_precision(),
+            'jax_default_matmul_precision': spec['jax_default_matmul_precision'],
+            'jax_uses_tf32_on_ampere_or_newer': tf32,
+        },
+        'peak_memory_bytes': torch.cuda.max_memory_allocated() if cuda else None,
+        'steps': out,
+    }
+
+
+@measurement('torch_step')
+def bench_torch_step(cfg, results):
+    """The new ResNet-50's BCT step of `train_step` in PyTorch (torch_bct_module): same model,
+    loss, optimizer (configs/gldv2.py), batch and sizes; eager and, with `torch_compile`,
+    torch.compile'd, timed in turn, one synchronised step per timing after `torch_warmup` steps.
+    CUDA when torch sees it, else the CPU; channels_last, cudnn.benchmark, and TF32 exactly when
+    JAX's default matmul precision uses it. Runs in a child process, so that PyTorch and JAX do
+    not share CUDA libraries, memory pools or CPU threads. With `train_step` earlier in the same
+    run: images/s per device of JAX's BCT step over PyTorch's on one (target >= 1)."""
+    from configs import gldv2
+
+    missing = next((m for m in ('torch', 'torchvision') if importlib.util.find_spec(m) is None), '')
+    if missing:
+        return {'available': False, 'error': f'No module named {missing!r}'}
+    config = gldv2.get_config()
+    model, train_cfg = config.new.model, config.new.train
+    if (model.arch, model.width, model.head) != ('resnet50', 64, 'cosface'):
+        raise ValueError(f'torch_step mirrors a ResNet-50 CosFace model, not {model}')
+    spec = {
+        'image_size': cfg['step_image_size'],
+        'batch': cfg['step_batch'],
+        'classes': cfg['step_classes'],
+        'dim': model.embedding_dim,
+        'scale': model.scale,
+        'margin': model.margin,
+        'temperature': config.compat.temperature,
+        'weight': config.compat.weight,
+        'lr': train_cfg.learning_rate,
+        'momentum': train_cfg.momentum,
+        'weight_decay': train_cfg.weight_decay,
+        'repeats': cfg['step_repeats'],
+        'warmup': cfg['torch_warmup'],
+        'compile': cfg['torch_compile'],
+        'jax_default_matmul_precision': jax.config.jax_default_matmul_precision,
+    }
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))
+    )
+    code = 'import sys; from bcl_jax import bench; bench._torch_step_child(*sys.argv[1:])'
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = os.path.join(tmp, 'spec.json'), os.path.join(tmp, 'out.json')
+        with open(spec_path, 'w') as f:
+            json.dump(spec, f)
+        child = subprocess.run(
+            [sys.executable, '-c', code, spec_path, out_path],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode or not os.path.exists(out_path):
+            return {'available': True, 'error': f'exit {child.returncode}: {child.stderr[-4000:]}'}
+        with open(out_path) as f:
+            out = json.load(f)
+    out = dict(
+        out,
+        image_size=spec['image_size'],
+        batch=spec['batch'],
+        classes=spec['classes'],
+        jax_gpu_preallocate=os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'),
+        target_ratio=1.0,
+    )
+    jax_step = results.get('train_step', {}).get('steps', {}).get('new_resnet50_bct')
+    if out['available'] and jax_step is not None:
+        # Per chip: train_step splits its batch over all of JAX's devices, PyTorch uses one.
+        devices = results['train_step'].get('devices', 1)
+        per_chip = jax_step['images_per_sec'] / devices
+        out['jax_bct_images_per_sec_per_device'] = per_chip
+        out['jax_devices'] = devices
+        out['jax_device'] = jax.devices()[0].device_kind
+        out['jax_to_torch'] = {
+            name: per_chip / r['images_per_sec']
+            for name, r in out['steps'].items()
+            if 'images_per_sec' in r
+        }
+        torch_backend = 'gpu' if out['device'].startswith('cuda') else 'cpu'
+        if jax.default_backend() != torch_backend:  # e.g. a torch build the driver cannot run
+            out['warning'] = (
+                f'JAX ran on {jax.default_backend()}, PyTorch on {out["device"]}: not comparable'
+            )
+    return out
+
+
 def environment() -> dict:
     return dict(
         jax=jax.__version__,
@@ -600,11 +940,18 @@ def main(argv):
         step_batch=FLAGS.step_batch,
         step_classes=FLAGS.step_classes,
         step_repeats=FLAGS.step_repeats,
+        torch_compile=FLAGS.torch_compile,
+        torch_warmup=FLAGS.torch_warmup,
         measure=list(FLAGS.measure),
         quick=FLAGS.quick,
     )
     if FLAGS.quick:
         cfg.update(QUICK)
+    jax_memory = ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION')
+    if 'torch_step' in cfg['measure'] and not any(v in os.environ for v in jax_memory):
+        # PyTorch runs in a child process on the same GPU: without this JAX would take 75% of
+        # its memory at its first use and keep it. Set before JAX starts its backend.
+        os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
     report = run(cfg)
     with open(FLAGS.out, 'w') as f:
         json.dump(report, f, indent=2)
