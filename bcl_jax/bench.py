@@ -501,20 +501,10 @@ def _train_step_call(model_cfg, method: str, cfg, config, mesh):
     classes, batch, size = cfg['step_classes'], cfg['step_batch'], cfg['step_image_size']
     graphdef, params, stats = train.init_model(model_cfg, classes, seed=0)
     tx, _ = train.make_optimizer(config.new.train, steps_per_epoch=1000.0)
-    state = dict(
-        step=jnp.int32(0),
-        params=params,
-        batch_stats=stats,
-        opt_state=tx.init(params),
-        first_nonfinite_step=jnp.int32(-1),
-    )
     weights = {t: config.compat.weight for t in train.METHOD_TERMS[method]}
-    aux = {}
-    if weights:
-        aux['prototypes'] = random_bank(1, classes, model_cfg.embedding_dim)
-    if method in train.PERTURBATIONS:
-        bank = np.asarray(aux['prototypes'])
-        state['bank'] = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
+    aux = {'prototypes': random_bank(1, classes, model_cfg.embedding_dim)} if weights else {}
+    bank = aux['prototypes'] if method in train.PERTURBATIONS else None
+    state = train.initial_state(params, stats, tx, bank)
     state, state_sharding = sharding.place(state, mesh, shard_classes=False)
     aux, aux_sharding = sharding.place(aux, mesh, shard_classes=False)
     step = train.jit_train_step(
