@@ -218,8 +218,8 @@ def _gldv2(cfg, workdir):
             raise ValueError('data.name=gldv2 needs data.gldv2.root (or data.prepared).')
         csv_path = os.path.join(g.root, g.csv)
         train = gldv2.GLDv2Train(csv_path, g.root, image_size=cfg.image_size)
-        split = _recorded_gldv2_split(cfg, train.image_ids, workdir)
-    tests = _revisited_tests(cfg) if 'roxford5k' in g.tests or 'rparis6k' in g.tests else []
+        split = _recorded_gldv2_split(cfg, train, workdir)
+    tests = _revisited_tests(cfg)
     if 'gldv2' in g.tests:
         tests.append(_gldv2_test(cfg))
     order = {name: i for i, name in enumerate(g.tests)}
@@ -227,14 +227,16 @@ def _gldv2(cfg, workdir):
     return train, split, tests, f'GLDv2 {os.path.basename(g.csv)} ({g.root or cfg.prepared})'
 
 
-def _recorded_gldv2_split(cfg, image_ids, workdir):
+def _recorded_gldv2_split(cfg, train, workdir):
     """The old split from data.gldv2.split_file, or drawn and saved there (default: the workdir)."""
+    import jax
+
     from bcl_jax.data import gldv2
 
     path = cfg.gldv2.split_file or (workdir and os.path.join(workdir, 'old_split.json'))
+    asked = dict(fraction=cfg.old_fraction, mode=cfg.old_split, seed=cfg.split_seed)
     if path and os.path.exists(path):
-        split, meta = gldv2.read_split_file(path, image_ids=image_ids)
-        asked = dict(fraction=cfg.old_fraction, mode=cfg.old_split, seed=cfg.split_seed)
+        split, meta = gldv2.read_split_file(path, image_ids=train.image_ids)
         if any(meta[k] != v for k, v in asked.items()):
             raise ValueError(
                 f'{path} holds the split fraction={meta["fraction"]} mode={meta["mode"]} '
@@ -242,13 +244,10 @@ def _recorded_gldv2_split(cfg, image_ids, workdir):
                 'data.gldv2.split_file elsewhere or match the config to the file.'
             )
         return split
-    return gldv2.old_split_for(
-        os.path.join(cfg.gldv2.root, cfg.gldv2.csv),
-        fraction=cfg.old_fraction,
-        mode=cfg.old_split,
-        seed=cfg.split_seed,
-        out=path or None,
-    )
+    split = splits.old_split(train.labels, train.num_classes, **asked)
+    if path and jax.process_index() == 0:
+        gldv2.write_split(path, split, image_ids=train.image_ids, **asked)
+    return split
 
 
 def _inshop(cfg, workdir):

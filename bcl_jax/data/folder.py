@@ -101,6 +101,14 @@ def _check_class_names(class_names: Sequence[str], folder_classes: list[str], ro
         )
 
 
+def check_image_size(image_size) -> int:
+    """`image_size` as an int; ValueError unless it is a positive int (not a bool)."""
+    is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
+    if not is_int or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+    return int(image_size)
+
+
 def load_image(path: str, image_size: int, box=None) -> np.ndarray:
     """Decodes `path` to uint8 RGB, shorter side resized to `image_size`, centre-cropped square.
 
@@ -198,9 +206,7 @@ class ImageFolder(ImageList):
         class_names: Sequence[str] | None = None,
         skip_corrupt: bool = False,
     ):
-        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-        if not is_int or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        check_image_size(image_size)
         self.root = os.fspath(root)
         self.image_size = int(image_size)
         folder_classes = list_class_dirs(self.root)

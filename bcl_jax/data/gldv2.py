@@ -27,7 +27,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from bcl_jax import knn, metrics
-from bcl_jax.data.folder import CorruptImageError, ImageList, load_image, preview  # noqa: F401
+from bcl_jax.data.folder import (  # noqa: F401
+    CorruptImageError,
+    ImageList,
+    check_image_size,
+    load_image,
+    preview,
+)
 from bcl_jax.data.splits import OldSplit, old_split
 
 __all__ = [
@@ -221,9 +227,7 @@ class GLDv2Train(ImageList):
         folder: str = "train",
         check_files: bool = True,
     ):
-        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-        if not is_int or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        check_image_size(image_size)
         self.csv_path, self.root, self.folder = os.fspath(csv_path), os.fspath(root), folder
         self.image_size = int(image_size)
         self.image_ids, self.labels, self.landmark_ids = read_train_csv(self.csv_path)
@@ -257,7 +261,7 @@ class TestImages(ImageList):
         self, root: str | os.PathLike, folder: str, ids: Sequence[str], *, image_size: int
     ):
         self.root, self.folder, self.ids = os.fspath(root), folder, list(ids)
-        self.image_size = int(image_size)
+        self.image_size = check_image_size(image_size)
         self.paths = [image_path(self.root, i, folder) for i in self.ids]
         self.labels = np.arange(len(self.ids), dtype=np.int32)
         self.num_classes = len(self.ids)

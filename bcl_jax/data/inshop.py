@@ -32,7 +32,13 @@ import numpy as np
 from absl import logging
 
 from bcl_jax import metrics
-from bcl_jax.data.folder import CorruptImageError, ImageList, load_image, preview  # noqa: F401
+from bcl_jax.data.folder import (  # noqa: F401
+    CorruptImageError,
+    ImageList,
+    check_image_size,
+    load_image,
+    preview,
+)
 
 PARTITION_FILE = "list_eval_partition.txt"
 SPLITS = ("train", "query", "gallery")
@@ -169,9 +175,7 @@ class InShopSource(ImageList):
     ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-        if not is_int or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        check_image_size(image_size)
         self.root, self.split, self.image_size = os.fspath(root), split, int(image_size)
         part = (read_partition(self.root) if partition is None else partition)[split]
         if not len(part):

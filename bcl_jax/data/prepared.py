@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from bcl_jax.data import splits
-from bcl_jax.data.folder import load_image
+from bcl_jax.data.folder import check_image_size, load_image
 
 FORMAT = "bcl_jax.prepared/1"
 MANIFEST = "manifest.json"
@@ -119,9 +119,7 @@ class PreparedSource:
         image_size: int,
         manifest: dict | None = None,
     ):
-        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-        if not is_int or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        check_image_size(image_size)
         self.root, self.split, self.image_size = os.fspath(root), split, int(image_size)
         manifest = read_manifest(self.root) if manifest is None else manifest
         if split not in manifest["splits"]:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bcl_jax.data.folder import load_image
+from bcl_jax.data.folder import check_image_size, load_image
 
 __all__ = [
     "DATASETS",
@@ -194,9 +194,7 @@ class RevisitedSource:
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
-        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-        if not is_int or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        check_image_size(image_size)
         self.root = os.fspath(root)
         self.dataset = dataset
         self.split = split

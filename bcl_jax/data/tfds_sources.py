@@ -42,7 +42,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from bcl_jax import metrics
-from bcl_jax.data.folder import CorruptImageError, load_image
+from bcl_jax.data.folder import CorruptImageError, check_image_size, load_image
 
 SPLITS = ("train", "test")
 _READ_CHUNK = 4096  # Records deserialised per batched read while collecting labels.
@@ -181,9 +181,7 @@ class TfdsSource:
         spec = get_spec(dataset)
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-        is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-        if not is_int or image_size <= 0:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        check_image_size(image_size)
         if not data_dir:
             raise ValueError(
                 f"data_dir is not set; point it to the tfds data_dir holding {spec.tfds_name}. "
