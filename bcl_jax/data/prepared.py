@@ -119,8 +119,8 @@ class PreparedSource:
         image_size: int,
         manifest: dict | None = None,
     ):
-        check_image_size(image_size)
-        self.root, self.split, self.image_size = os.fspath(root), split, int(image_size)
+        self.root, self.split = os.fspath(root), split
+        self.image_size = check_image_size(image_size)
         manifest = read_manifest(self.root) if manifest is None else manifest
         if split not in manifest["splits"]:
             raise ValueError(
