@@ -64,8 +64,14 @@ def class_multiple(mesh, shard_classes: bool) -> int:
     return mesh.shape[AXIS] if shard_classes else 1
 
 
-def padded(num_classes: int, multiple: int) -> int:
-    return -(-num_classes // multiple) * multiple
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints, exactly (no float rounding)."""
+    return -(-a // b)
+
+
+def padded(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple` (the padded size of a class or block axis)."""
+    return ceil_div(n, multiple) * multiple
 
 
 def pad_rows(x, size: int, axis: int = 0):
