@@ -4,16 +4,19 @@ A checkpoint holds four items: `weights` (params and BatchNorm statistics: all t
 stage needs to use the model), `train` (step, optimizer state, NaN flag), `data` (the input
 iterator's position) and `meta` (stage, model description, seconds trained). Orbax writes each
 step to a temporary folder and renames it when complete, so a killed run resumes from the last
-complete step.
+complete step. A step that cannot be read (a damaged disk, a hand-edited folder) is moved aside
+to `<directory>-damaged/<step>` with a warning, and the previous step is used.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 def write_atomic(path: str, text: str | bytes):
@@ -39,6 +42,10 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+class MismatchError(ValueError):
+    """A checkpoint of another model than the config describes (not a damaged one)."""
+
+
 def _check_meta(saved: dict, expected: dict, directory: str):
     """A checkpoint of another architecture, size or class count stops with what differs."""
     diffs = []
@@ -55,7 +62,7 @@ def _check_meta(saved: dict, expected: dict, directory: str):
         elif got != want:
             diffs.append(f'{key}: checkpoint has {got!r}, config says {want!r}')
     if diffs:
-        raise ValueError(
+        raise MismatchError(
             f'checkpoint {directory} does not match the config:\n  '
             + '\n  '.join(diffs)
             + '\nFix the config to match the checkpoint, or point to the right one.'
@@ -67,6 +74,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int | None, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self._read_only = read_only
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
         options = ocp.CheckpointManagerOptions(
@@ -103,6 +111,43 @@ class Checkpointer:
         _check_meta(meta, expected, self.directory)
         return meta
 
+    def _latest_readable(self, read):
+        """`read(step)` at the latest step that can be read, after warning about later ones
+        (moved aside, unless the directory is read-only). A config mismatch (ValueError from
+        `_check_meta`) is not damage: it stops at once."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return read(step)
+            except MismatchError:
+                raise
+            except Exception as e:  # orbax raises many kinds on a damaged step  # noqa: BLE001
+                where = os.path.join(self.directory, str(step))
+                if not self._read_only:
+                    where = self._move_aside(step)
+                logging.warning(
+                    'checkpoint step %d in %s cannot be read (%s: %s); %s, using the step before',
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    e,
+                    f'moved it to {where}' if not self._read_only else 'skipped it',
+                )
+        raise FileNotFoundError(f'no readable checkpoint step in {self.directory}')
+
+    def _move_aside(self, step: int) -> str:
+        aside = os.path.join(self.directory + '-damaged', str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            os.replace(os.path.join(self.directory, str(step)), aside)
+        self._manager.reload()
+        return aside
+
+    def read_meta(self) -> dict:
+        """The meta item of the latest readable step (e.g. its settings' fingerprint)."""
+        return self._latest_readable(lambda step: self._meta(step, {}))
+
     def restore(self, step: int, state: dict, expected_meta: dict, *, strict: bool = True):
         """(state, data_state, meta) at `step`, onto the shardings of the template `state`.
 
@@ -125,6 +170,12 @@ class Checkpointer:
         )
         return dict(out['train'], **out['weights']), out['data'], meta
 
+    def restore_latest(self, state: dict, expected_meta: dict, *, strict: bool = True):
+        """`restore` at the latest readable step: (state, data_state, meta, step)."""
+        return self._latest_readable(
+            lambda step: (*self.restore(step, state, expected_meta, strict=strict), step)
+        )
+
     def restore_weights(self, step: int, weights: dict, expected_meta: dict, *, strict=True):
         """(weights, meta) only: what using a finished model needs (`strict` as in `restore`)."""
         meta = self._meta(step, expected_meta)
@@ -135,6 +186,12 @@ class Checkpointer:
             ),
         )
         return out['weights'], meta
+
+    def restore_latest_weights(self, weights: dict, expected_meta: dict, *, strict=True):
+        """`restore_weights` at the latest readable step: (weights, meta, step)."""
+        return self._latest_readable(
+            lambda step: (*self.restore_weights(step, weights, expected_meta, strict=strict), step)
+        )
 
     def close(self):
         self._manager.close()

@@ -8,9 +8,15 @@ to an independently trained new model's new/new (1).
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+
+import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bcl_jax import checkpoint
 from bcl_jax.data import pipeline
 
 
@@ -103,7 +109,8 @@ def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
 
 
 def aggregate(per_seed: list[dict]) -> dict:
-    """Mean and standard deviation (ddof=1) over seeds of every number in the results."""
+    """Mean and standard deviation (ddof=1) over seeds of every number in the results, with the
+    seeds, the benchmark and the machine."""
 
     def combine(values, reducer):
         first = values[0]
@@ -119,6 +126,9 @@ def aggregate(per_seed: list[dict]) -> dict:
         **{k: per_seed[0][k] for k in ('primary_metric', 'columns', 'tests')},
         **{k: combine([r[k] for r in per_seed], np.mean) for k in keys},
         std={k: combine([r[k] for r in per_seed], std) for k in keys},
+        benchmark=per_seed[0]['benchmark'],
+        seeds=[r['config']['seed'] for r in per_seed],
+        machine=per_seed[0]['machine'],
     )
 
 
@@ -165,3 +175,45 @@ def markdown(results: dict) -> str:
             )
         )
     return '\n'.join(lines) + '\n'
+
+
+def describe_data(data) -> str:
+    """One line for the log: the dataset, its splits and its tests."""
+    tests = ', '.join(
+        f'{t.name} ({len(t.query)} queries'
+        + ('' if t.gallery is None else f', {len(t.gallery)} gallery images')
+        + ')'
+        for t in data.tests
+    )
+    return (
+        f'{data.description}: {data.num_classes} classes, {len(data.train)} training images '
+        f'(old model: {data.old_train.num_classes} classes, {len(data.old_train)} images); '
+        f'tests: {tests}'
+    )
+
+
+def describe_model(model, checkpoint_dir: str = '') -> dict:
+    """What results.json records of a model: its weights' digest, the step it was taken at and,
+    for a given checkpoint, where it came from."""
+    out = dict(identity=model.identity(), step=model.step, total_steps=model.total_steps)
+    if checkpoint_dir:
+        out['checkpoint'] = checkpoint_dir
+    return out
+
+
+def machine() -> str:
+    return (
+        f'{platform.machine()} {os.cpu_count()} cores, '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s)'
+    )
+
+
+def write_results(results: dict, workdir: str):
+    """results.json and results.md in `workdir` (process 0, atomically); prints the table."""
+    table = markdown(results)
+    if jax.process_index() == 0:
+        checkpoint.write_atomic(
+            os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, allow_nan=False)
+        )
+        checkpoint.write_atomic(os.path.join(workdir, 'results.md'), table)
+    print(table, flush=True)

@@ -1,27 +1,27 @@
 """bcl_jax entry point: python -m bcl_jax.main --config=configs/<experiment>.py --workdir=DIR
 
 Runs the stages of a backward-compatible upgrade: train (or load) the old model, compute the old
-prototypes, train each new model of `config.methods`, evaluate old/old, new/new and new/old, and
-write results.json and results.md. Every stage resumes or is skipped when the command is rerun.
+prototypes, train each new model of `config.methods` against them, evaluate old/old, new/new and
+new/old, and write results.json and results.md. Every stage resumes or is skipped when the
+command is rerun; a stage trained under other settings stops the run (bcl_jax.stage).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
+import sys
 import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, prototypes, train
+from bcl_jax import checkpoint, evaluate, prototypes, sharding, train, validate
 from bcl_jax import data as data_lib
+from bcl_jax import stage as stage_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'experiment config file', lock_config=True
-)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the run writes')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed',
@@ -45,8 +45,8 @@ def initialize_distributed():
 
 
 def run(config, workdir: str) -> dict:
-    """One run, or with `config.seeds` one run per seed (DIR/seed_<s>) and their mean ± std."""
-    train.check_config(config)  # before anything trains: a typo must not cost an old model
+    """One run, or with `config.seeds` one run per seed (DIR/seed_<s>), aggregated and paired."""
+    validate.check_config(config)  # before anything trains: a typo must not cost an old model
     if not config.seeds:
         return run_one(config, workdir)
     start, per_seed = time.time(), []
@@ -55,30 +55,29 @@ def run(config, workdir: str) -> dict:
         seeded.seed, seeded.seeds = seed, ()
         per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
     results = evaluate.aggregate(per_seed)
-    results.update(
-        benchmark=per_seed[0]['benchmark'],
-        seeds=list(config.seeds),
-        machine=per_seed[0]['machine'],
-        wall_seconds=time.time() - start,
-        config=json.loads(config.to_json()),
-    )
-    _write_results(results, workdir)
+    results.update(wall_seconds=time.time() - start, config=json.loads(config.to_json()))
+    evaluate.write_results(results, workdir)
     return results
 
 
-def _write_results(results: dict, workdir: str):
-    table = evaluate.markdown(results)
-    if jax.process_index() == 0:
-        checkpoint.write_atomic(
-            os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, allow_nan=False)
+def old_model(config, data, mesh, workdir: str) -> stage_lib.Trained:
+    """The old model: loaded from `config.old.checkpoint`, or trained on the old split."""
+    if config.old.checkpoint:
+        return train.load(
+            config.old.checkpoint,
+            config.old.model,
+            data.old_train.num_classes,
+            mesh,
+            shard_classes=config.mesh.shard_classes,
+            allow_unfinished=config.old.allow_unfinished,
         )
-        checkpoint.write_atomic(os.path.join(workdir, 'results.md'), table)
-    print(table, flush=True)
+    stage = stage_lib.old_stage(config, data)
+    return train.train(stage, config=config, mesh=mesh, workdir=workdir)
 
 
 def run_one(config, workdir: str) -> dict:
     start = time.time()
-    mesh = train.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
     logging.info(
         'bcl_jax: %d process(es), %d device(s) (%s), mesh %s',
         jax.process_count(),
@@ -86,55 +85,16 @@ def run_one(config, workdir: str) -> dict:
         jax.devices()[0].platform,
         dict(mesh.shape),
     )
-    if jax.process_index() == 0:
-        checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
     data = data_lib.build(config.data, workdir=workdir)
-    logging.info(
-        'data: %s: %d classes, %d training images (old model: %d classes, %d images); tests: %s',
-        data.description,
-        data.num_classes,
-        len(data.train),
-        data.old_train.num_classes,
-        len(data.old_train),
-        ', '.join(
-            f'{t.name} ({len(t.query)} queries'
-            + ('' if t.gallery is None else f', {len(t.gallery)} gallery images')
-            + ')'
-            for t in data.tests
-        ),
-    )
-    common = dict(
-        workdir=workdir,
-        mesh=mesh,
-        data_cfg=config.data,
-        ckpt_cfg=config.ckpt,
-        log_every_steps=config.log_every_steps,
-        compat_cfg=config.compat,
-        perturb_cfg=config.perturb,
-        shard_classes=config.mesh.shard_classes,
-    )
+    logging.info('data: %s', evaluate.describe_data(data))
+    validate.check_run(config, data)
+    if jax.process_index() == 0:  # only once every setting is known to work
+        checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
 
     # 1. The old model: given, or trained on the old split.
-    if config.old.checkpoint:
-        old = train.load(
-            config.old.checkpoint,
-            config.old.model,
-            data.old_train.num_classes,
-            mesh,
-            shard_classes=config.mesh.shard_classes,
-        )
-    else:
-        old = train.train(
-            stage='old',
-            model_cfg=config.old.model,
-            train_cfg=config.old.train,
-            source=data.old_train,
-            num_classes=data.old_train.num_classes,
-            seed=config.seed,
-            **common,
-        )
+    old = old_model(config, data, mesh, workdir)
 
-    # 2. Old prototypes of every class of the new training set.
+    # 2. Old prototypes of every class of the new training set: what new models align to.
     bank = prototypes.old_bank(
         old,
         data.train,
@@ -142,42 +102,26 @@ def run_one(config, workdir: str) -> dict:
         workdir=workdir,
         mesh=mesh,
         batch_size=config.eval.batch_size,
+        data_identity=stage_lib.data_identity(data),
     )
-    aux = dict(
-        prototypes=bank,
-        old_params=old.params,
-        old_batch_stats=old.batch_stats,
-        old_label=data.old_label,
-    )
+    reference = stage_lib.Reference(old, bank, data.old_label)
 
-    # 3. New models, one per method, all from the same initialisation.
-    new_models = {
-        method: train.train(
-            stage=f'new_{method}',
-            method=method,
-            model_cfg=config.new.model,
-            train_cfg=config.new.train,
-            source=data.train,
-            num_classes=data.num_classes,
-            seed=config.seed + 1,
-            old=old,
-            aux=aux,
-            **common,
-        )
-        for method in config.methods
-    }
+    # 3. New models, one per method, all from the same initialisation and data order.
+    new_models = {}
+    for name in config.methods:
+        stage = stage_lib.new_stage(config, name, data, reference)
+        new_models[name] = train.train(stage, reference, config=config, mesh=mesh, workdir=workdir)
 
     # 4. Retrieval tests and the results files.
     results = evaluate.evaluate(old, new_models, data, mesh=mesh, eval_cfg=config.eval)
     results.update(
         benchmark=data.description,
-        old_model=old.identity(),
-        machine=f'{platform.machine()} {os.cpu_count()} cores, '
-        f'{jax.device_count()} {jax.devices()[0].platform} device(s)',
+        old_model=evaluate.describe_model(old, config.old.checkpoint),
+        machine=evaluate.machine(),
         wall_seconds=time.time() - start,
         config=json.loads(config.to_json()),
     )
-    _write_results(results, workdir)
+    evaluate.write_results(results, workdir)
     return results
 
 
@@ -188,15 +132,26 @@ def _quiet_libraries(record) -> bool:
     )
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with a config error (unknown field, wrong type) in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+        sys.exit(f'bcl_jax: {e}\nSee the config file (configs/common.py lists every field).')
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
     if _DISTRIBUTED.value:
         initialize_distributed()
-    run(_CONFIG.value, _WORKDIR.value)
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except (validate.ConfigError, stage_lib.ChangedConfigError) as e:
+        sys.exit(f'bcl_jax: {e}')
 
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config', 'workdir'])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

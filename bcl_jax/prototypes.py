@@ -2,8 +2,8 @@
 
 A prototype is the L2-normalised mean of a class's L2-normalised embeddings. The old bank is
 computed once with the frozen old model over the new training set and stored in the work
-directory as `.npy` beside a JSON file naming the old model's weights; a rerun reuses it, and a
-different old model recomputes it.
+directory as `.npy` beside a JSON file naming the old model's weights and the data; a rerun
+reuses it, and a different old model, other data or a damaged file recomputes it.
 """
 
 from __future__ import annotations
@@ -77,16 +77,50 @@ def compute(
     return class_means(sharding.to_host(sums)[:num_classes], sharding.to_host(counts)[:num_classes])
 
 
-def old_bank(old, source, *, num_classes: int, workdir: str, mesh, batch_size: int):
-    """The old prototypes over the new training set, from the work directory when current."""
-    path = os.path.join(workdir, 'prototypes', 'old.npy')
-    identity = dict(old_model=old.identity(), num_classes=num_classes, num_images=len(source))
-    if os.path.exists(path + '.json') and os.path.exists(path):
+def _load_bank(path: str, identity: dict) -> np.ndarray | None:
+    """The stored bank if its sidecar names `identity` and the file is whole, else None (a
+    damaged file is reported, then recomputed)."""
+    try:
         with open(path + '.json') as f:
-            if json.load(f) == identity:
-                logging.info('old prototypes: reusing %s', path)
-                return np.load(path)
+            saved = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logging.warning('old prototypes: %s.json is damaged (%s); recomputing', path, e)
+        return None
+    if saved != identity:
         logging.info('old prototypes: %s was made by another old model or data; recomputing', path)
+        return None
+    try:
+        bank = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        logging.warning('old prototypes: %s is damaged (%s); recomputing', path, e)
+        return None
+    if bank.shape != (identity['num_classes'], bank.shape[-1]) or not np.isfinite(bank).all():
+        logging.warning('old prototypes: %s has shape %s or non-finite values; recomputing', path, bank.shape)
+        return None
+    logging.info('old prototypes: reusing %s', path)
+    return bank
+
+
+def old_bank(
+    old, source, *, num_classes: int, workdir: str, mesh, batch_size: int, data_identity: str
+):
+    """The old prototypes over the new training set, from the work directory when current.
+
+    The bank is stored with the old model's weight digest and `data_identity` (what the
+    training data is): another old model or other data recomputes it, and so does a damaged file.
+    """
+    path = os.path.join(workdir, 'prototypes', 'old.npy')
+    identity = dict(
+        old_model=old.identity(),
+        data=data_identity,
+        num_classes=num_classes,
+        num_images=len(source),
+    )
+    bank = _load_bank(path, identity)
+    if bank is not None:
+        return bank
     bank = compute(old, source, num_classes=num_classes, mesh=mesh, batch_size=batch_size)
     if jax.process_index() == 0:
         buf = io.BytesIO()

@@ -1,14 +1,15 @@
 """Where the train state lives: replicated, or with the class axis split over the devices.
 
-The mesh is 1-D with axis 'data'; the batch is split by rows over it. With
+The mesh (`make_mesh`) is 1-D with axis 'data'; the batch is split by rows over it. With
 `config.mesh.shard_classes`, the arrays whose size grows with the number of classes C are split
-by class over the same axis, and everything else stays replicated. The rule goes by a leaf's
-path in the state or aux dict (`class_axis`):
+by class over the same axis, and everything else stays replicated. The rule (`class_axis`) reads
+a leaf's place in the train state or in the `stage.Reference`:
 
 - a classifier's `kernel` (D, C) and `bias` (C,): any leaf under a 'classifier' key, so the new
   model's weights, the optimizer's momentum (which mirrors them) and the frozen old model's
-  classifier in aux alike: P(None, 'data') and P('data');
-- a (C, D) prototype bank: aux['prototypes'] and every entry of state['bank']: P('data', None).
+  classifier in the reference alike: P(None, 'data') and P('data');
+- arrays indexed by class on their first axis: the reference's `prototypes` (C, D) and
+  `class_stats`, and a method's state under 'banks' (bcl_jax.methods): P('data', ...).
 
 JAX 0.10.2 refuses a NamedSharding whose dimension the device count does not divide (for
 `device_put` and jit arguments), so a sharded class axis is padded with zero classes up to a
@@ -28,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = 'data'  # the batch's axis, and the class axis's when classes are sharded
-_BANKS = ('bank', 'prototypes', 'positive_prototypes')  # top-level keys of (C, D) banks
+_BY_CLASS = ('prototypes', 'class_stats', 'banks')  # fields and keys of arrays indexed by class
 
 
 def _keys(path) -> list:
@@ -36,13 +37,25 @@ def _keys(path) -> list:
 
 
 def class_axis(path, leaf) -> int | None:
-    """The class axis of a leaf of the train state or aux, by its path; None if it has none."""
+    """The class axis of a leaf of the train state or reference, by its path; None if none."""
     keys, ndim = _keys(path), np.ndim(leaf)
     if 'classifier' in keys and keys[-1] in ('kernel', 'bias'):
         return ndim - 1
-    if keys and keys[0] in _BANKS and ndim == 2:
+    if ndim >= 1 and any(k in _BY_CLASS for k in keys):
         return 0
     return None
+
+
+def make_mesh(mesh_cfg, devices=None):
+    """The 1-D mesh, axis 'data', over all devices (or over `devices`, e.g. for tests)."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices) if mesh_cfg.data == -1 else mesh_cfg.data
+    if n != len(devices):
+        raise ValueError(
+            f'config.mesh.data={mesh_cfg.data} does not match the '
+            f'{len(devices)} devices; use -1 for all devices'
+        )
+    return jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def _spec(path, leaf, shard_classes: bool) -> P:
@@ -53,7 +66,7 @@ def _spec(path, leaf, shard_classes: bool) -> P:
 
 
 def shardings(tree, mesh, *, shard_classes: bool):
-    """The NamedSharding of every leaf of `tree` (a state or aux dict) under the rule above."""
+    """The NamedSharding of every leaf of `tree` (a state or a reference) under the rule above."""
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, _spec(path, x, shard_classes)), tree
     )

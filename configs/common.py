@@ -92,10 +92,17 @@ def base_config():
             model=model(),
             train=train(),
             checkpoint='',  # a trained old model's checkpoint directory; '' trains one
+            allow_unfinished=False,  # True: accept a checkpoint short of its last step
         )
     )
     c.new = config_dict.ConfigDict(dict(model=model(), train=train()))
     c.methods = ('independent', 'bct')
+    # Named variants of a method, usable in `methods`: name -> 'base field=value ...', e.g.
+    # odpp_warm='odpp perturb.odpp.warm_start=True' (bcl_jax.methods).
+    c.variants = config_dict.ConfigDict()
+    # A stage in the work directory trained under other settings: 'error' stops and lists them;
+    # 'retrain' moves it aside (<stage>.replaced-<n>) and trains it anew.
+    c.on_change = 'error'
     c.compat = config_dict.ConfigDict(
         dict(
             weight=1.0,  # λ of the method's compatibility term

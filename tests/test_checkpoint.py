@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, train
+from bcl_jax import checkpoint, step, train
 from bcl_jax.data import pipeline
 from configs import common
 
@@ -126,8 +126,8 @@ def meta_of(cfg, num_classes=NUM_CLASSES, **extra):
 def trained_state(seed=0, steps=3):
     """A state as after `steps` optimizer steps with random gradients (no compilation)."""
     cfg = model_cfg()
-    _, params, stats = train.init_model(cfg, NUM_CLASSES, seed=seed)
-    tx, _ = train.make_optimizer(common.train(epochs=1.0, batch_size=16), 10.0)
+    _, params, stats = step.init_model(cfg, NUM_CLASSES, seed=seed)
+    tx, _ = step.make_optimizer(common.train(epochs=1.0, batch_size=16), 10.0)
     rng = np.random.default_rng(seed)
     # Running means and variances away from their init (variances stay positive).
     stats = jax.tree.map(
@@ -265,6 +265,66 @@ def test_train_load_gives_the_saved_model(tmp_path):
     emb = model.embed_fn(mesh_of(8))(model.params, model.batch_stats, images)
     assert emb.shape == (8, 16)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=1), 1.0, rtol=1e-5)
+
+
+def test_load_refuses_an_unfinished_model_unless_allowed(tmp_path):
+    """A checkpoint at step 4 of 5 is not a finished old model: refused, or taken when allowed,
+    and the model says which step it is."""
+    state, _, cfg = trained_state(seed=2)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=None)
+    ckpt.save(4, state, {}, meta_of(cfg, total_steps=5))
+    ckpt.close()
+    with pytest.raises(ValueError, match=r'holds step 4 of 5.*allow_unfinished'):
+        train.load(str(tmp_path), cfg, NUM_CLASSES, mesh_of(8), allow_unfinished=False)
+    model = train.load(str(tmp_path), cfg, NUM_CLASSES, mesh_of(8), allow_unfinished=True)
+    assert (model.step, model.total_steps) == (4, 5)
+
+
+def damage(step_dir):
+    """Corrupts a saved step the way a torn copy would: its weights' data files emptied."""
+    for root, _, files in os.walk(os.path.join(step_dir, 'weights')):
+        for f in files:
+            with open(os.path.join(root, f), 'w') as out:
+                out.write('')
+
+
+def test_a_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, caplog):
+    directory = str(tmp_path / 'ckpt')
+    cfg = model_cfg()
+    states = {s: trained_state(seed=s)[0] for s in (1, 2)}
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=None)
+    for s, state in states.items():
+        ckpt.save(s, state, {'position': s}, meta_of(cfg))
+    ckpt.close()
+    damage(os.path.join(directory, '2'))
+
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=None)
+    template = template_like(states[1], NamedSharding(mesh_of(8), P()))
+    with caplog.at_level('WARNING'):
+        state, data_state, _, step_used = ckpt.restore_latest(template, meta_of(cfg))
+    assert step_used == 1 and data_state == {'position': 1}
+    assert_trees_equal(state['params'], states[1]['params'])
+    assert 'step 2' in caplog.text and directory in caplog.text
+    # The damaged step is kept aside, out of the way of the step that will be saved again.
+    assert ckpt.latest_step() == 1
+    assert os.path.isdir(directory + '-damaged/2')
+    ckpt.save(2, states[2], {'position': 2}, meta_of(cfg))
+    assert ckpt.latest_step() == 2
+    ckpt.close()
+
+
+def test_a_damaged_given_model_uses_its_previous_step_without_touching_it(tmp_path, caplog):
+    directory = str(tmp_path / 'old')
+    cfg = model_cfg()
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=None)
+    for s in (3, 5):
+        ckpt.save(s, trained_state(seed=s)[0], {}, meta_of(cfg))
+    ckpt.close()
+    damage(os.path.join(directory, '5'))
+    with caplog.at_level('WARNING'):
+        model = train.load(directory, cfg, NUM_CLASSES, mesh_of(8))
+    assert model.step == 3 and 'step 5' in caplog.text
+    assert os.path.isdir(os.path.join(directory, '5'))  # read-only: left where it was
 
 
 # --------------------------------------------------------------------------- mismatches

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fake_datasets
-from bcl_jax import evaluate, main, train
+from bcl_jax import evaluate, main, sharding, train, validate
 from bcl_jax import data as data_lib
 from bcl_jax.data import gldv2, prepare, revisited
 
@@ -39,7 +39,7 @@ def test_config_loads_and_documents_its_command(name):
     module = importlib.import_module(f'configs.{name}')
     assert f'--config=configs/{name}.py' in module.__doc__
     full, smoke = config(name), config(name, 'smoke')
-    train.check_config(full)
+    validate.check_config(full)
     assert smoke.data.name == full.data.name and smoke.methods == full.methods
     assert smoke.data.image_size <= full.data.image_size
     with pytest.raises(ValueError, match='unknown config argument'):
@@ -122,7 +122,7 @@ def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
 
     # Recompute every test from embeddings of the saved models.
     data = data_lib.build(cfg.data, workdir=workdir)
-    mesh = train.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     old = train.load(
         os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh
     )
@@ -218,7 +218,7 @@ def test_cub_end_to_end_query_set_is_its_own_gallery(tmp_path):
     data = data_lib.build(cfg.data)
     (test,) = data.tests
     assert test.gallery is None and len(test.query) == 30 and data.num_classes == 10
-    mesh = train.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     old = train.load(
         os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh
     )

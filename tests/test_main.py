@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from bcl_jax import evaluate, main, train
+from bcl_jax import evaluate, main, sharding, train
 from bcl_jax import data as data_lib
+from bcl_jax import stage as stage_lib
 from configs import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def canonical(results):
 
 
 def mesh():
-    return train.make_mesh(smoke_config().mesh)
+    return sharding.make_mesh(smoke_config().mesh)
 
 
 # --------------------------------------------------------------------------- NumPy references
@@ -163,7 +164,8 @@ def test_metrics_agree_with_a_numpy_recomputation(e2e, data):
         os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, m
     )
     assert old.step == 5
-    assert old.identity() == results['old_model']
+    assert old.identity() == results['old_model']['identity']
+    assert (results['old_model']['step'], results['old_model']['total_steps']) == (5, 5)
 
     def embeddings(model):
         return [
@@ -222,21 +224,8 @@ def test_rerun_skips_finished_stages(e2e):
 
 
 def run_old_stage(cfg, data, workdir, **kw):
-    return train.train(
-        stage='old',
-        workdir=workdir,
-        model_cfg=cfg.old.model,
-        train_cfg=cfg.old.train,
-        source=data.old_train,
-        num_classes=data.old_train.num_classes,
-        mesh=mesh(),
-        seed=cfg.seed,
-        data_cfg=cfg.data,
-        ckpt_cfg=cfg.ckpt,
-        log_every_steps=cfg.log_every_steps,
-        compat_cfg=cfg.compat,
-        **kw,
-    )
+    stage = stage_lib.old_stage(cfg, data)
+    return train.train(stage, config=cfg, mesh=mesh(), workdir=workdir, **kw)
 
 
 @pytest.mark.parametrize('stop', [2, 3])
@@ -290,32 +279,13 @@ def test_interrupted_odpp_training_resumes_to_the_same_params_and_bank(e2e, data
     old = train.load(
         os.path.join(e2e_dir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh()
     )
-    aux = dict(
-        prototypes=np.load(os.path.join(e2e_dir, 'prototypes', 'old.npy')),
-        old_params=old.params,
-        old_batch_stats=old.batch_stats,
-        old_label=data.old_label,
-    )
+    bank = np.load(os.path.join(e2e_dir, 'prototypes', 'old.npy'))
+    reference = stage_lib.Reference(old, bank, data.old_label)
+    stage = stage_lib.new_stage(cfg, 'odpp', data, reference)
 
     def run(**kw):
         return train.train(
-            stage='new_odpp',
-            method='odpp',
-            workdir=str(tmp_path),
-            model_cfg=cfg.new.model,
-            train_cfg=cfg.new.train,
-            source=data.train,
-            num_classes=data.num_classes,
-            mesh=mesh(),
-            seed=cfg.seed + 1,
-            data_cfg=cfg.data,
-            ckpt_cfg=cfg.ckpt,
-            log_every_steps=cfg.log_every_steps,
-            compat_cfg=cfg.compat,
-            old=old,
-            aux=aux,
-            perturb_cfg=cfg.perturb,
-            **kw,
+            stage, reference, config=cfg, mesh=mesh(), workdir=str(tmp_path), **kw
         )
 
     assert run(stop_after_steps=9).step == 9  # killed after checkpoint 8, past refresh 4

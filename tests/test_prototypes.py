@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcl_jax import evaluate, prototypes, train
+from bcl_jax import evaluate, prototypes, sharding, step
+from bcl_jax.stage import Trained
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 
 BATCH = 8  # divisible by the 8 fake devices
@@ -102,13 +103,13 @@ def source():
 
 
 def _model(seed, num_classes=4):
-    graphdef, params, stats = train.init_model(MODEL_CFG, num_classes, seed)
+    graphdef, params, stats = step.init_model(MODEL_CFG, num_classes, seed)
     # A fresh model's BatchNorm running stats are (0, 1); move them so inference is not trivial.
     stats = jax.tree.map(
         lambda x: x + 0.05 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / max(x.size, 1),
         stats,
     )
-    return train.Trained(graphdef, params, stats, MODEL_CFG, num_classes, step=0)
+    return Trained(graphdef, params, stats, MODEL_CFG, num_classes, step=0)
 
 
 @pytest.fixture(scope='module')
@@ -118,7 +119,7 @@ def model():
 
 @pytest.fixture(scope='module')
 def mesh8():
-    return train.make_mesh(ml_collections.ConfigDict(dict(data=-1)))
+    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1)))
 
 
 @pytest.fixture(scope='module')
@@ -173,7 +174,7 @@ def test_compute_empty_class_is_an_error(model, source, mesh8):
 
 def test_old_bank_writes_reuses_and_recomputes(model, source, mesh8, tmp_path, monkeypatch):
     workdir = str(tmp_path)
-    kw = dict(num_classes=4, workdir=workdir, mesh=mesh8, batch_size=BATCH)
+    kw = dict(num_classes=4, workdir=workdir, mesh=mesh8, batch_size=BATCH, data_identity='d1')
     bank = prototypes.old_bank(model, source, **kw)
 
     path = os.path.join(workdir, 'prototypes', 'old.npy')
@@ -185,6 +186,7 @@ def test_old_bank_writes_reuses_and_recomputes(model, source, mesh8, tmp_path, m
         meta = json.load(f)
     assert meta['old_model'] == model.identity()
     assert meta['num_classes'] == 4 and meta['num_images'] == len(source)
+    assert meta['data'] == 'd1'
 
     # Second call with the same model: read from disk, no computation.
     real_compute = prototypes.compute
@@ -229,3 +231,38 @@ def test_ema_class_means_matches_numpy():
         want[c] = 0.75 * bank[c] + 0.25 * emb[labels == c].astype(np.float64).mean(0)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got[[1, 3, 4]], bank[[1, 3, 4]])
+
+
+def test_old_bank_of_other_data_is_recomputed(model, source, mesh8, tmp_path, monkeypatch):
+    """The same old model and image count, but other data (another data identity): recomputed."""
+    kw = dict(num_classes=4, workdir=str(tmp_path), mesh=mesh8, batch_size=BATCH)
+    prototypes.old_bank(model, source, data_identity='data-a', **kw)
+    calls = []
+    real = prototypes.compute
+    monkeypatch.setattr(prototypes, 'compute', lambda *a, **k: calls.append(1) or real(*a, **k))
+    prototypes.old_bank(model, source, data_identity='data-b', **kw)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage_sidecar', 'nan'])
+def test_damaged_old_bank_is_recomputed_with_a_warning(
+    model, source, mesh8, tmp_path, damage, caplog
+):
+    kw = dict(num_classes=4, workdir=str(tmp_path), mesh=mesh8, batch_size=BATCH)
+    bank = prototypes.old_bank(model, source, data_identity='d', **kw)
+    path = os.path.join(tmp_path, 'prototypes', 'old.npy')
+    if damage == 'truncate':
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == 'garbage_sidecar':
+        with open(path + '.json', 'w') as f:
+            f.write('{"old_model": ')
+    else:
+        bad = bank.copy()
+        bad[1, 0] = np.nan
+        np.save(path, bad)
+    with caplog.at_level('WARNING'):
+        again = prototypes.old_bank(model, source, data_identity='d', **kw)
+    np.testing.assert_array_equal(again, bank)
+    assert path in caplog.text
+    np.testing.assert_array_equal(np.load(path), bank)  # rewritten whole

@@ -1,0 +1,93 @@
+"""The interface between the training loop and a compatibility method.
+
+The loop (bcl_jax.train) knows no method by name. It asks the stage's `Method` in four places:
+
+1. `init_state(stage, reference)`, on the host, once: the method's part of the train state, checkpointed and
+   restored with it (`{}` for most methods; NDPP/ODPP's prototype banks). Arrays indexed by
+   class go under a 'banks' key: they follow the class sharding (bcl_jax.sharding).
+2. `terms(inputs, reference, state)`, inside the jitted step: the method's loss terms, each
+   added to L_cls with its weight in `weights`, and the method's updated state.
+3. `before_step(state, step, ctx)`, on the host, before every step: work between steps, such as
+   the NDPP/ODPP refresh of the perturbed prototypes. Returns the state and a record to log.
+4. `finish(state, ctx)`, on the host, after the last step (e.g. a figure).
+
+A method that keeps parameters of its own and trains them with the model puts them under
+`state['params']`: the step then differentiates the total loss with respect to them too and
+updates them with `optimizer(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bcl_jax import stage as stage_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """What the step has computed when it asks a method for its terms (all traced arrays)."""
+
+    images: Any  # (B, H, W, 3) the augmented batch
+    labels: Any  # (B,) new-model labels
+    emb: Any  # (B, D) L2-normalised new embeddings (with gradient)
+    logits: Any  # (B, C) the new classifier's logits (cosines for CosFace/ArcFace)
+    params: Any  # the new model's parameters (e.g. its classifier kernel)
+    num_classes: int  # the real classes; the class axes may carry padding after them
+
+
+@dataclasses.dataclass
+class HookContext:
+    """What the host-side hooks may use: the stage, its reference, where it runs and logs."""
+
+    stage: stage_lib.Stage
+    reference: stage_lib.Reference | None
+    graphdef: Any  # the model's graph (its weights are in the train state)
+    mesh: Any
+    shard_classes: bool
+    directory: str
+    steps_per_epoch: float
+
+    def model(self, state) -> stage_lib.Trained:
+        """The model being trained, with the state's current weights."""
+        from bcl_jax.stage import Trained  # the stage module builds methods: import late
+
+        s = self.stage
+        return Trained(
+            self.graphdef, state['params'], state['batch_stats'], s.model_cfg, s.num_classes, 0
+        )
+
+
+class Method:
+    """Independent training: L_cls alone. Every other method derives from this one."""
+
+    name = 'independent'
+    needs_reference = False
+    # The config sections (dotted paths) that this method reads: they enter the stage's
+    # fingerprint, so a changed setting is never mixed with a model trained under the old one.
+    config_sections: tuple[str, ...] = ()
+
+    def __init__(self, config):
+        self.config = config  # the stage's resolved config (variants applied)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of each loss term this method adds to L_cls."""
+        return {}
+
+    def init_state(self, stage: stage_lib.Stage, reference) -> dict:
+        return {}
+
+    def terms(self, inputs: StepInputs, reference, state: dict) -> tuple[dict, dict]:
+        return {}, state
+
+    def before_step(self, state: dict, step: int, ctx: HookContext) -> tuple[dict, dict | None]:
+        return state, None
+
+    def finish(self, state: dict, ctx: HookContext):
+        pass
+
+    def optimizer(self):
+        """The optax optimizer of `state['params']`, for methods that train parameters."""
+        raise NotImplementedError(f'method {self.name!r} trains no parameters of its own')

@@ -1,0 +1,129 @@
+"""NDPP and ODPP as training methods (METHOD.md §3-§6): L_comp with perturbed positive prototypes.
+
+The perturbation itself is a pure function of prototype banks (bcl_jax.perturbation). Here is
+what training adds around it:
+
+- the method's state: the perturbed positives p̃ that L_comp reads, the running new-model
+  prototypes q, and ODPP's offset Δ, all (C, D) and sharded by class with the classifier;
+- q as an EMA of per-class batch means, updated inside the step (`perturb.new_prototypes='ema'`),
+  or an exact pass over the training set at each refresh ('exact');
+- the refresh: from `perturb.start_epochs` on, every `perturb.refresh_every_epochs`, p̃ is
+  recomputed from p and the current q (before the first refresh p̃ = p); each refresh is logged;
+- at the end, the perturbation figure (`perturbation.png` in the stage's folder).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from bcl_jax import perturbation, prototypes, sharding
+from bcl_jax.methods.bct import BCT
+from bcl_jax.models.heads import l2_normalize
+
+
+class Perturbed(BCT):
+    """The refresh schedule and banks shared by NDPP and ODPP; `perturb` computes p̃:
+    `perturb(old, new, delta, key, num_classes, search) -> (p̃, Δ, stats to log)`."""
+
+    config_sections = ('compat', 'perturb')
+
+    def init_state(self, stage, reference):
+        # Until the first refresh p̃ = p, and a class's new prototype starts at its old one.
+        bank = sharding.to_host(reference.prototypes)[: stage.num_classes]
+        banks = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
+        return {'banks': banks}
+
+    def positives(self, state):
+        return state['banks']['positive']
+
+    def negatives(self, reference, state):
+        cfg = self.config.perturb
+        return state['banks']['positive'] if cfg.perturb_negatives else reference.prototypes
+
+    def terms(self, inputs, reference, state):
+        terms, state = super().terms(inputs, reference, state)
+        cfg = self.config.perturb
+        if cfg.new_prototypes == 'ema':
+            banks = state['banks']
+            new = prototypes.ema_class_means(
+                banks['new'], jax.lax.stop_gradient(inputs.emb), inputs.labels, decay=cfg.ema_decay
+            )
+            state = dict(state, banks=dict(banks, new=new))
+        return terms, state
+
+    def _due(self, step: int, steps_per_epoch: float) -> bool:
+        cfg = self.config.perturb
+        start = int(round(cfg.start_epochs * steps_per_epoch))
+        every = max(1, int(round(cfg.refresh_every_epochs * steps_per_epoch)))
+        return step >= start and (step - start) % every == 0
+
+    def before_step(self, state, step, ctx):
+        if not self._due(step, ctx.steps_per_epoch):
+            return state, None
+        banks = state['method']['banks']
+        c = ctx.stage.num_classes
+        layout, rows = banks['positive'].sharding, banks['positive'].shape[0]
+        place = lambda x: jax.device_put(sharding.pad_rows(x, rows), layout)
+        search = dict(mesh=ctx.mesh, axis=sharding.AXIS) if ctx.shard_classes else {}
+        if self.config.perturb.new_prototypes == 'exact':
+            new = place(
+                prototypes.compute(
+                    ctx.model(state),
+                    ctx.stage.source,
+                    num_classes=c,
+                    mesh=ctx.mesh,
+                    batch_size=self.config.perturb.exact_batch_size,
+                    shard_classes=ctx.shard_classes,
+                )
+            )
+            query = new
+        else:
+            new, query = banks['new'], l2_normalize(banks['new'])
+        old = ctx.reference.prototypes
+        key = jax.random.fold_in(jax.random.key(ctx.stage.seed), step)
+        positive, delta, stats = self.perturb(old, query, banks['delta'], key, c, search)
+        positive = place(positive)
+        stats = dict(perturbation.perturbation_stats(old, positive, num_classes=c, **search), **stats)
+        banks = jax.device_put(dict(positive=positive, new=new, delta=delta), layout)
+        return dict(state, method=dict(state['method'], banks=banks)), dict(event='refresh', **stats)
+
+    def finish(self, state, ctx):
+        if jax.process_index() != 0:
+            return
+        from bcl_jax import plots  # matplotlib only where a figure is made
+
+        bank = lambda x: sharding.to_host(x)[: ctx.stage.num_classes]
+        banks = state['method']['banks']
+        plots.perturbation_figure(
+            bank(ctx.reference.prototypes),
+            bank(banks['positive']),
+            bank(l2_normalize(banks['new'])),
+            os.path.join(ctx.directory, 'perturbation.png'),
+            title=f'{ctx.stage.name}: {self.name}',
+        )
+
+
+class NDPP(Perturbed):
+    name = 'ndpp'
+
+    def perturb(self, old, new, delta, key, num_classes, search):
+        options = self.config.perturb.ndpp.to_dict()
+        return perturbation.ndpp(old, new, num_classes=num_classes, **search, **options), delta, {}
+
+
+class ODPP(Perturbed):
+    name = 'odpp'
+
+    def perturb(self, old, new, delta, key, num_classes, search):
+        options = self.config.perturb.odpp.to_dict()
+        steps = perturbation.passes_to_steps(
+            num_classes, options.pop('passes'), options['pairs_per_step']
+        )
+        delta, curve = perturbation.odpp(
+            old, new, delta, key, steps=steps, num_classes=num_classes, **search, **options
+        )
+        stats = dict(odpp_loss_first=float(curve[0]), odpp_loss_last=float(curve[-1]))
+        return l2_normalize(old + delta), delta, stats

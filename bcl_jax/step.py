@@ -1,0 +1,198 @@
+"""The train step of a stage and its set-up, built in one place for training, benchmarks and tests.
+
+`build(stage, reference, mesh=..., shard_classes=...)` makes the model and its optimizer, the
+step-0 train state (with the method's state), lays state and reference out on the mesh
+(replicated, or class axes split by class: bcl_jax.sharding) and jits the pure step
+
+    (state, batch, reference) -> (state, metrics)
+
+with the batch split by rows and the state donated. The loss is L_cls plus the method's terms,
+each with its weight (bcl_jax.methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bcl_jax import losses, sharding
+from bcl_jax.methods import StepInputs
+from bcl_jax.models.heads import build_model
+
+
+def total_steps(train_cfg, num_examples: int) -> tuple[int, float]:
+    """(steps, steps_per_epoch) of a stage."""
+    per_epoch = num_examples / train_cfg.batch_size
+    steps = train_cfg.steps or int(round(train_cfg.epochs * per_epoch))
+    if steps < 1:
+        raise ValueError('the training stage has 0 steps: raise epochs/steps or lower batch_size')
+    return steps, per_epoch
+
+
+def make_optimizer(train_cfg, steps_per_epoch: float):
+    """SGD with momentum, L2 weight decay added to the gradient (as torch SGD), step schedule.
+
+    Drops count absolute steps (a warmup does not delay them); drops that fall on one step
+    compound.
+    """
+    boundaries = {}
+    for epoch in train_cfg.lr_drop_epochs:
+        at = int(round(epoch * steps_per_epoch))
+        boundaries[at] = boundaries.get(at, 1.0) * train_cfg.lr_drop_factor
+    drops = optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
+    warmup = train_cfg.warmup_steps
+
+    def schedule(count):
+        return drops(count) * (jnp.minimum(1.0, count / warmup) if warmup else 1.0)
+
+    tx = optax.chain(
+        optax.add_decayed_weights(train_cfg.weight_decay),
+        optax.sgd(schedule, momentum=train_cfg.momentum),
+    )
+    return tx, schedule
+
+
+def init_model(model_cfg, num_classes: int, seed: int):
+    """(graphdef, params, batch_stats) of a freshly initialised model, as pure dicts."""
+    model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(seed))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def initial_state(params, batch_stats, tx, method_state=None) -> dict:
+    """The train state at step 0; `method_state`: the method's part (`Method.init_state`)."""
+    return dict(
+        step=jnp.int32(0),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        first_nonfinite_step=jnp.int32(-1),
+        method=method_state or {},
+    )
+
+
+def make_train_step(graphdef, tx, *, method, model_cfg, num_classes: int | None = None):
+    """The pure step `(state, batch, reference) -> (state, metrics)`; jit it with shardings.
+
+    `num_classes`: the real classes when the class axes carry padding (bcl_jax.sharding); the
+    losses leave the padding out. Parameters of the method's own (`state['method']['params']`)
+    are trained with the model, by `method.optimizer`.
+    """
+    head = dict(kind=model_cfg.head, scale=model_cfg.scale, margin=model_cfg.margin)
+    weights = method.weights
+
+    def loss_fn(trainable, batch_stats, batch, reference, method_state):
+        model = nnx.merge(graphdef, trainable['model'], batch_stats)
+        emb, logits = model(batch['image'], train=True)
+        labels = batch['label']
+        terms = {'cls': losses.classification_loss(logits, labels, num_classes=num_classes, **head)}
+        if 'params' in method_state:
+            method_state = dict(method_state, params=trainable['method'])
+        inputs = StepInputs(batch['image'], labels, emb, logits, trainable['model'], num_classes)
+        extra, method_state = method.terms(inputs, reference, method_state)
+        terms.update(extra)
+        total = terms['cls'] + sum(weights[k] * extra[k] for k in weights)
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return total, (terms, new_stats, method_state)
+
+    def train_step(state, batch, reference):
+        method_state = state['method']
+        trainable = dict(model=state['params'], method=method_state.get('params', {}))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (total, (terms, new_stats, method_state)), grads = grad_fn(
+            trainable, state['batch_stats'], batch, reference, method_state
+        )
+        updates, opt_state = tx.update(grads['model'], state['opt_state'], state['params'])
+        params = optax.apply_updates(state['params'], updates)
+        if 'params' in method_state:
+            method_tx = method.optimizer()
+            m_updates, m_opt = method_tx.update(
+                grads['method'], method_state['opt_state'], trainable['method']
+            )
+            method_state = dict(
+                method_state,
+                params=optax.apply_updates(trainable['method'], m_updates),
+                opt_state=m_opt,
+            )
+        # Remember the first step (counted from 1, as in the logs) whose loss or weights are not
+        # finite; the host checks it at each log and before each checkpoint.
+        finite = jnp.isfinite(total) & jnp.all(
+            jnp.array([jnp.isfinite(p).all() for p in jax.tree.leaves(params)])
+        )
+        first_bad = jnp.where(
+            (state['first_nonfinite_step'] < 0) & ~finite,
+            state['step'] + 1,
+            state['first_nonfinite_step'],
+        )
+        new_state = dict(
+            state,
+            step=state['step'] + 1,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+            first_nonfinite_step=first_bad,
+            method=method_state,
+        )
+        return new_state, dict(terms, loss=total)
+
+    return train_step
+
+
+def jit_train_step(mesh, step, state_sharding, reference_sharding):
+    """The step jitted for data parallelism: the batch split by rows; the state and reference
+    laid out as given (from `sharding.place`); the state donated."""
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(sharding.AXIS))
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, rows, reference_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a stage's loop needs: the placed state and reference and the jitted step."""
+
+    graphdef: Any
+    schedule: Any
+    state: dict
+    reference: Any
+    step_fn: Any
+    num_params: int
+
+
+def build(stage, reference, *, mesh, shard_classes: bool) -> Setup:
+    """The model, optimizer, step-0 state and jitted step of `stage` (see the module docstring)."""
+    method = stage.method
+    if method.needs_reference and reference is None:
+        raise ValueError(f'method {method.name!r} needs the old model and its prototypes')
+    graphdef, params, stats = init_model(stage.model_cfg, stage.num_classes, stage.seed)
+    _, per_epoch = total_steps(stage.train_cfg, len(stage.source))
+    tx, schedule = make_optimizer(stage.train_cfg, per_epoch)
+    state = initial_state(params, stats, tx, method.init_state(stage, reference))
+    if 'params' in state['method']:
+        state['method']['opt_state'] = method.optimizer().init(state['method']['params'])
+    # Replicated, or the class axes (padded to a multiple of the devices) split by class.
+    state, state_sharding = sharding.place(state, mesh, shard_classes=shard_classes)
+    reference_sharding = None
+    if reference is not None:
+        reference, reference_sharding = sharding.place(reference, mesh, shard_classes=shard_classes)
+    step = make_train_step(
+        graphdef, tx, method=method, model_cfg=stage.model_cfg, num_classes=stage.num_classes
+    )
+    return Setup(
+        graphdef=graphdef,
+        schedule=schedule,
+        state=state,
+        reference=reference,
+        step_fn=jit_train_step(mesh, step, state_sharding, reference_sharding),
+        num_params=sum(x.size for x in jax.tree.leaves(params)),
+    )

@@ -1,0 +1,146 @@
+"""Every config error before any work: a typo or an impossible setting must not cost a model.
+
+`check_config(config)` runs before the data is read; `check_run(config, data)` after, before the
+first stage trains. Each error is a `ConfigError` of one line: the field, its value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+from bcl_jax import losses, methods
+from bcl_jax.data import splits
+
+ARCHS = ('cifar_resnet', 'resnet18', 'resnet50')
+ON_CHANGE = ('error', 'retrain')
+
+
+class ConfigError(ValueError):
+    """A config field with a value that cannot work; the message names field and allowed values."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f'config.{field}={value!r}: {allowed}')
+        self.field = field
+
+
+def _require(ok: bool, field: str, value, allowed: str):
+    if not ok:
+        raise ConfigError(field, value, allowed)
+
+
+def _batch(field: str, value: int, devices: int):
+    _require(
+        isinstance(value, int) and value > 0 and value % devices == 0,
+        field,
+        value,
+        f'a positive multiple of the {devices} devices',
+    )
+
+
+def _stage(config, prefix: str, devices: int):
+    """A model and its schedule: config.old or config.new (of a method's resolved config)."""
+    model, train = config[prefix].model, config[prefix].train
+    _require(model.arch in ARCHS, f'{prefix}.model.arch', model.arch, f'one of {ARCHS}')
+    _require(model.head in losses.HEADS, f'{prefix}.model.head', model.head, f'one of {losses.HEADS}')
+    _require(model.embedding_dim > 0, f'{prefix}.model.embedding_dim', model.embedding_dim, '> 0')
+    _require(train.epochs >= 0, f'{prefix}.train.epochs', train.epochs, '>= 0')
+    _require(train.steps >= 0, f'{prefix}.train.steps', train.steps, '>= 0 (0: use epochs)')
+    _require(
+        train.steps > 0 or train.epochs > 0,
+        f'{prefix}.train.epochs',
+        train.epochs,
+        f'> 0 (or {prefix}.train.steps > 0)',
+    )
+    _batch(f'{prefix}.train.batch_size', train.batch_size, devices)
+    _require(train.learning_rate > 0, f'{prefix}.train.learning_rate', train.learning_rate, '> 0')
+    _require(0 <= train.momentum < 1, f'{prefix}.train.momentum', train.momentum, 'in [0, 1)')
+    _require(train.weight_decay >= 0, f'{prefix}.train.weight_decay', train.weight_decay, '>= 0')
+    _require(train.warmup_steps >= 0, f'{prefix}.train.warmup_steps', train.warmup_steps, '>= 0')
+
+
+def _perturb(cfg):
+    _require(
+        cfg.new_prototypes in ('ema', 'exact'),
+        'perturb.new_prototypes',
+        cfg.new_prototypes,
+        "'ema' or 'exact'",
+    )
+    _require(0 <= cfg.ema_decay < 1, 'perturb.ema_decay', cfg.ema_decay, 'in [0, 1)')
+    _require(cfg.start_epochs >= 0, 'perturb.start_epochs', cfg.start_epochs, '>= 0')
+    _require(
+        cfg.refresh_every_epochs > 0,
+        'perturb.refresh_every_epochs',
+        cfg.refresh_every_epochs,
+        '> 0',
+    )
+    _require(cfg.ndpp.k >= 1, 'perturb.ndpp.k', cfg.ndpp.k, '>= 1')
+    _require(cfg.odpp.k >= 1, 'perturb.odpp.k', cfg.odpp.k, '>= 1')
+    _require(cfg.odpp.passes >= 0, 'perturb.odpp.passes', cfg.odpp.passes, '>= 0')
+    _require(
+        cfg.odpp.pairs in ('random', 'neighbours'),
+        'perturb.odpp.pairs',
+        cfg.odpp.pairs,
+        "'random' or 'neighbours'",
+    )
+
+
+def check_config(config):
+    """Everything that can be checked without reading the data."""
+    devices = jax.device_count()
+    d = config.data
+    _require(d.old_split in splits.MODES, 'data.old_split', d.old_split, f'one of {splits.MODES}')
+    _require(0 < d.old_fraction <= 1, 'data.old_fraction', d.old_fraction, 'in (0, 1]')
+    _require(d.image_size > 0, 'data.image_size', d.image_size, '> 0')
+    _require(config.on_change in ON_CHANGE, 'on_change', config.on_change, f'one of {ON_CHANGE}')
+    _require(
+        all(isinstance(s, int) for s in config.seeds),
+        'seeds',
+        config.seeds,
+        'a tuple of ints, e.g. (0, 1, 2, 3, 4)',
+    )
+    _batch('eval.batch_size', config.eval.batch_size, devices)
+    _require(config.log_every_steps > 0, 'log_every_steps', config.log_every_steps, '> 0')
+    _require(config.ckpt.every_steps > 0, 'ckpt.every_steps', config.ckpt.every_steps, '> 0')
+    if not config.old.checkpoint:
+        _stage(config, 'old', devices)
+    names = list(config.methods)
+    _require(len(set(names)) == len(names), 'methods', tuple(names), 'each method once')
+    for name in names:
+        try:
+            _, stage_config = methods.resolve(config, name)
+        except ValueError as e:
+            raise ConfigError('methods', tuple(names), str(e)) from None
+        _stage(stage_config, 'new', devices)
+        _require(
+            stage_config.compat.temperature > 0,
+            'compat.temperature',
+            stage_config.compat.temperature,
+            '> 0',
+        )
+        _perturb(stage_config.perturb)
+        _batch('perturb.exact_batch_size', stage_config.perturb.exact_batch_size, devices)
+
+
+def check_run(config, data):
+    """What needs the data: every stage has steps; warnings about degenerate splits."""
+    stages = [] if config.old.checkpoint else [('old', 'old', config.old.train, data.old_train)]
+    for m in config.methods:
+        stages.append((f'new ({m})', 'new', methods.resolve(config, m)[1].new.train, data.train))
+    for name, prefix, train_cfg, source in stages:
+        steps = train_cfg.steps or int(round(train_cfg.epochs * len(source) / train_cfg.batch_size))
+        _require(
+            steps >= 1,
+            f'{prefix}.train.epochs',
+            train_cfg.epochs,
+            f'gives 0 steps for the {name} model ({len(source)} images at batch '
+            f'{train_cfg.batch_size}): raise epochs (or set steps) or lower the batch size',
+        )
+    if data.old_train.num_classes < 2 and not config.old.checkpoint:
+        logging.warning(
+            'the old split has %d class (%d images): a classifier of one class learns nothing '
+            '(its loss is 0 from the start); raise data.old_fraction',
+            data.old_train.num_classes,
+            len(data.old_train),
+        )

@@ -1,0 +1,100 @@
+"""Tests for bcl_jax.methods: variants, and the NDPP/ODPP refresh between steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bcl_jax import methods, perturbation, prototypes
+from bcl_jax import step as step_lib
+from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
+from bcl_jax.methods import HookContext
+from bcl_jax.stage import Reference, Trained
+from tests import stages
+
+
+def test_a_variant_is_its_method_with_other_settings():
+    cfg = stages.config()
+    cfg.variants = dict(odpp_neg='odpp perturb.perturb_negatives=True perturb.odpp.passes=30')
+    method = methods.build('odpp_neg', cfg)
+    assert isinstance(method, methods.REGISTRY['odpp']) and method.name == 'odpp_neg'
+    assert method.config.perturb.perturb_negatives is True
+    assert method.config.perturb.odpp.passes == 30
+    assert cfg.perturb.perturb_negatives is False  # the run's config is untouched
+
+
+@pytest.mark.parametrize(
+    'spec, message',
+    [
+        ('odp perturb.perturb_negatives=True', "'odp' is not a method"),
+        ('odpp perturb.no_such_field=1', 'cannot set perturb.no_such_field'),
+        ('odpp perturb.perturb_negatives', 'is not field=value'),
+        ('odpp perturb.odpp.passes=3.5', 'cannot set perturb.odpp.passes'),
+    ],
+)
+def test_bad_variants_are_refused(spec, message):
+    cfg = stages.config()
+    cfg.variants = dict(v=spec)
+    with pytest.raises(ValueError, match=message):
+        methods.build('v', cfg)
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown method 'btc'.*'bct'"):
+        methods.build('btc', stages.config())
+
+
+@pytest.mark.parametrize('mode', ['exact', 'ema'])
+def test_refresh_bank_recomputes_the_perturbed_positives(mode):
+    """A refresh feeds the current new prototypes (an exact pass over the data, or the
+    normalised EMA) to NDPP and stores its output as the positive bank; ODPP's Δ stays put."""
+    from bcl_jax import perturbation, prototypes
+    from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
+
+    spec = SyntheticSpec(
+        image_size=stages.SIZE,
+        train_families=2,
+        siblings_per_family=3,
+        train_images_per_class=3,
+        test_images_per_class=4,
+        queries_per_class=1,
+    )
+    source = SyntheticBenchmark(spec).split('train')
+    model_cfg = stages.model_cfg()
+    graphdef, params, stats = step_lib.init_model(model_cfg, source.num_classes, seed=2)
+    model = Trained(graphdef, params, stats, model_cfg, source.num_classes, step=0)
+    rng = np.random.default_rng(4)
+    old = rng.normal(size=(source.num_classes, model_cfg.embedding_dim)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    ema = rng.normal(size=old.shape).astype(np.float32)
+    banks = dict(positive=jnp.asarray(old), new=jnp.asarray(ema), delta=jnp.zeros_like(old))
+    state = dict(params=params, batch_stats=stats, method=dict(banks=banks))
+    run_cfg = stages.config(new_prototypes=mode)
+    run_cfg.perturb.ndpp.k = 3
+    run_cfg.perturb.start_epochs, run_cfg.perturb.refresh_every_epochs = 0.0, 1.0
+    cfg = run_cfg.perturb
+    stage = stages.stage('ndpp', source=source, cfg=run_cfg, model=model_cfg)
+    mesh = stages.mesh_of(8)
+    reference = Reference(model, old, np.zeros(source.num_classes, np.int32))
+    hooks = HookContext(stage, reference, graphdef, mesh, False, '/nonexistent', 5.0)
+    new_state, logged = stage.method.before_step(state, 5, hooks)
+    assert logged['event'] == 'refresh'
+    new_state = dict(bank=new_state['method']['banks'])
+    assert stage.method.before_step(state, 6, hooks) == (state, None)  # due every 5 steps
+    if mode == 'exact':
+        q = prototypes.compute(
+            model,
+            source,
+            num_classes=source.num_classes,
+            mesh=mesh,
+            batch_size=cfg.exact_batch_size,
+        )
+        np.testing.assert_allclose(new_state['bank']['new'], q, rtol=1e-5, atol=1e-6)
+    else:
+        q = ema / np.linalg.norm(ema, axis=1, keepdims=True)
+        np.testing.assert_array_equal(new_state['bank']['new'], ema)  # the EMA keeps running
+    want = perturbation.ndpp(old, q, k=3, alpha=cfg.ndpp.alpha, beta=cfg.ndpp.beta)
+    np.testing.assert_allclose(new_state['bank']['positive'], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(new_state['bank']['delta'], 0)
+    shift = np.linalg.norm(np.asarray(want) - old, axis=1).mean()
+    assert logged['mean_shift'] == pytest.approx(shift, rel=1e-4)

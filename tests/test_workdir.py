@@ -1,0 +1,197 @@
+"""One work directory, one experiment: a rerun with changed settings never reuses or resumes a
+model trained under the old ones, and every config error comes before any work.
+
+The first group of tests failed on bcl_jax before stage fingerprints (the rerun silently reported
+the old models' numbers under the new config); each checks the refusal and what it names.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bcl_jax import main, sharding, train, validate
+from bcl_jax import data as data_lib
+from bcl_jax import stage as stage_lib
+from configs import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke(**changes):
+    cfg = synthetic.get_config('smoke')
+    cfg.methods = ('bct',)
+    for field, value in changes.items():
+        group = cfg
+        *parents, leaf = field.split('.')
+        for p in parents:
+            group = group[p]
+        group[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    """A finished smoke run (old model + BCT): (workdir, results)."""
+    workdir = str(tmp_path_factory.mktemp('finished'))
+    return workdir, main.run(smoke(), workdir)
+
+
+def stage_files(workdir):
+    """Every file under the stage folders, with its modification time."""
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = os.path.getmtime(p)
+    return {k: v for k, v in out.items() if '/results.' not in k and not k.endswith('config.json')}
+
+
+@pytest.mark.parametrize(
+    'field, value, stage',
+    [
+        ('new.train.learning_rate', 0.05, 'new_bct'),
+        ('new.train.epochs', 3.0, 'new_bct'),
+        ('seed', 1, 'old'),
+        ('data.synthetic.seed', 1, 'old'),
+        ('old.train.learning_rate', 0.05, 'old'),
+        ('compat.weight', 10.0, 'new_bct'),
+    ],
+)
+def test_a_changed_setting_is_refused_not_reused(finished, tmp_path, field, value, stage):
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(finished[0], workdir)
+    before = stage_files(workdir)
+    with pytest.raises(stage_lib.ChangedConfigError) as err:
+        main.run(smoke(**{field: value}), workdir)
+    message = str(err.value)
+    assert os.path.join(workdir, stage, 'ckpt') in message
+    assert field in message and repr(value) in message
+    assert '--workdir' in message and 'on_change=retrain' in message
+    assert stage_files(workdir) == before  # nothing trained, nothing rewritten
+
+
+def test_a_changed_old_model_is_refused_by_the_new_stages(finished, tmp_path):
+    """The new model was trained against another old model: its reference identity differs."""
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(finished[0], workdir)
+    shutil.rmtree(os.path.join(workdir, 'old'))
+    cfg = smoke(**{'old.train.learning_rate': 0.05})
+    with pytest.raises(stage_lib.ChangedConfigError, match=r'old_model: .*\n.*prototypes'):
+        main.run(cfg, workdir)
+
+
+def test_changing_exempt_fields_reuses_the_finished_stages(finished, tmp_path):
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(finished[0], workdir)
+    before = stage_files(workdir)
+    cfg = smoke(**{'log_every_steps': 1, 'eval.batch_size': 8, 'ckpt.every_steps': 3})
+    results = main.run(cfg, workdir)
+    assert results['methods']['bct']['new_new'] == finished[1]['methods']['bct']['new_new']
+    assert stage_files(workdir) == before
+
+
+def test_on_change_retrain_moves_the_stage_aside_and_trains_it_anew(finished, tmp_path):
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(finished[0], workdir)
+    changed = dict(**{'new.train.learning_rate': 0.05})
+    retrained = main.run(smoke(on_change='retrain', **changed), workdir)
+    assert os.path.isdir(os.path.join(workdir, 'new_bct.replaced-1', 'ckpt'))
+    fresh = main.run(smoke(**changed), str(tmp_path / 'fresh'))
+    assert retrained['methods']['bct']['new_new'] == fresh['methods']['bct']['new_new']
+    assert retrained['old_old'] == finished[1]['old_old']  # the old stage was kept
+
+
+def test_a_partly_trained_stage_never_resumes_under_another_schedule(tmp_path):
+    cfg = smoke()
+    data = data_lib.build(cfg.data)
+    mesh = sharding.make_mesh(cfg.mesh)
+    stage = stage_lib.old_stage(cfg, data)
+    train.train(stage, config=cfg, mesh=mesh, workdir=str(tmp_path), stop_after_steps=2)
+    longer = smoke(**{'old.train.epochs': 4.0})
+    with pytest.raises(stage_lib.ChangedConfigError, match=r'old.train.epochs: 2.5 -> 4.0'):
+        train.train(
+            stage_lib.old_stage(longer, data), config=longer, mesh=mesh, workdir=str(tmp_path)
+        )
+
+
+# --------------------------------------------------------------------------- errors before work
+
+
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('new.train.epochs', -1.0, r'config.new.train.epochs=-1.0: >= 0'),
+        ('new.train.batch_size', 12, r'config.new.train.batch_size=12: a positive multiple of the 8'),
+        ('eval.batch_size', 20, r'config.eval.batch_size=20: a positive multiple of the 8'),
+        ('old.train.batch_size', 0, r'config.old.train.batch_size=0'),
+        ('new.model.head', 'cosine', r"config.new.model.head='cosine': one of"),
+        ('methods', ('bct', 'btc'), r"unknown method 'btc'"),
+        ('perturb.new_prototypes', 'exakt', r"config.perturb.new_prototypes='exakt'"),
+        ('on_change', 'overwrite', r"config.on_change='overwrite'"),
+        ('new.train.epochs', 0.01, r'config.new.train.epochs=0.01: gives 0 steps'),
+    ],
+)
+def test_config_errors_stop_before_any_work(tmp_path, field, value, message):
+    workdir = str(tmp_path / 'run')
+    with pytest.raises(validate.ConfigError, match=message):
+        main.run(smoke(**{field: value}), workdir)
+    # Nothing was written: no stage folder, no checkpoint, no config.json.
+    assert not os.path.exists(workdir) or os.listdir(workdir) == []
+
+
+def test_an_unfinished_old_checkpoint_is_refused_unless_allowed(finished, tmp_path):
+    cfg = smoke()
+    data = data_lib.build(cfg.data)
+    train.train(
+        stage_lib.old_stage(cfg, data),
+        config=cfg,
+        mesh=sharding.make_mesh(cfg.mesh),
+        workdir=str(tmp_path / 'partial'),
+        stop_after_steps=4,
+    )
+    cfg.old.checkpoint = str(tmp_path / 'partial' / 'old' / 'ckpt')
+    workdir = str(tmp_path / 'run')
+    with pytest.raises(ValueError, match='holds step 4 of 5'):
+        main.run(cfg, workdir)
+    assert not os.path.exists(os.path.join(workdir, 'new_bct'))
+    cfg.old.allow_unfinished = True
+    results = main.run(cfg, workdir)
+    assert results['old_model']['step'] == 4 and results['old_model']['total_steps'] == 5
+    assert results['old_model']['checkpoint'] == cfg.old.checkpoint
+
+
+def cli(*args):
+    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+    return subprocess.run(
+        [sys.executable, '-m', 'bcl_jax.main', '--config=configs/synthetic.py:smoke', *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    'flag, says',
+    [
+        ('--config.not_a_key=1', 'not_a_key'),
+        ('--config.new.train.epochs=-2', 'config.new.train.epochs=-2.0: >= 0'),
+    ],
+)
+def test_cli_config_errors_are_one_clear_line(tmp_path, flag, says):
+    workdir = str(tmp_path / 'run')
+    out = cli(f'--workdir={workdir}', flag)
+    assert out.returncode != 0
+    assert says in out.stderr and 'Traceback' not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3, out.stderr
+    assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_config_json_is_the_resolved_config(finished):
+    with open(os.path.join(finished[0], 'config.json')) as f:
+        assert json.load(f)['methods'] == ['bct']
