@@ -1,0 +1,1 @@
+"""The field's baseline compatibility methods (LCE, UniBCT, Hot-refresh/RACT, AdvBCT) as pure functions."""
