@@ -222,13 +222,19 @@ def test_boundary_loss_hand_case():
     assert np.isfinite(np.asarray(g)).all()
 
 
-def test_statistics_checks_name_the_bad_option():
+def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match='lce.class_radii: outlier_rule'):
         lce.class_radii(jnp.ones(3), jnp.zeros(3, jnp.int32), num_classes=1, outlier_rule='max')
     with pytest.raises(ValueError, match='lce.sample_radii: metric'):
         lce.sample_radii(
             jnp.ones((1, 2)), jnp.zeros(1, jnp.int32), jnp.ones((1, 2)), jnp.ones(1), metric='cos'
         )
+    with pytest.raises(ValueError, match=r'lce.alignment_loss: kernel \(5, 3\)'):
+        lce.alignment_loss(
+            jnp.ones((5, 3)), jnp.zeros(2, jnp.int32), jnp.ones((3, 4)), jnp.ones(3, bool)
+        )
+    with pytest.raises(ValueError, match='unibct.compatibility_loss: embeddings'):
+        unibct.compatibility_loss(jnp.ones((2, 4)), jnp.zeros(3, jnp.int32), jnp.ones((3, 4)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bcl_jax.methods.lce import masked_mean
+from bcl_jax.methods.lce import check_batch, masked_mean
 
 __all__ = [
     'adversarial_loss',
@@ -143,6 +143,11 @@ def adversarial_loss(params, new_emb, old_emb, *, reversal: float = 1.0):
     raw output; MixBCT's re-implementation (yuleung/MixBCT `BCT_Methods/AdvBCT/backbone/
     iresnet_advBCT.py`) feeds both L2-normalised, which is what bcl_jax's models give.
     """
+    if new_emb.shape != old_emb.shape:
+        raise ValueError(
+            f'advbct.adversarial_loss: new {new_emb.shape} and old {old_emb.shape} embeddings '
+            'must have the same (B, D)'
+        )
     new = discriminator_logits(params, gradient_reversal(new_emb, jnp.asarray(reversal)))
     old = discriminator_logits(params, jax.lax.stop_gradient(old_emb))
     nll_new = -jnp.mean(jax.nn.log_softmax(new, axis=-1)[:, NEW])
@@ -196,6 +201,7 @@ def elastic_boundary_loss(
     re-implementation: ×4). AdvBCT's non-elastic branch uses the SMALLEST kept radius instead of
     r_y (`['radius'][0]`); pass that as `max_radius` to reproduce it.
     """
+    check_batch('advbct.elastic_boundary_loss', emb, labels, prototypes)
     centre = centre_norms[labels][:, None] * prototypes[labels]
     diff = emb - centre
     # sqrt at 0 has an infinite slope: a unit f can only sit on a centre of norm 1.

@@ -39,6 +39,7 @@ from bcl_jax.models.heads import l2_normalize
 __all__ = [
     'alignment_loss',
     'boundary_loss',
+    'check_batch',
     'class_centres',
     'class_radii',
     'masked_mean',
@@ -60,6 +61,20 @@ def masked_mean(values, mask):
 def _check_choice(name: str, value: str, allowed: tuple, where: str):
     if value not in allowed:
         raise ValueError(f'{where}: {name}={value!r}; use one of {allowed}')
+
+
+def check_batch(where: str, emb, labels, bank):
+    """Stops with a message naming `where` unless emb (B, D), labels (B,) and bank (C, D) agree."""
+    if (
+        emb.ndim != 2
+        or labels.shape != emb.shape[:1]
+        or bank.ndim != 2
+        or bank.shape[1] != emb.shape[1]
+    ):
+        raise ValueError(
+            f'{where}: embeddings {emb.shape}, labels {labels.shape} and class bank {bank.shape} '
+            'must be (B, D), (B,) and (C, D)'
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +106,7 @@ def sample_radii(old_emb, labels, prototypes, centre_norms, *, metric: str = 'di
     `old_emb`: the old model's L2-normalised embeddings of a batch of its training data.
     """
     _check_choice('metric', metric, METRICS, 'lce.sample_radii')
+    check_batch('lce.sample_radii', old_emb, labels, prototypes)
     p = prototypes[labels]
     if metric == 'distance':
         return jnp.linalg.norm(old_emb - centre_norms[labels][:, None] * p, axis=-1)
@@ -116,6 +132,10 @@ def class_radii(radii, labels, valid=None, *, num_classes: int, outlier_rule: st
     The sort is over all N radii with the class as the primary key, so any N fits in one call.
     """
     _check_choice('outlier_rule', outlier_rule, OUTLIER_RULES, 'lce.class_radii')
+    if radii.ndim != 1 or labels.shape != radii.shape:
+        raise ValueError(
+            f'lce.class_radii: radii {radii.shape} and labels {labels.shape} must be (N,)'
+        )
     if valid is None:
         valid = jnp.ones(radii.shape, bool)
     segment = jnp.where(valid, labels, num_classes)  # left-out rows go to a dropped extra class
@@ -158,6 +178,11 @@ def alignment_loss(
     Weights in the references: 1 (AdvBCT) and λ_a = 100 (LCE's official default).
     """
     _check_choice('over', over, ('batch', 'classes'), 'lce.alignment_loss')
+    if kernel.shape[::-1] != prototypes.shape:
+        raise ValueError(
+            f'lce.alignment_loss: kernel {kernel.shape} must be the (D, C) transpose of the '
+            f'prototypes {prototypes.shape}'
+        )
     if over == 'batch':
         one_hot = jax.nn.one_hot(labels, kernel.shape[1], dtype=kernel.dtype)
         w = l2_normalize(jnp.einsum('bc,dc->bd', one_hot, kernel))
@@ -179,6 +204,7 @@ def boundary_loss(emb, labels, prototypes, max_angle, class_valid, *, space: str
     samples of `class_valid` classes. Weights in the references: 1 (AdvBCT) and λ_b = 1 (LCE).
     """
     _check_choice('space', space, ('angle', 'cosine'), 'lce.boundary_loss')
+    check_batch('lce.boundary_loss', emb, labels, prototypes)
     cos = jnp.sum(emb * prototypes[labels], axis=-1)
     theta = max_angle[labels]
     if space == 'angle':

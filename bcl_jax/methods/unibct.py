@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from bcl_jax import losses
-from bcl_jax.methods.lce import masked_mean
+from bcl_jax.methods.lce import check_batch, masked_mean
 from bcl_jax.models.heads import l2_normalize
 
 __all__ = ['compatibility_loss', 'propagation_matrix', 'refine_prototypes']
@@ -86,6 +86,11 @@ def refine_prototypes(
     unscaled prototype classifier). With the default 'columns' the result equals the
     normalised class mean of `old_emb` (see the module docstring).
     """
+    if old_emb.shape != new_emb.shape or old_emb.ndim != 3 or mask.shape != old_emb.shape[:2]:
+        raise ValueError(
+            f'unibct.refine_prototypes: old_emb {old_emb.shape}, new_emb {new_emb.shape} and mask '
+            f'{mask.shape} must be (G, n, D), (G, n, D) and (G, n)'
+        )
     propagate = jax.vmap(
         lambda f, m: propagation_matrix(
             f, m, lam=lam, temperature=temperature, normalize_over=normalize_over
@@ -130,6 +135,7 @@ def compatibility_loss(
     epoch 10, then 1 with the prototypes refined at epochs 10 and 20. bcl_jax's ArcFace falls
     back to cos θ − m·sin m past θ = π − m, which AdvBCT's `margin_softmax.arcface` does not.
     """
+    check_batch('unibct.compatibility_loss', emb, labels, prototypes)
     cos = jnp.clip(emb @ prototypes.T, -1.0, 1.0)
     if old_label is None:
         z = losses.margin_logits(cos, labels, kind=kind, scale=scale, margin=margin)
