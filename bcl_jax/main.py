@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, prototypes, sharding, train, validate
+from bcl_jax import checkpoint, evaluate, sharding, train, validate
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 
@@ -95,16 +95,7 @@ def run_one(config, workdir: str) -> dict:
     old = old_model(config, data, mesh, workdir)
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
-    bank = prototypes.old_bank(
-        old,
-        data.train,
-        num_classes=data.num_classes,
-        workdir=workdir,
-        mesh=mesh,
-        batch_size=config.eval.batch_size,
-        data_identity=stage_lib.data_identity(data),
-    )
-    reference = stage_lib.Reference(old, bank, data.old_label)
+    reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)
 
     # 3. New models, one per method, all from the same initialisation and data order.
     new_models = {}

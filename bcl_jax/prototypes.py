@@ -77,30 +77,46 @@ def compute(
     return class_means(sharding.to_host(sums)[:num_classes], sharding.to_host(counts)[:num_classes])
 
 
-def _load_bank(path: str, identity: dict) -> np.ndarray | None:
-    """The stored bank if its sidecar names `identity` and the file is whole, else None (a
-    damaged file is reported, then recomputed)."""
+def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
+    """What `path` holds if its sidecar names `identity`, the file is whole and `valid(value)`;
+    else None (a damaged file is reported, then recomputed)."""
     try:
         with open(path + '.json') as f:
             saved = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        logging.warning('old prototypes: %s.json is damaged (%s); recomputing', path, e)
+        logging.warning('%s.json is damaged (%s); recomputing', path, e)
         return None
     if saved != identity:
-        logging.info('old prototypes: %s was made by another old model or data; recomputing', path)
+        logging.info('%s was made by another old model or data; recomputing', path)
         return None
     try:
-        bank = np.load(path)
+        value = np.load(path)
+        value = dict(value) if isinstance(value, np.lib.npyio.NpzFile) else value
     except (OSError, ValueError, EOFError) as e:
-        logging.warning('old prototypes: %s is damaged (%s); recomputing', path, e)
+        logging.warning('%s is damaged (%s); recomputing', path, e)
         return None
-    if bank.shape != (identity['num_classes'], bank.shape[-1]) or not np.isfinite(bank).all():
-        logging.warning('old prototypes: %s has shape %s or non-finite values; recomputing', path, bank.shape)
+    if not valid(value):
+        logging.warning('%s holds arrays of the wrong shape or non-finite values; recomputing', path)
         return None
-    logging.info('old prototypes: reusing %s', path)
-    return bank
+    logging.info('reusing %s', path)
+    return value
+
+
+def _cached(path: str, identity: dict, compute, valid):
+    """`compute()` (an array, or a dict of arrays), stored at `path` beside a sidecar naming
+    `identity` (written atomically by process 0), and reused while it is current and whole."""
+    value = _load(path, identity, valid)
+    if value is not None:
+        return value
+    value = compute()
+    if jax.process_index() == 0:
+        buf = io.BytesIO()
+        np.savez(buf, **value) if isinstance(value, dict) else np.save(buf, value)
+        checkpoint.write_atomic(path, buf.getvalue())
+        checkpoint.write_atomic(path + '.json', json.dumps(identity, indent=1))
+    return value
 
 
 def old_bank(
@@ -118,14 +134,56 @@ def old_bank(
         num_classes=num_classes,
         num_images=len(source),
     )
-    bank = _load_bank(path, identity)
-    if bank is not None:
-        return bank
-    bank = compute(old, source, num_classes=num_classes, mesh=mesh, batch_size=batch_size)
-    if jax.process_index() == 0:
-        buf = io.BytesIO()
-        np.save(buf, bank)
-        checkpoint.write_atomic(path, buf.getvalue())
-        checkpoint.write_atomic(path + '.json', json.dumps(identity, indent=1))
-    logging.info('old prototypes: %d classes x %d dims -> %s', *bank.shape, path)
+    bank = _cached(
+        path,
+        identity,
+        lambda: compute(old, source, num_classes=num_classes, mesh=mesh, batch_size=batch_size),
+        valid=lambda b: b.shape[0] == num_classes and b.ndim == 2 and np.isfinite(b).all(),
+    )
+    logging.info('old prototypes: %d classes x %d dims (%s)', *bank.shape, path)
     return bank
+
+
+def class_statistics(old, source, bank, old_label, *, mesh, batch_size: int) -> dict:
+    """Per-class statistics of the old model's embeddings around its prototypes (LCE, AdvBCT).
+
+    Over the images of `source` whose class the old model saw (`old_label >= 0`): for a class
+    split, exactly the old model's training set. Returns (C,) arrays: `centre_norms` m_c (the
+    norm of the mean of the class's unit old embeddings; the centre is m_c·p_c), `max_angle`
+    and `max_distance` (the largest angle to p_c and distance to m_c·p_c after the 1.5·IQR
+    outlier rule, bcl_jax.methods.lce.class_radii) and `kept` (radii kept; the references use a
+    class's statistics when kept >= 2). Classes the old model never saw get zeros.
+    """
+    from bcl_jax.methods import lce  # the statistics' formulas live with the methods
+
+    c = len(old_label)
+    sums = counts = 0
+    batches = []
+    for emb, labels, valid in embed_batches(old, source, mesh=mesh, batch_size=batch_size):
+        emb, labels, valid = (sharding.to_host(x) for x in (emb, labels, valid))
+        valid = valid & (old_label[labels] >= 0)
+        s, n = class_sums(emb, labels, valid, num_classes=c)
+        sums, counts = sums + s, counts + n
+        batches.append((emb[valid], labels[valid]))
+    _, norms = lce.class_centres(np.asarray(sums), np.asarray(counts))
+    emb = np.concatenate([e for e, _ in batches])
+    labels = np.concatenate([l for _, l in batches])
+    out = dict(centre_norms=np.asarray(norms, np.float32))
+    for name, metric in (('max_angle', 'angle'), ('max_distance', 'distance')):
+        radii = lce.sample_radii(emb, labels, bank, norms, metric=metric)
+        radius, kept = lce.class_radii(radii, labels, num_classes=c)
+        out[name] = np.asarray(radius, np.float32)
+    out['kept'] = np.asarray(kept, np.int32)
+    return out
+
+
+def old_class_statistics(old, source, bank, old_label, *, workdir, mesh, batch_size, data_identity):
+    """`class_statistics`, stored beside the old bank and reused like it."""
+    path = os.path.join(workdir, 'prototypes', 'old_stats.npz')
+    identity = dict(old_model=old.identity(), data=data_identity, num_classes=len(old_label))
+    return _cached(
+        path,
+        identity,
+        lambda: class_statistics(old, source, bank, old_label, mesh=mesh, batch_size=batch_size),
+        valid=lambda d: all(v.shape == (len(old_label),) for v in d.values()),
+    )

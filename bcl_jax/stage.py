@@ -312,3 +312,18 @@ def new_stage(config, name: str, data, reference: Reference | None) -> Stage:
         method=method,
         fingerprint=fingerprint,
     )
+
+
+def make_reference(config, old: Trained, data, *, mesh, workdir: str) -> Reference:
+    """The old model with its prototypes of the new training set's classes (and, when a method
+    of the run asks for them, per-class statistics of its embeddings), stored in the work
+    directory and reused while the old model and the data are the same."""
+    from bcl_jax import methods, prototypes
+
+    kw = dict(workdir=workdir, mesh=mesh, batch_size=config.eval.batch_size)
+    kw['data_identity'] = data_identity(data)
+    bank = prototypes.old_bank(old, data.train, num_classes=data.num_classes, **kw)
+    stats = {}
+    if any(methods.REGISTRY[methods.resolve(config, m)[0]].needs_class_stats for m in config.methods):
+        stats = prototypes.old_class_statistics(old, data.train, bank, data.old_label, **kw)
+    return Reference(old, bank, data.old_label, stats)

@@ -88,14 +88,16 @@ def make_train_step(graphdef, tx, *, method, model_cfg, num_classes: int | None 
     head = dict(kind=model_cfg.head, scale=model_cfg.scale, margin=model_cfg.margin)
     weights = method.weights
 
-    def loss_fn(trainable, batch_stats, batch, reference, method_state):
+    def loss_fn(trainable, batch_stats, batch, reference, method_state, step):
         model = nnx.merge(graphdef, trainable['model'], batch_stats)
         emb, logits = model(batch['image'], train=True)
         labels = batch['label']
         terms = {'cls': losses.classification_loss(logits, labels, num_classes=num_classes, **head)}
         if 'params' in method_state:
             method_state = dict(method_state, params=trainable['method'])
-        inputs = StepInputs(batch['image'], labels, emb, logits, trainable['model'], num_classes)
+        inputs = StepInputs(
+            batch['image'], labels, emb, logits, trainable['model'], num_classes, step
+        )
         extra, method_state = method.terms(inputs, reference, method_state)
         terms.update(extra)
         total = terms['cls'] + sum(weights[k] * extra[k] for k in weights)
@@ -107,12 +109,12 @@ def make_train_step(graphdef, tx, *, method, model_cfg, num_classes: int | None 
         trainable = dict(model=state['params'], method=method_state.get('params', {}))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (total, (terms, new_stats, method_state)), grads = grad_fn(
-            trainable, state['batch_stats'], batch, reference, method_state
+            trainable, state['batch_stats'], batch, reference, method_state, state['step']
         )
         updates, opt_state = tx.update(grads['model'], state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         if 'params' in method_state:
-            method_tx = method.optimizer()
+            method_tx = method.optimizer(tx)
             m_updates, m_opt = method_tx.update(
                 grads['method'], method_state['opt_state'], trainable['method']
             )
@@ -179,7 +181,7 @@ def build(stage, reference, *, mesh, shard_classes: bool) -> Setup:
     tx, schedule = make_optimizer(stage.train_cfg, per_epoch)
     state = initial_state(params, stats, tx, method.init_state(stage, reference))
     if 'params' in state['method']:
-        state['method']['opt_state'] = method.optimizer().init(state['method']['params'])
+        state['method']['opt_state'] = method.optimizer(tx).init(state['method']['params'])
     # Replicated, or the class axes (padded to a multiple of the devices) split by class.
     state, state_sharding = sharding.place(state, mesh, shard_classes=shard_classes)
     reference_sharding = None

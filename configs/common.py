@@ -10,7 +10,6 @@ from ml_collections import config_dict
 
 from bcl_jax.data.synthetic import SyntheticSpec
 
-METHODS = ('independent', 'bct', 'bct_influence', 'l2', 'ndpp', 'odpp')
 
 
 def model(arch='cifar_resnet', width=16, depth=20, embedding_dim=128, head='cosface'):
@@ -133,6 +132,22 @@ def base_config():
                 )
             ),
         )
+    )
+    # The field's baselines (bcl_jax.methods); each term also carries λ = compat.weight.
+    c.lce = config_dict.ConfigDict(
+        dict(
+            align_weight=1.0,  # AdvBCT's port of LCE (LCE's official code: 100)
+            boundary_weight=1.0,
+            align_over='batch',  # batch (AdvBCT) | classes (LCE's official code)
+            boundary_space='angle',  # angle (AdvBCT) | cosine (LCE's official code)
+        )
+    )
+    c.unibct = config_dict.ConfigDict(
+        dict(kind='arcface', scale=30.0, margin=0.3, old_classes_only=True)  # AdvBCT's form
+    )
+    c.hot_refresh = config_dict.ConfigDict(dict(temperature=0.01, topk_negatives=10))
+    c.advbct = config_dict.ConfigDict(
+        dict(hidden=100, threshold=1.0, boundary_weight=1.0, adversarial_weight=1.0)
     )
     c.eval = config_dict.ConfigDict(dict(batch_size=256, ks=(1, 5, 10), query_block=256))
     c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))

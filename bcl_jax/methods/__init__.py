@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import ast
 
+from bcl_jax.methods.advbct import AdvBCT
 from bcl_jax.methods.base import HookContext, Method, StepInputs
 from bcl_jax.methods.bct import BCT, L2, BCTInfluence
+from bcl_jax.methods.hot_refresh import HotRefresh
+from bcl_jax.methods.lce import LCE
 from bcl_jax.methods.perturbed import NDPP, ODPP
+from bcl_jax.methods.unibct import UniBCT
 
-REGISTRY = {m.name: m for m in (Method, BCT, BCTInfluence, L2, NDPP, ODPP)}
+REGISTRY = {
+    m.name: m
+    for m in (Method, BCT, BCTInfluence, L2, LCE, UniBCT, HotRefresh, AdvBCT, NDPP, ODPP)
+}
 NAMES = tuple(REGISTRY)
 
 __all__ = ['HookContext', 'Method', 'NAMES', 'REGISTRY', 'StepInputs', 'build', 'resolve']

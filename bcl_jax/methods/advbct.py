@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bcl_jax.methods.base import Method
 from bcl_jax.methods.lce import check_batch, masked_mean
 
 __all__ = [
@@ -211,3 +212,59 @@ def elastic_boundary_loss(
         radius = elastic_radius(radius, weights[labels], threshold=threshold)
     hinge = jnp.maximum(distance - radius, 0.0)
     return masked_mean(hinge, class_valid[labels] & (hinge > 0))
+
+
+class AdvBCT(Method):
+    """`advbct`: L_cls + λ·(b·L_boundary + a·w_e·L_adv), λ = compat.weight, a and b from
+    `config.advbct` (1 and 1, AdvBCT's config), w_e and the reversal scale α on the reference's
+    schedules. The discriminator and the per-class boundary gates are trained with the model by
+    its own optimizer (weight decay and momentum included), as in the reference."""
+
+    name = 'advbct'
+    needs_reference = True
+    needs_class_stats = True
+    config_sections = ('compat', 'advbct')
+
+    @property
+    def weights(self):
+        c, lam = self.config.advbct, self.config.compat.weight
+        return {'boundary': lam * c.boundary_weight, 'adv': lam * c.adversarial_weight}
+
+    def init_state(self, stage, reference):
+        train = stage.train_cfg
+        self.steps_per_epoch = len(stage.source) / train.batch_size
+        self.total_steps = train.steps or int(round(train.epochs * self.steps_per_epoch))
+        self.epochs = max(1, int(round(self.total_steps / self.steps_per_epoch)))
+        disc_key, gate_key = jax.random.split(jax.random.fold_in(jax.random.key(stage.seed), 1))
+        dim = stage.model_cfg.embedding_dim
+        params = dict(
+            disc=init_discriminator(disc_key, dim, hidden=self.config.advbct.hidden),
+            # Indexed by class: sharded with the classifier (bcl_jax.sharding's 'banks').
+            banks=dict(gates=init_boundary_weights(gate_key, stage.num_classes)),
+        )
+        return {'params': params}
+
+    def terms(self, inputs, reference, state):
+        from bcl_jax.methods.bct import old_embeddings
+        from bcl_jax.methods.lce import class_valid
+
+        c, stats = self.config.advbct, reference.class_stats
+        boundary = elastic_boundary_loss(
+            inputs.emb,
+            inputs.labels,
+            reference.prototypes,
+            stats['centre_norms'],
+            stats['max_distance'],
+            class_valid(reference),
+            state['params']['banks']['gates'],
+            threshold=c.threshold,
+        )
+        progress = inputs.step / self.total_steps
+        epoch = jnp.floor(inputs.step / self.steps_per_epoch)
+        adv = adversarial_loss(
+            state['params']['disc'],
+            inputs.emb,
+            old_embeddings(reference, inputs.images),
+            reversal=reversal_scale(progress),
+        )
+        return {'boundary': boundary, 'adv': adversarial_weight(epoch, self.epochs) * adv}, state

@@ -35,6 +35,7 @@ class StepInputs:
     logits: Any  # (B, C) the new classifier's logits (cosines for CosFace/ArcFace)
     params: Any  # the new model's parameters (e.g. its classifier kernel)
     num_classes: int  # the real classes; the class axes may carry padding after them
+    step: Any  # the step being taken, counted from 0 (a traced int)
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class Method:
 
     name = 'independent'
     needs_reference = False
+    needs_class_stats = False  # per-class statistics of the old embeddings (LCE, AdvBCT)
     # The config sections (dotted paths) that this method reads: they enter the stage's
     # fingerprint, so a changed setting is never mixed with a model trained under the old one.
     config_sections: tuple[str, ...] = ()
@@ -88,6 +90,6 @@ class Method:
     def finish(self, state: dict, ctx: HookContext):
         pass
 
-    def optimizer(self):
-        """The optax optimizer of `state['params']`, for methods that train parameters."""
-        raise NotImplementedError(f'method {self.name!r} trains no parameters of its own')
+    def optimizer(self, model_tx):
+        """The optax optimizer of `state['params']`: by default the model's own (`model_tx`)."""
+        return model_tx

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bcl_jax import losses
+from bcl_jax.methods.base import Method
+from bcl_jax.methods.bct import old_embeddings
 from bcl_jax.models.heads import l2_normalize
 
 __all__ = ['backfill_mask', 'backfill_order', 'gallery_uncertainty', 'ract_loss']
@@ -109,3 +111,27 @@ def backfill_mask(order, num_backfilled):
     the new model once that many are backfilled (`num_backfilled` may be traced)."""
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     return rank < num_backfilled
+
+
+class HotRefresh(Method):
+    """`hot_refresh`: L_cls + λ·L_RACT, λ = compat.weight, τ and k from `config.hot_refresh`
+    (0.01 and 10, OpenCompatible's defaults). Its backfilling order is `gallery_uncertainty`."""
+
+    name = 'hot_refresh'
+    needs_reference = True
+    config_sections = ('compat', 'hot_refresh')
+
+    @property
+    def weights(self):
+        return {'ract': self.config.compat.weight}
+
+    def terms(self, inputs, reference, state):
+        c = self.config.hot_refresh
+        term = ract_loss(
+            inputs.emb,
+            old_embeddings(reference, inputs.images),
+            inputs.labels,
+            temperature=c.temperature,
+            topk_negatives=c.topk_negatives,
+        )
+        return {'ract': term}, state

@@ -34,9 +34,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bcl_jax.methods.base import Method
 from bcl_jax.models.heads import l2_normalize
 
 __all__ = [
+    'LCE',
     'alignment_loss',
     'boundary_loss',
     'check_batch',
@@ -212,3 +214,49 @@ def boundary_loss(emb, labels, prototypes, max_angle, class_valid, *, space: str
     else:
         gap = jnp.cos(theta) - cos
     return masked_mean(jnp.maximum(gap, 0.0), class_valid[labels])
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------
+
+
+def class_valid(reference):
+    """Classes whose old statistics the references use: seen by the old model, >= 2 radii kept."""
+    return reference.class_stats['kept'] >= 2
+
+
+class LCE(Method):
+    """`lce`: L_cls + λ·(a·L_align + b·L_boundary), λ = compat.weight, a and b from `config.lce`
+    (1 and 1, AdvBCT's port of LCE)."""
+
+    name = 'lce'
+    needs_reference = True
+    needs_class_stats = True
+    config_sections = ('compat', 'lce')
+
+    @property
+    def weights(self):
+        c, lam = self.config.lce, self.config.compat.weight
+        return {'align': lam * c.align_weight, 'boundary': lam * c.boundary_weight}
+
+    def terms(self, inputs, reference, state):
+        c = self.config.lce
+        valid = class_valid(reference)
+        align = alignment_loss(
+            inputs.params['classifier']['kernel'],
+            inputs.labels,
+            reference.prototypes,
+            valid,
+            over=c.align_over,
+            num_classes=inputs.num_classes,
+        )
+        boundary = boundary_loss(
+            inputs.emb,
+            inputs.labels,
+            reference.prototypes,
+            reference.class_stats['max_angle'],
+            valid,
+            space=c.boundary_space,
+        )
+        return {'align': align, 'boundary': boundary}, state

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from bcl_jax import losses
+from bcl_jax.methods.base import Method
 from bcl_jax.methods.lce import check_batch, masked_mean
 from bcl_jax.models.heads import l2_normalize
 
@@ -147,3 +148,37 @@ def compatibility_loss(
     z = losses.margin_logits(cos, target, kind=kind, scale=scale, margin=margin)
     z = jnp.where(old_label >= 0, z, -jnp.inf)
     return masked_mean(losses.cross_entropy(z, target, num_classes=num_classes), counted)
+
+
+class UniBCT(Method):
+    """`unibct`: L_cls + λ·L_uni on the old prototypes, λ = compat.weight; `config.unibct`
+    chooses AdvBCT's form (default: ArcFace s = 30, m = 0.3, old classes only) or MixBCT's
+    (`kind='softmax'`, `old_classes_only=False`). The refinement is left out: in MixBCT's
+    column-normalised form it returns the plain class means, the prototypes as they are."""
+
+    name = 'unibct'
+    needs_reference = True
+    config_sections = ('compat', 'unibct')
+
+    @property
+    def weights(self):
+        return {'uni': self.config.compat.weight}
+
+    def terms(self, inputs, reference, state):
+        c = self.config.unibct
+        old_label = None
+        if c.old_classes_only:  # padded like the bank's class axis (new classes: -1)
+            rows = reference.prototypes.shape[0]
+            old_label = jnp.pad(reference.old_label, (0, rows - reference.old_label.shape[0]),
+                                constant_values=-1)
+        term = compatibility_loss(
+            inputs.emb,
+            inputs.labels,
+            reference.prototypes,
+            old_label=old_label,
+            kind=c.kind,
+            scale=c.scale,
+            margin=c.margin,
+            num_classes=inputs.num_classes,
+        )
+        return {'uni': term}, state
