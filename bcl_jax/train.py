@@ -565,7 +565,7 @@ def refresh_bank(
 
     The new prototypes q are the EMA kept by the step, or an exact pass of the current model
     over the training set (`cfg.new_prototypes`). NDPP perturbs the old bank p directly; ODPP
-    warm-starts its offset Δ from the last refresh. With `shard_classes` the banks stay sharded
+    solves its offset Δ afresh (Δ = 0, fresh Adam). With `shard_classes` the banks stay sharded
     by class: NDPP's neighbour search runs sharded (`knn.sharded_topk`) and ODPP's Δ and Adam
     state stay sharded. `num_classes`: the real classes when the banks carry class padding.
     Returns the new state and what to log.
@@ -598,11 +598,13 @@ def refresh_bank(
         options = cfg.odpp.to_dict()
         steps = perturbation.passes_to_steps(c, options.pop('passes'), options['pairs_per_step'])
         key = jax.random.fold_in(jax.random.key(seed), step)
-        delta, curve = perturbation.odpp(
-            old, new, bank['delta'], key, steps=steps, num_classes=c, **sharded, **options
+        solved, log = perturbation.odpp(
+            old, new, None, key, steps=steps, num_classes=c, **sharded, **options
         )
+        delta = solved['delta']
         positive = l2_normalize(old + delta)
-        stats = dict(odpp_loss_first=float(curve[0]), odpp_loss_last=float(curve[-1]))
+        stats = {k: float(v) for k, v in log.items() if k != 'loss'}
+        stats.update(odpp_loss_first=float(log['loss'][0]), odpp_loss_last=float(log['loss'][-1]))
     positive = place(positive)
     stats = dict(perturbation.perturbation_stats(old, positive, num_classes=c, **sharded), **stats)
     new_bank = jax.device_put(
