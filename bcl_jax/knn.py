@@ -10,14 +10,16 @@ D = 512 with blocks of 1,024 × 32,768: 220 MB, against 3.4 GB for Q×N; see ben
 On CPU, XLA's TopK runs on one thread, so wide score blocks are cut down by an exact group-max
 pre-filter before it (`_block_candidates`); other platforms select from whole blocks.
 
-Ties are broken towards the lower gallery index, in both `topk` and `sharded_topk`.
+One entry, `topk`, searches on one device or, given a mesh, with the gallery sharded by rows
+(`sharded_topk` is the same call with a mesh required). Ties are broken towards the lower
+gallery index, with or without a mesh.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,9 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["topk", "sharded_topk"]
+from bcl_jax.sharding import ceil_div, pad_rows, padded
+
+__all__ = ["axis_size", "sharded_topk", "topk"]
 
 
 def _check_args(queries, gallery, k, exclude_self, query_block, gallery_block):
@@ -58,19 +62,12 @@ def _check_args(queries, gallery, k, exclude_self, query_block, gallery_block):
     return q, n
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def _pad_rows(x, rows):
-    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
-
-
-def _even_block(n: int, max_block: int) -> int:
-    """The largest block that splits n rows into as few equal blocks of <= max_block as
-    possible: 1,129 queries with max_block 1,024 give 2 blocks of 565, not 1,024 + 105 padded
-    to 2 × 1,024 (which would nearly double the work)."""
-    return -(-n // -(-n // max_block))
+def _even_block(n: int, max_block: int, multiple: int = 1) -> int:
+    """The block that splits n rows into as few equal blocks of about <= max_block as possible,
+    rounded up to `multiple`: 1,129 queries with max_block 1,024 give 2 blocks of 565, not
+    1,024 + 105 padded to 2 × 1,024 (which would nearly double the work); 81,313 rows with
+    max_block 32,768 and multiple 8 give 3 blocks of 27,112 rather than padding to 98,304."""
+    return padded(ceil_div(n, ceil_div(n, max_block)), multiple)
 
 
 # Columns per group in the top-k pre-filter. 16 (one AVX-512 register of float32) measured
@@ -130,7 +127,7 @@ def _blocked_topk(
     queries, gallery = queries.astype(dtype), gallery.astype(dtype)
     qp, d = queries.shape
     n_local = gallery.shape[0]
-    n_qblocks, n_gblocks = qp // query_block, -(-n_local // gallery_block)
+    n_qblocks, n_gblocks = qp // query_block, ceil_div(n_local, gallery_block)
     q_blocks = queries.reshape(n_qblocks, query_block, d)
     q_starts = jnp.arange(n_qblocks, dtype=jnp.int32) * query_block
     in_block = jnp.arange(gallery_block, dtype=jnp.int32)
@@ -204,7 +201,7 @@ def _topk_jit(queries, gallery, *, k, query_block, gallery_block, exclude_self):
     q = queries.shape[0]
     queries, gallery = _unsharded(queries), _unsharded(gallery)
     top, idx = _blocked_topk(
-        _pad_rows(queries, _round_up(q, query_block)),
+        pad_rows(queries, padded(q, query_block)),
         gallery,
         k,
         query_block=query_block,
@@ -215,45 +212,6 @@ def _topk_jit(queries, gallery, *, k, query_block, gallery_block, exclude_self):
         vary=lambda x: x,
     )
     return top[:q], idx[:q]
-
-
-def topk(
-    queries,
-    gallery,
-    k: int,
-    *,
-    query_block: int = 1024,
-    gallery_block: int = 4096,
-    exclude_self: bool = False,
-):
-    """Exact top-k gallery rows for each query by dot product.
-
-    Args:
-      queries: (Q, D) float array.
-      gallery: (N, D) float array.
-      k: neighbours per query, 1 <= k <= N (N - 1 with `exclude_self`).
-      query_block, gallery_block: tile sizes; peak memory ~ a few query_block × gallery_block
-        scores. Q is split into equal blocks of at most query_block rows (1,129 queries with
-        1,024 give 2 blocks of 565). gallery_block is clamped to N so tiny inputs work. On
-        CPU, a gallery_block of >= 2 k × 16 (k neighbours) enables the top-k pre-filter, and
-        ~32,768 was fastest for the GLDv2 search (bench.py).
-      exclude_self: queries and gallery are the same set; pair (i, i) is never returned.
-
-    Sharded inputs are gathered onto every device; for a gallery too large for that, use
-    `sharded_topk`.
-
-    Returns:
-      scores (Q, k) float32, descending, and indices (Q, k) int32 into the gallery.
-    """
-    q, n = _check_args(queries, gallery, k, exclude_self, query_block, gallery_block)
-    return _topk_jit(
-        queries,
-        gallery,
-        k=k,
-        query_block=_even_block(q, query_block),
-        gallery_block=min(gallery_block, n),
-        exclude_self=exclude_self,
-    )
 
 
 def _constrain(x, sharding):
@@ -275,7 +233,8 @@ def _constrain(x, sharding):
     return lax.with_sharding_constraint(x, sharding)
 
 
-def _axis_size(mesh, axis) -> int:
+def axis_size(mesh, axis) -> int:
+    """The number of devices along mesh axis `axis` (a name or a sequence of names)."""
     axes = (axis,) if isinstance(axis, str) else tuple(axis)
     missing = [a for a in axes if a not in mesh.shape]
     if missing:
@@ -299,10 +258,10 @@ def _sharded_topk_jit(
     queries, gallery, *, k, mesh, axis, exclude_self, query_block, gallery_block, shard_rows
 ):
     q, n = queries.shape[0], gallery.shape[0]
-    n_shards = _axis_size(mesh, axis)
-    queries = _pad_rows(_unsharded(queries), _round_up(q, query_block))
+    n_shards = axis_size(mesh, axis)
+    queries = pad_rows(_unsharded(queries), padded(q, query_block))
     queries = _constrain(queries, NamedSharding(mesh, P()))
-    gallery = _constrain(_pad_rows(gallery, shard_rows * n_shards), NamedSharding(mesh, P(axis)))
+    gallery = _constrain(pad_rows(gallery, shard_rows * n_shards), NamedSharding(mesh, P(axis)))
 
     def local(q_rep, g_shard):
         offset = lax.axis_index(axis).astype(jnp.int32) * shard_rows
@@ -330,6 +289,73 @@ def _sharded_topk_jit(
     return top[:q], jnp.take_along_axis(cand_idx, pos, axis=1)[:q]
 
 
+def topk(
+    queries,
+    gallery,
+    k: int,
+    *,
+    query_block: int = 1024,
+    gallery_block: int = 4096,
+    exclude_self: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    axis: str | Sequence[str] | None = None,
+):
+    """Exact top-k gallery rows for each query by dot product.
+
+    Without `mesh`, one blocked search; sharded inputs are gathered onto every device. With
+    `mesh`, the gallery is sharded by rows over mesh axis `axis` (default: all mesh axes):
+    each device takes a local top-k over its gallery shard (with global indices), the
+    (Q, n_shards × k) candidates are gathered, and one more top-k merges them; same result.
+    Queries are replicated, so this suits a large gallery (or prototype bank) and a moderate
+    Q. N need not divide the number of shards: the gallery is padded and the padding masked.
+    Works with Explicit (the `jax.make_mesh` default) and Auto mesh axes.
+
+    Args:
+      queries: (Q, D) float array.
+      gallery: (N, D) float array.
+      k: neighbours per query, 1 <= k <= N (N - 1 with `exclude_self`).
+      query_block, gallery_block: tile sizes; peak memory ~ a few query_block × gallery_block
+        scores. Q is split into equal blocks of at most query_block rows (1,129 queries with
+        1,024 give 2 blocks of 565). gallery_block is clamped to N (with `mesh`: to the rows
+        per shard) so tiny inputs work. On CPU, a gallery_block of >= 2 k × 16 (k neighbours)
+        enables the top-k pre-filter, and ~32,768 was fastest for the GLDv2 search (bench.py).
+      exclude_self: queries and gallery are the same set; pair (i, i) is never returned.
+      mesh, axis: shard the search over the gallery's rows, as above.
+
+    Returns:
+      scores (Q, k) float32, descending, and indices (Q, k) int32 into the gallery
+      (replicated on `mesh` when given).
+    """
+    q, n = _check_args(queries, gallery, k, exclude_self, query_block, gallery_block)
+    query_block = _even_block(q, query_block)
+    if mesh is None:
+        if axis is not None:
+            raise ValueError(f"axis={axis!r} given without a mesh to shard over.")
+        return _topk_jit(
+            queries,
+            gallery,
+            k=k,
+            query_block=query_block,
+            gallery_block=min(gallery_block, n),
+            exclude_self=exclude_self,
+        )
+    axis = tuple(mesh.axis_names) if axis is None else axis
+    axis = axis if isinstance(axis, str) else tuple(axis)
+    shard_rows = ceil_div(n, axis_size(mesh, axis))
+    gallery_block = min(gallery_block, shard_rows)
+    return _sharded_topk_jit(
+        queries,
+        gallery,
+        k=k,
+        mesh=mesh,
+        axis=axis,
+        exclude_self=exclude_self,
+        query_block=query_block,
+        gallery_block=gallery_block,
+        shard_rows=padded(shard_rows, gallery_block),
+    )
+
+
 def sharded_topk(
     queries,
     gallery,
@@ -341,30 +367,14 @@ def sharded_topk(
     query_block: int = 1024,
     gallery_block: int = 4096,
 ):
-    """`topk` with the gallery sharded by rows over mesh axis `axis`; same result.
-
-    Each device takes a local top-k over its gallery shard (with global indices), the
-    (Q, n_shards × k) candidates are gathered, and one more top-k merges them. Queries are
-    replicated, so this suits a large gallery (or prototype bank) and a moderate Q. N need not
-    divide the number of shards: the gallery is padded and the padding masked. Works with
-    Explicit (the `jax.make_mesh` default) and Auto mesh axes.
-
-    Returns replicated scores (Q, k) float32 and indices (Q, k) int32.
-    """
-    q, n = _check_args(queries, gallery, k, exclude_self, query_block, gallery_block)
-    if not isinstance(axis, str):
-        axis = tuple(axis)
-    n_shards = _axis_size(mesh, axis)
-    shard_rows = -(-n // n_shards)
-    gallery_block = min(gallery_block, shard_rows)
-    return _sharded_topk_jit(
+    """`topk(..., mesh=mesh, axis=axis)`: the gallery sharded by rows over mesh axis `axis`."""
+    return topk(
         queries,
         gallery,
-        k=k,
+        k,
+        query_block=query_block,
+        gallery_block=gallery_block,
+        exclude_self=exclude_self,
         mesh=mesh,
         axis=axis,
-        exclude_self=exclude_self,
-        query_block=_even_block(q, query_block),
-        gallery_block=gallery_block,
-        shard_rows=_round_up(shard_rows, gallery_block),
     )

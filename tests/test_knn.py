@@ -99,12 +99,12 @@ def test_sharded_k_larger_than_shard_2d_mesh(data, data_axis_type):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(k=0), "positive int"),
-        (dict(k=204), "exceeds the 203 eligible"),
-        (dict(k=203, exclude_self=True, same=True), "exceeds the 202 eligible"),
-        (dict(k=3, exclude_self=True), "Q == N"),
-        (dict(k=3, dim=8), "dims differ"),
-        (dict(k=2.0), "positive int"),
+        ({"k": 0}, "positive int"),
+        ({"k": 204}, "exceeds the 203 eligible"),
+        ({"k": 203, "exclude_self": True, "same": True}, "exceeds the 202 eligible"),
+        ({"k": 3, "exclude_self": True}, "Q == N"),
+        ({"k": 3, "dim": 8}, "dims differ"),
+        ({"k": 2.0}, "positive int"),
     ],
 )
 def test_errors(data, kwargs, match):
@@ -130,7 +130,7 @@ def test_explicitly_sharded_inputs(data):
     """Arrays laid out on a make_mesh (Explicit) mesh, as the training code makes them."""
     queries, gallery = data[0][:32], data[1][:200]
     mesh = jax.make_mesh((8,), ("data",))
-    on_mesh = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))  # noqa: E731
+    on_mesh = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
     want = _brute_force(queries, gallery, 4)
     _check(knn.topk(on_mesh(queries), on_mesh(gallery), 4, query_block=5, gallery_block=30), want)
     _check(
@@ -199,3 +199,29 @@ def test_topk_memory_is_blocked():
         pytest.skip("no memory analysis on this backend")
     blocks = 4 * 50 * 1024 + 4 * 1024 * d  # a score block (2 x 50 queries) and a gallery block
     assert stats.temp_size_in_bytes <= 3 * blocks < 4 * min(q * n, n * d)
+
+
+def test_topk_with_mesh_is_sharded_topk(data):
+    """The one entry: `topk(mesh=...)` runs the sharded search, bit-identical to `sharded_topk`,
+    and defaults to all mesh axes."""
+    queries, gallery = data
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    blocks = {"query_block": 16, "gallery_block": 10}
+    want = knn.sharded_topk(queries, gallery, 6, mesh=mesh, axis=("data", "model"), **blocks)
+    got = knn.topk(queries, gallery, 6, mesh=mesh, **blocks)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert got[0].sharding.is_fully_replicated
+    _check(got, _brute_force(queries, gallery, 6))
+    with pytest.raises(ValueError, match="without a mesh"):
+        knn.topk(queries, gallery, 6, axis="data")
+
+
+@pytest.mark.parametrize(
+    "n, max_block, multiple, want",
+    [(1129, 1024, 1, 565), (81313, 32768, 8, 27112), (81313, 131072, 8, 81320), (7, 100, 1, 7)],
+)
+def test_even_block(n, max_block, multiple, want):
+    """Hand-worked: 1,129 = 2 blocks of 565 (564.5 up); 81,313 = 3 blocks of 27,104.33 -> 27,105
+    -> 27,112 (a multiple of 8); one block of 81,313 -> 81,320."""
+    assert knn._even_block(n, max_block, multiple) == want

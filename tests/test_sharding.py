@@ -14,7 +14,17 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, evaluate, methods, metrics, perturbation, prototypes, sharding, train
+from bcl_jax import (
+    checkpoint,
+    evaluate,
+    methods,
+    metrics,
+    odpp,
+    perturbation,
+    prototypes,
+    sharding,
+    train,
+)
 from bcl_jax import step as step_lib
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 from bcl_jax.methods import HookContext
@@ -460,12 +470,17 @@ def test_odpp_neighbour_pairs_and_penalty_on_a_sharded_delta():
         learning_rate=1e-2,
     )
     key = jax.random.key(2)
-    want, want_curve = perturbation.odpp(old, new, delta0, key, **options)
+    start = lambda rows: dict(  # a warm start from Δ = delta0 with a fresh Adam state
+        perturbation.odpp_initial_state(rows, D), delta=np.pad(delta0, ((0, rows - C), (0, 0)))
+    )
+    want, want_log = perturbation.odpp(old, new, start(C), key, warm_start=True, **options)
+    want, want_curve = want['delta'], want_log['loss']
     pad = lambda x: np.pad(x, ((0, 3), (0, 0)))
     mesh = jax.make_mesh((8,), ('data',))  # Explicit axes, as jax.make_mesh makes by default
-    got, curve = perturbation.odpp(
-        pad(old), pad(new), pad(delta0), key, num_classes=C, mesh=mesh, **options
+    got, log = perturbation.odpp(
+        pad(old), pad(new), start(16), key, warm_start=True, num_classes=C, mesh=mesh, **options
     )
+    got, curve = got['delta'], log['loss']
     assert got.sharding.spec == P('data', None) and got.shape == (16, D)
     np.testing.assert_array_equal(np.asarray(got)[C:], 0)
     assert max_rel(np.asarray(got)[:C], want)[0] < RTOL
@@ -481,7 +496,7 @@ def test_odpp_on_a_sharded_delta_moves_only_pair_sized_arrays():
     mesh = mesh_of(8)
     rows = NamedSharding(mesh, P('data', None))
     bank = jax.ShapeDtypeStruct((c, D), np.float32, sharding=rows)
-    compiled = perturbation._odpp_jit.lower(
+    compiled = odpp._odpp_jit.lower(
         bank,
         bank,
         bank,

@@ -1,0 +1,254 @@
+"""Paired statistics over seeds (METHOD.md §9), as pure NumPy float64 functions.
+
+Every method of a seed shares its initialisation and data order, so methods are compared seed
+by seed: the per-seed differences d_s = a_s − b_s carry the comparison, and seed-to-seed noise
+common to both methods cancels. Intervals are two-sided at `level` (default 95%):
+
+- `paired_difference`: mean of d_s ± t_{(1+level)/2, n−1} · sd / √n (the paired t interval).
+- `fieller_ratio`: a ratio of two paired means, mean(x) / mean(y), with Fieller's interval
+  (Fieller 1954, J. R. Stat. Soc. B 16:175): the set of ρ for which the paired t test of
+  x_s − ρ y_s does not reject. It accounts for the noise of the denominator and for the
+  correlation of x and y (both are differences to the same BCT run), and is exact for normal
+  data; the delta method's symmetric interval is not, and a bootstrap over 5 seeds is not
+  reliable. When mean(y) is not significantly different from 0 the set is unbounded.
+- `paired_analysis`: from per-seed results (`evaluate.evaluate`'s dicts), each method's paired
+  differences to the reference methods on new/new and new/old, the tax T = independent − BCT
+  on new/new, and the recovered fraction R = mean(new/new − BCT new/new) / mean(T).
+- `paired_markdown`: that analysis as one table.
+
+Undefined quantities are None (strict JSON, no NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+__all__ = ['fieller_ratio', 'paired_analysis', 'paired_difference', 'paired_markdown']
+
+TESTS = ('new_new', 'new_old')  # the retrieval tests of a new model (evaluate.evaluate)
+_LABELS = {'new_new': 'new/new', 'new_old': 'new/old'}
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided `level` quantile of Student's t with `df` degrees of freedom."""
+    return float(scipy_stats.t.ppf(0.5 + level / 2, df))
+
+
+def _values(x, name: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f'{name} must be a non-empty 1-D sequence of per-seed values; got {x!r}.')
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f'{name} has non-finite values: {x.tolist()}.')
+    return x
+
+
+def _paired(a, b, names=('a', 'b')):
+    a, b = _values(a, names[0]), _values(b, names[1])
+    if a.shape != b.shape:
+        raise ValueError(
+            f'{names[0]} and {names[1]} must hold one value per seed each; got '
+            f'{a.size} and {b.size} values.'
+        )
+    return a, b
+
+
+def _level(level: float) -> float:
+    if not 0 < level < 1:
+        raise ValueError(f'level must be in (0, 1); got {level}.')
+    return float(level)
+
+
+def paired_difference(a, b, *, level: float = 0.95) -> dict:
+    """The per-seed differences d_s = a_s − b_s and the paired t interval of their mean.
+
+    Returns dict(n, mean, sd (ddof=1), ci_low, ci_high, differences): sd and the interval are
+    None for n = 1 (one seed gives no estimate of spread).
+    """
+    a, b = _paired(a, b)
+    d, n = a - b, a.size
+    out = {'n': n, 'mean': float(d.mean()), 'sd': None, 'ci_low': None, 'ci_high': None}
+    if n > 1:
+        sd = float(d.std(ddof=1))
+        half = t_quantile(n - 1, _level(level)) * sd / math.sqrt(n)
+        out.update(sd=sd, ci_low=out['mean'] - half, ci_high=out['mean'] + half)
+    return dict(out, differences=d.tolist())
+
+
+def fieller_ratio(numerator, denominator, *, level: float = 0.95) -> dict:
+    """mean(x) / mean(y) for paired per-seed x_s, y_s, with Fieller's interval.
+
+    With means x̄, ȳ, the sample (co)variances of the means v_xx, v_yy, v_xy (ddof=1, / n) and
+    t = t_{(1+level)/2, n−1}, the interval is {ρ : (x̄ − ρȳ)² <= t² (v_xx − 2ρ v_xy + ρ² v_yy)},
+    i.e. a ρ² − 2 b ρ + c <= 0 with a = ȳ² − t² v_yy, b = x̄ȳ − t² v_xy, c = x̄² − t² v_xx:
+    the roots (b ± √(b² − a c)) / a when a > 0. a <= 0 means ȳ is not significantly different
+    from 0 at `level`: the set is then unbounded and the bounds are None.
+
+    Returns dict(n, estimate (None when ȳ = 0), ci_low, ci_high, bounded, note).
+    """
+    x, y = _paired(numerator, denominator, ('numerator', 'denominator'))
+    n, mx, my = x.size, float(x.mean()), float(y.mean())
+    out = {'n': n, 'estimate': mx / my if my != 0 else None, 'ci_low': None, 'ci_high': None}
+    if n == 1:
+        return dict(out, bounded=False, note='one seed: no interval')
+    cov = np.cov(np.stack([x, y]), ddof=1) / n
+    t2 = t_quantile(n - 1, _level(level)) ** 2
+    a = my * my - t2 * cov[1, 1]
+    b = mx * my - t2 * cov[0, 1]
+    c = mx * mx - t2 * cov[0, 0]
+    if a <= 0:
+        note = (
+            f'unbounded: the denominator mean {my:.4g} is not significantly different from 0 '
+            f'at {level:.0%}, so the Fieller set has no finite bounds'
+        )
+        return dict(out, bounded=False, note=note)
+    root = math.sqrt(max(b * b - a * c, 0.0))  # >= 0 when a > 0, up to rounding
+    return dict(out, ci_low=(b - root) / a, ci_high=(b + root) / a, bounded=True, note=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Over the per-seed results files
+# ----------------------------------------------------------------------------------------------
+
+
+def _metric(result: dict, method: str, test: str, metric: str):
+    """results['methods'][method][test][metric] as a float, or None (missing or not finite)."""
+    value = result.get('methods', {}).get(method, {}).get(test, {}).get(metric)
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _series(results, metric, *pairs):
+    """Per-seed values of each (method, test) in `pairs`, over the seeds that have them all."""
+    rows = [[_metric(r, m, t, metric) for m, t in pairs] for r in results]
+    rows = [row for row in rows if None not in row]
+    return [np.array(col) for col in zip(*rows)] if rows else None
+
+
+def _difference(results, metric, a, b, level):
+    series = _series(results, metric, a, b)
+    return None if series is None else paired_difference(*series, level=level)
+
+
+def paired_analysis(
+    per_seed_results: list[dict],
+    metric: str,
+    against: tuple[str, ...] = ('bct', 'independent'),
+    *,
+    level: float = 0.95,
+) -> dict:
+    """Paired comparisons of the methods of `per_seed_results` (one `evaluate.evaluate` dict
+    per seed, in any order; each seed pairs the methods it holds) on `metric`.
+
+    For each method and each reference method in `against` (other than itself): the paired
+    differences method − reference on new/new and on new/old (`paired_difference`). The tax
+    T = independent − bct on new/new, and for each other method the recovered fraction
+    R = mean_s(method − bct, new/new) / mean_s(T) (`fieller_ratio`; METHOD.md §9). A
+    comparison uses the seeds that have all its values; it is None when none has.
+
+    Returns a strict-JSON dict: metric, level, seeds, fraction (True when every value of the
+    metric lies in [0, 1], so differences read as percentage points ×100), against (the
+    references some seed holds) and missing (those no seed holds), tax, and methods: {name:
+    dict(vs={reference: {new_new, new_old}}, recovered)}.
+    """
+    if not per_seed_results:
+        raise ValueError('paired_analysis needs the results of at least one seed.')
+    methods = list(dict.fromkeys(m for r in per_seed_results for m in r.get('methods', {})))
+    values = [
+        v
+        for r in per_seed_results
+        for m in methods
+        for t in TESTS
+        if (v := _metric(r, m, t, metric)) is not None
+    ]
+    if not values:
+        known = {
+            k
+            for r in per_seed_results
+            for x in r.get('methods', {}).values()
+            for k in x.get('new_new', {})
+        }
+        raise ValueError(
+            f'metric {metric!r} has no value in the results; their new/new metrics are '
+            f'{sorted(known)}.'
+        )
+    tax_series = _series(per_seed_results, metric, ('independent', 'new_new'), ('bct', 'new_new'))
+    out = {
+        'metric': metric,
+        'level': _level(level),
+        'seeds': [r.get('seed') for r in per_seed_results],
+        'fraction': bool(all(0 <= v <= 1 for v in values)),
+        'against': [ref for ref in against if ref in methods],
+        'missing': [ref for ref in against if ref not in methods],
+        'tax': None if tax_series is None else paired_difference(*tax_series, level=level),
+        'methods': {},
+    }
+    for m in methods:
+        vs = {
+            ref: {t: _difference(per_seed_results, metric, (m, t), (ref, t), level) for t in TESTS}
+            for ref in against
+            if ref != m and ref in methods
+        }
+        recovered = None
+        if m not in ('bct', 'independent'):
+            trio = (m, 'new_new'), ('bct', 'new_new'), ('independent', 'new_new')
+            series = _series(per_seed_results, metric, *trio)
+            if series is not None:
+                method, bct, independent = series
+                recovered = fieller_ratio(method - bct, independent - bct, level=level)
+        out['methods'][m] = {'vs': vs, 'recovered': recovered}
+    return out
+
+
+def _cell(diff: dict | None, scale: float, n_all: int) -> str:
+    if diff is None:
+        return ''
+    text = f'{scale * diff["mean"]:+.2f}'
+    if diff['ci_low'] is not None:
+        text += f' [{scale * diff["ci_low"]:+.2f}, {scale * diff["ci_high"]:+.2f}]'
+    return text + (f' (n = {diff["n"]})' if diff['n'] != n_all else '')
+
+
+def _ratio_cell(ratio: dict | None, n_all: int) -> str:
+    if ratio is None or ratio['estimate'] is None:
+        return '' if ratio is None else 'undefined (mean T = 0)'
+    text = f'{ratio["estimate"]:.2f}'
+    if ratio['bounded']:
+        text += f' [{ratio["ci_low"]:.2f}, {ratio["ci_high"]:.2f}]'
+    elif ratio['n'] > 1:
+        text += ' [unbounded]'
+    return text + (f' (n = {ratio["n"]})' if ratio['n'] != n_all else '')
+
+
+def paired_markdown(analysis: dict) -> str:
+    """`paired_analysis` as a table: per method, its mean paired differences to each reference
+    with their intervals, and R; above it, the tax T. In percentage points when the metric is a
+    fraction."""
+    scale, unit = (100.0, 'percentage points') if analysis['fraction'] else (1.0, 'metric units')
+    n_all = len(analysis['seeds'])
+    refs = analysis['against']
+    level = f'{analysis["level"]:.0%}'
+    lines = [
+        (
+            f'Paired by seed ({n_all} seeds): {analysis["metric"]}, differences in {unit}, mean '
+            f'[{level} CI, paired t]; R = (new/new − bct new/new) / T [{level} CI, Fieller].'
+        ),
+        '',
+        'Tax T = independent − bct (new/new): '
+        + (_cell(analysis['tax'], scale, n_all) or 'not available'),
+    ]
+    if analysis['missing']:
+        lines.append(f'Missing reference methods: {", ".join(analysis["missing"])}.')
+    header = ['method'] + [f'{_LABELS[t]} − {r}' for r in refs for t in TESTS] + ['R']
+    lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for name, m in analysis['methods'].items():
+        cells = [_cell(m['vs'].get(r, {}).get(t), scale, n_all) for r in refs for t in TESTS]
+        lines.append('| ' + ' | '.join([name, *cells, _ratio_cell(m['recovered'], n_all)]) + ' |')
+    notes = [
+        f'{name}: R {m["recovered"]["note"]}'
+        for name, m in analysis['methods'].items()
+        if m['recovered'] and m['recovered']['note'] and m['recovered']['n'] > 1
+    ]
+    return '\n'.join(lines + ([''] + notes if notes else [])) + '\n'
