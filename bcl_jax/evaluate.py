@@ -209,8 +209,14 @@ def machine() -> str:
 
 
 def write_results(results: dict, workdir: str):
-    """results.json and results.md in `workdir` (process 0, atomically); prints the table."""
+    """results.json and results.md in `workdir` (process 0, atomically); prints the tables."""
     table = markdown(results)
+    if results.get('paired'):
+        from bcl_jax import stats
+
+        table += '\nPaired by seed (method − reference, 95% CI):\n\n' + stats.paired_markdown(
+            results['paired']
+        )
     if jax.process_index() == 0:
         checkpoint.write_atomic(
             os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, allow_nan=False)

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, sharding, train, validate
+from bcl_jax import checkpoint, evaluate, sharding, stats, train, validate
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 
@@ -55,6 +55,7 @@ def run(config, workdir: str) -> dict:
         seeded.seed, seeded.seeds = seed, ()
         per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
     results = evaluate.aggregate(per_seed)
+    results['paired'] = stats.paired_analysis(per_seed, results['primary_metric'])
     results.update(wall_seconds=time.time() - start, config=json.loads(config.to_json()))
     evaluate.write_results(results, workdir)
     return results

@@ -299,7 +299,7 @@ def new_stage(config, name: str, data, reference: Reference | None) -> Stage:
         method=type(method).name,
         data_identity=data_identity(data),
     )
-    if method.needs_reference:
+    if method.needs_reference and reference is not None:
         bank = sharding.to_host(reference.prototypes)[: data.num_classes]
         fingerprint.update(old_model=reference.old.identity(), prototypes=array_digest(bank))
     return Stage(

@@ -116,7 +116,14 @@ def base_config():
             ema_decay=0.9,  # per appearance of a class in a batch
             exact_batch_size=256,
             perturb_negatives=False,  # True: L_comp uses p̃ for every class, not only the positive
-            ndpp=config_dict.ConfigDict(dict(k=100, alpha=0.16, beta=0.004, exclude_self=True)),
+            # K, α, β each applied once, weights clamped at 0, j = c left out of the new-space
+            # neighbours. The reference code's own arithmetic (perturbation.ndpp_authors_mode):
+            # alpha=0.16, beta=0.004, clamp_weights=False, exclude_self=False.
+            ndpp=config_dict.ConfigDict(
+                dict(k=100, alpha=0.16, beta=0.004, clamp_weights=True, exclude_self=True)
+            ),
+            # METHOD.md §5 (bcl_jax.odpp.OdppOptions): J on p + Δ unnormalised, Δ solved afresh
+            # at each refresh; normalize_in_objective and warm_start are the alternatives.
             odpp=config_dict.ConfigDict(
                 dict(
                     passes=100,
@@ -129,6 +136,8 @@ def base_config():
                     lambda_old=1.0,
                     lambda_new=1.0,
                     gamma=0.0,
+                    normalize_in_objective=False,
+                    warm_start=False,
                 )
             ),
         )

@@ -46,7 +46,6 @@ def perturbed_banks(reference):
     return dict(
         positive=positive.astype(np.float32),
         new=rng.normal(size=positive.shape).astype(np.float32),
-        delta=np.zeros_like(positive, np.float32),
     )
 
 

@@ -4,7 +4,8 @@ The perturbation itself is a pure function of prototype banks (bcl_jax.perturbat
 what training adds around it:
 
 - the method's state: the perturbed positives p̃ that L_comp reads, the running new-model
-  prototypes q, and ODPP's offset Δ, all (C, D) and sharded by class with the classifier;
+  prototypes q, and ODPP's state (Δ and its Adam moments), all (C, D) and sharded by class
+  with the classifier;
 - q as an EMA of per-class batch means, updated inside the step (`perturb.new_prototypes='ema'`),
   or an exact pass over the training set at each refresh ('exact');
 - the refresh: from `perturb.start_epochs` on, every `perturb.refresh_every_epochs`, p̃ is
@@ -19,22 +20,25 @@ import os
 import jax
 import numpy as np
 
-from bcl_jax import perturbation, prototypes, sharding
+from bcl_jax import odpp, perturbation, prototypes, sharding
 from bcl_jax.methods.bct import BCT
 from bcl_jax.models.heads import l2_normalize
 
 
 class Perturbed(BCT):
     """The refresh schedule and banks shared by NDPP and ODPP; `perturb` computes p̃:
-    `perturb(old, new, delta, key, num_classes, search) -> (p̃, Δ, stats to log)`."""
+    `perturb(old, new, banks, key, num_classes, search) -> (p̃, banks to keep, stats to log)`."""
 
     config_sections = ('compat', 'perturb')
 
     def init_state(self, stage, reference):
         # Until the first refresh p̃ = p, and a class's new prototype starts at its old one.
         bank = sharding.to_host(reference.prototypes)[: stage.num_classes]
-        banks = dict(positive=bank.copy(), new=bank.copy(), delta=np.zeros_like(bank))
-        return {'banks': banks}
+        return {'banks': dict(positive=bank.copy(), new=bank.copy(), **self.own_banks(bank))}
+
+    def own_banks(self, bank) -> dict:
+        """The method's own (C, ...) state kept between refreshes."""
+        return {}
 
     def positives(self, state):
         return state['banks']['positive']
@@ -84,10 +88,12 @@ class Perturbed(BCT):
             new, query = banks['new'], l2_normalize(banks['new'])
         old = ctx.reference.prototypes
         key = jax.random.fold_in(jax.random.key(ctx.stage.seed), step)
-        positive, delta, stats = self.perturb(old, query, banks['delta'], key, c, search)
+        positive, own, stats = self.perturb(old, query, banks, key, c, search)
         positive = place(positive)
         stats = dict(perturbation.perturbation_stats(old, positive, num_classes=c, **search), **stats)
-        banks = jax.device_put(dict(positive=positive, new=new, delta=delta), layout)
+        # Each array back where its predecessor lived (sharded by class, or replicated).
+        own = jax.tree.map(lambda x, was: jax.device_put(x, was.sharding), own, {k: banks[k] for k in own})
+        banks = dict(banks, positive=positive, new=jax.device_put(new, layout), **own)
         return dict(state, method=dict(state['method'], banks=banks)), dict(event='refresh', **stats)
 
     def finish(self, state, ctx):
@@ -109,21 +115,22 @@ class Perturbed(BCT):
 class NDPP(Perturbed):
     name = 'ndpp'
 
-    def perturb(self, old, new, delta, key, num_classes, search):
+    def perturb(self, old, new, banks, key, num_classes, search):
         options = self.config.perturb.ndpp.to_dict()
-        return perturbation.ndpp(old, new, num_classes=num_classes, **search, **options), delta, {}
+        return perturbation.ndpp(old, new, num_classes=num_classes, **search, **options), {}, {}
 
 
 class ODPP(Perturbed):
     name = 'odpp'
 
-    def perturb(self, old, new, delta, key, num_classes, search):
-        options = self.config.perturb.odpp.to_dict()
-        steps = perturbation.passes_to_steps(
-            num_classes, options.pop('passes'), options['pairs_per_step']
+    def own_banks(self, bank):
+        return {'odpp': jax.tree.map(np.asarray, odpp.odpp_initial_state(*bank.shape))}
+
+    def perturb(self, old, new, banks, key, num_classes, search):
+        options = odpp.OdppOptions(**self.config.perturb.odpp.to_dict())
+        state, log = odpp.odpp(
+            old, new, banks['odpp'], key, options=options, num_classes=num_classes, **search
         )
-        delta, curve = perturbation.odpp(
-            old, new, delta, key, steps=steps, num_classes=num_classes, **search, **options
-        )
-        stats = dict(odpp_loss_first=float(curve[0]), odpp_loss_last=float(curve[-1]))
-        return l2_normalize(old + delta), delta, stats
+        stats = {k: float(v) for k, v in log.items() if k != 'loss'}
+        stats.update(odpp_loss_first=float(log['loss'][0]), odpp_loss_last=float(log['loss'][-1]))
+        return l2_normalize(old + state['delta']), {'odpp': state}, stats
