@@ -297,7 +297,7 @@ def test_gem_p_gets_the_gradient_of_the_formula():
 
 def test_gem_model_trains_p_and_p1_is_the_average():
     cfg = ml_collections.ConfigDict(
-        dict(arch="resnet18", width=4, depth=None, embedding_dim=8, head="cosface")
+        {"arch": "resnet18", "width": 4, "depth": None, "embedding_dim": 8, "head": "cosface"}
     )
     avg = build_model(cfg, 5, rngs=nnx.Rngs(0))
     cfg_avg = ml_collections.ConfigDict(dict(cfg.to_dict(), pool="avg"))

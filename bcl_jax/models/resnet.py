@@ -199,8 +199,8 @@ class ResNet(nnx.Module):
 
 # Stage sizes and block type of the named ResNets (torchvision's resnet18/resnet50).
 NAMED_RESNETS = {
-    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic", stem="imagenet"),
-    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck", stem="imagenet"),
+    "resnet18": {"stage_sizes": (2, 2, 2, 2), "block": "basic", "stem": "imagenet"},
+    "resnet50": {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck", "stem": "imagenet"},
 }
 BACKBONES = ("cifar_resnet", *NAMED_RESNETS)
 
