@@ -21,7 +21,7 @@ from bcl_jax import knn
 from bcl_jax.sharding import ceil_div
 
 # Neighbour searches: queries by 256, the gallery (per device) in equal blocks of at most
-# 131,072 rows, rounded up to 8 (one block up to that size: fastest on CPU, bench.py).
+# 131,072 rows, rounded up to 8 (one block up to that size: fastest on CPU, docs/benchmarks.md).
 QUERY_BLOCK, GALLERY_BLOCK, BLOCK_MULTIPLE = 256, 131072, 8
 
 # The gallery block rule of the neighbour searches.

@@ -5,7 +5,7 @@ matrix is never built: queries are processed in equal blocks of at most `query_b
 the gallery is scanned `gallery_block` rows at a time, in place (never copied whole), keeping a
 running top-k, so peak memory is a few query_block × gallery_block score blocks and
 gallery_block × D gallery blocks (XLA's temporaries for the GLDv2 search, 1,129 × 761,757 at
-D = 512 with blocks of 1,024 × 32,768: 220 MB, against 3.4 GB for Q×N; see bench.py).
+D = 512 with blocks of 1,024 × 32,768: 220 MB, against 3.4 GB for Q×N; see docs/benchmarks.md).
 
 On CPU, XLA's TopK runs on one thread, so wide score blocks are cut down by an exact group-max
 pre-filter before it (`_block_candidates`); other platforms select from whole blocks.
@@ -318,7 +318,7 @@ def topk(
         scores. Q is split into equal blocks of at most query_block rows (1,129 queries with
         1,024 give 2 blocks of 565). gallery_block is clamped to N (with `mesh`: to the rows
         per shard) so tiny inputs work. On CPU, a gallery_block of >= 2 k × 16 (k neighbours)
-        enables the top-k pre-filter, and ~32,768 was fastest for the GLDv2 search (bench.py).
+        enables the top-k pre-filter, and ~32,768 was fastest for the GLDv2 search (docs/benchmarks.md).
       exclude_self: queries and gallery are the same set; pair (i, i) is never returned.
       mesh, axis: shard the search over the gallery's rows, as above.
 

@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 _WEIGHT_EPS = 1e-8  # added to the sum of neighbour weights (METHOD.md §4)
-_even_block = banks.even_block  # the neighbour searches' gallery block rule (bench.py uses it)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,169 @@
-"""bcl_jax.bench's eval_topk measurement (knn.topk against faiss) at --quick sizes.
+"""bcl_jax.bench: the measurements at --quick sizes, the command line, the results file, and that
+the PyTorch step that torch_step times is bcl_jax's step (same loss from the same weights).
 
-Only the plumbing and the agreement check are tested; no timing is compared."""
+Only the plumbing and the agreements are tested; no timing is judged. torch and torchvision are
+required (requirements-bench.txt): the torch tests are not skipped.
+"""
 
+import ast
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+import torch
+from flax import nnx
 
 from bcl_jax import bench
+from bcl_jax.bench import eval_topk, registry, torch_step, train_step
+from bcl_jax.bench.harness import random_unit_np
+from bcl_jax.models.heads import build_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+QUICK = bench.config(quick=True)
+
+
+def run_bench(*args, cwd=REPO, timeout=300):
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])
+    )
+    return subprocess.run(
+        [sys.executable, '-m', 'bcl_jax.bench', *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line and results file
+# ----------------------------------------------------------------------------------------------
+
+
+def test_quick_refresh_run_writes_under_runs_and_nothing_in_the_cwd(tmp_path):
+    """The default run (floor, ndpp, odpp) at --quick sizes, without --out, from another folder:
+    the results land in the checkout's runs/bench/, the current directory stays empty."""
+    done = run_bench('--quick', cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+    path = pathlib.Path(done.stdout.strip().splitlines()[-1].removeprefix('results: '))
+    try:
+        assert path.parent == REPO / 'runs' / 'bench' and path.name.startswith('bench-')
+        report = json.loads(path.read_text())
+    finally:
+        path.unlink(missing_ok=True)
+    assert set(report) == {'config', 'environment', 'results'}
+    assert report['config']['quick'] and report['config']['classes'] == 600
+    results = report['results']
+    assert list(results) == ['floor', 'ndpp', 'odpp']
+    assert results['floor']['seconds'] > 0 and results['floor']['gflops'] > 0
+    assert results['ndpp']['ratio_to_floor'] > 0 and results['ndpp']['target_ratio'] == 2.0
+    odpp = results['odpp']
+    # passes_to_steps: ceil(passes * C / pairs_per_step) = ceil(2 * 300 / 64) = 10
+    assert (odpp['classes'], odpp['passes'], odpp['pairs_per_step'], odpp['steps']) == (
+        300,
+        2.0,
+        64,
+        10,
+    )
+    assert odpp['ratio_to_ndpp'] > 0 and odpp['target_ratio'] == 10.0
+
+
+def test_help_fits_one_screen_and_names_every_size():
+    done = run_bench('--help')
+    assert done.returncode == 1  # absl's --help exits with 1
+    lines = done.stdout.splitlines()
+    assert 10 < len(lines) <= 40, done.stdout
+    assert max(len(line) for line in lines) <= 100
+    for name, size in bench.SIZES.items():
+        default = str(size.default).lower() if isinstance(size.default, bool) else size.default
+        assert f'--{name}={default}' in done.stdout
+    for flag in ('--measure', '--out', '--[no]quick'):
+        assert flag in done.stdout
+
+
+def test_quick_sizes_and_given_sizes():
+    assert QUICK['step_batch'] == 8 and QUICK['quick'] is True
+    cfg = bench.config(quick=True, step_batch=4)
+    assert cfg['step_batch'] == 4 and cfg['step_image_size'] == 32
+    assert bench.config()['classes'] == 81313
+    with pytest.raises(ValueError, match="unknown sizes \\['step_bach'\\]"):
+        bench.config(step_bach=4)
+    with pytest.raises(ValueError, match='unknown measurements'):
+        bench.run(QUICK, ['flor'])
+
+
+def test_write_json_replaces_atomically(tmp_path):
+    path = tmp_path / 'deeper' / 'out.json'
+    assert registry.write_json({'a': 1}, path) == path
+    registry.write_json({'a': 2}, path)
+    assert json.loads(path.read_text()) == {'a': 2}
+    with pytest.raises(TypeError):
+        registry.write_json({'a': object()}, path)  # fails half-way through the dump
+    assert json.loads(path.read_text()) == {'a': 2}  # the old results, whole
+    assert [p.name for p in path.parent.iterdir()] == ['out.json']  # no temporary left
+
+
+def test_default_out_path_is_new_and_in_runs_bench():
+    path = registry.default_out_path()
+    assert path.parent == REPO / 'runs' / 'bench' and not path.exists()
+    assert path.name.startswith('bench-') and path.suffix == '.json'
+
+
+def _imports(path: pathlib.Path):
+    """(function name or '<module>', imported module name) for every import in a file."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom):
+                    found += [(node.name, f'{inner.module}.{a.name}') for a in inner.names]
+        elif isinstance(node, ast.ImportFrom) and node in tree.body:
+            found += [('<module>', f'{node.module}.{a.name}') for a in node.names]
+        elif isinstance(node, ast.Import) and node in tree.body:
+            found += [('<module>', a.name) for a in node.names]
+    return found
+
+
+def test_bench_uses_bcl_jax_train_in_one_function_and_no_configs():
+    users = set()
+    for path in (REPO / 'bcl_jax' / 'bench').glob('*.py'):
+        for where, module in _imports(path):
+            assert not module.startswith('configs'), (path.name, where)
+            if module in ('bcl_jax.train', 'bcl_jax.train.train') or module.startswith(
+                'bcl_jax.train.'
+            ):
+                users.add((path.name, where))
+    assert users == {('train_step.py', 'jax_train_step')}
+
+
+def test_gldv2_spec_is_what_the_gldv2_configs_set():
+    from configs import gldv2
+
+    config, spec = gldv2.get_config(), train_step.gldv2_spec()
+    for ours, theirs in (
+        (spec.old_model, config.old.model),
+        (spec.new_model, config.new.model),
+        (spec.train, config.new.train),
+        (spec.compat, config.compat),
+        (spec.perturb, config.perturb),
+    ):
+        for key, value in ours.items():
+            assert theirs[key] == value, key
+    assert set(spec.new_model) == set(config.new.model)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval_topk
+# ----------------------------------------------------------------------------------------------
 
 KEYS = {
     'seconds',
@@ -31,12 +185,8 @@ KEYS = {
 @pytest.fixture(scope='module')
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
-    subprocess.run(
-        [sys.executable, '-m', 'bcl_jax.bench', '--quick', '--measure=eval_topk', f'--out={out}'],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    done = run_bench('--quick', '--measure=eval_topk', f'--out={out}')
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
@@ -45,7 +195,7 @@ def test_eval_topk_quick_keys(quick_report):
     result = quick_report['results']['eval_topk']
     assert KEYS <= set(result)
     sizes = (result['queries'], result['index'], result['dim'], result['k'])
-    assert sizes == (50, 3000, 32, 10)  # bench.QUICK
+    assert sizes == (50, 3000, 32, 10)  # the quick sizes
     assert len(result['all_seconds']) == result['runs'] == 1
     memory = result['memory']
     assert memory['full_matrix_bytes'] == 4 * 50 * 3000
@@ -72,7 +222,7 @@ def test_eval_topk_quick_agrees_with_faiss(quick_report):
 
 def test_eval_topk_without_faiss(monkeypatch):
     monkeypatch.setitem(sys.modules, 'faiss', None)  # `import faiss` raises ImportError
-    result = bench.MEASUREMENTS['eval_topk'](dict(bench.QUICK), {})
+    result = bench.MEASUREMENTS['eval_topk'](dict(QUICK), {})
     assert KEYS <= set(result)
     assert result['faiss']['available'] is False and 'faiss' in result['faiss']['error']
     assert 'ratio_to_faiss' not in result and 'agreement' not in result
@@ -84,23 +234,24 @@ def test_topk_agreement_tolerates_ties_only():
     # Row 0: items 7 and 8 tie at the cut-off (a swap); row 1: item 9 is no tie for 2.
     other_scores = np.array([[0.9, 0.5, 0.3 + 1e-7], [0.8, 0.6, 0.6]], np.float32)
     other_idx = np.array([[4, 1, 8], [0, 5, 9]])
-    got = bench.topk_agreement(scores, idx, other_scores, other_idx)
+    got = eval_topk.topk_agreement(scores, idx, other_scores, other_idx)
     assert got['queries_same_set'] == 0 and got['queries_same_order'] == 0
     assert got['queries_set_differs_beyond_ties'] == 1
     assert got['ranks_score_within_tol'] == pytest.approx(5 / 6)
-    assert bench.topk_agreement(scores, idx, scores, idx)['fraction_same_set'] == 1.0
+    assert eval_topk.topk_agreement(scores, idx, scores, idx)['fraction_same_set'] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# train_step and torch_step
+# ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_train_step_measurement_quick(tmp_path):
     """The train_step measurement builds and runs every model's step (no timing is judged)."""
     out = tmp_path / 'bench.json'
-    subprocess.run(
-        [sys.executable, '-m', 'bcl_jax.bench', '--quick', '--measure=train_step', f'--out={out}'],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    done = run_bench('--quick', '--measure=train_step', f'--out={out}', timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())['results']['train_step']
     assert set(r['steps']) == {
         'old_resnet18',
@@ -132,19 +283,16 @@ TORCH_KEYS = {
 
 def test_torch_step_without_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch', None)  # find_spec (and import) see no torch
-    result = bench.MEASUREMENTS['torch_step'](dict(bench.QUICK), {})
+    result = bench.MEASUREMENTS['torch_step'](dict(QUICK), {})
     assert result == {'available': False, 'error': "No module named 'torch'"}
-    assert 'torch_step' not in bench.flags.FLAGS['measure'].default  # optional, not by default
 
 
 def test_torch_step_measurement_quick():
-    """At --quick sizes, eager only (bench.QUICK), with a stand-in train_step result."""
-    pytest.importorskip('torch')
-    pytest.importorskip('torchvision')
+    """At --quick sizes, eager only, with a stand-in train_step result."""
     jax_step = {'devices': 2, 'steps': {'new_resnet50_bct': {'images_per_sec': 4.0}}}
-    r = bench.MEASUREMENTS['torch_step'](dict(bench.QUICK), {'train_step': jax_step})
+    r = bench.MEASUREMENTS['torch_step'](dict(QUICK), {'train_step': jax_step})
     assert TORCH_KEYS <= set(r), r.get('error')
-    assert (r['image_size'], r['batch'], r['classes']) == (32, 8, 100)  # bench.QUICK
+    assert (r['image_size'], r['batch'], r['classes']) == (32, 8, 100)  # the quick sizes
     assert set(r['steps']) == {'eager'}
     eager = r['steps']['eager']
     assert eager['runs'] == len(eager['all_seconds']) == 1
@@ -160,9 +308,7 @@ def test_torch_step_measurement_quick():
 @pytest.mark.slow
 def test_torch_step_compiled_quick():
     """torch.compile (inductor; a minute or more on 2 CPU cores) runs and is timed beside eager."""
-    pytest.importorskip('torch')
-    pytest.importorskip('torchvision')
-    r = bench.MEASUREMENTS['torch_step'](dict(bench.QUICK, torch_compile=True), {})
+    r = bench.MEASUREMENTS['torch_step'](dict(QUICK, torch_compile=True), {})
     assert set(r['steps']) == {'eager', 'compiled'}, r.get('error')
     compiled = r['steps']['compiled']
     assert 'error' not in compiled, compiled.get('error')
@@ -183,6 +329,60 @@ def _nonzero_residual_scales(tree, rng):
     }
 
 
+def _bcl_jax_steps(spec, params, stats, bank, batch, classes):
+    """Losses (loss, cls, comp) and weights, as torch state dicts, after each of two steps."""
+    mesh = jax.make_mesh(
+        (1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+    )
+    built = train_step.jax_train_step(
+        spec.new_model,
+        'bct',
+        spec,
+        classes=classes,
+        mesh=mesh,
+        prototypes=bank,
+        weights=(params, stats),
+    )
+    state, losses, weights = built.state, [], []
+    for _ in range(2):
+        state, metrics = built.step(state, batch)
+        losses.append([float(metrics[k]) for k in ('loss', 'cls', 'comp')])
+        weights.append(torch_step.torch_state(*jax.device_get(built.weights(state))))
+    return np.array(losses), weights
+
+
+def _torch_steps(spec, params, stats, bank, batch, classes):
+    """The same for torch_step's module and optimizer, from the same weights."""
+    model_cfg = spec.new_model
+    module = torch_step.torch_bct_module(
+        classes,
+        dim=model_cfg.embedding_dim,
+        scale=model_cfg.scale,
+        margin=model_cfg.margin,
+        temperature=spec.compat.temperature,
+        weight=spec.compat.weight,
+        prototypes=bank,
+    )
+    torch_step.load_bcl_jax_weights(module, params, stats)
+    module = module.to(memory_format=torch.channels_last).train()
+    optimizer, _ = torch_step.torch_sgd(
+        module,
+        lr=spec.train.learning_rate,
+        momentum=spec.train.momentum,
+        weight_decay=spec.train.weight_decay,
+    )
+    images, labels = torch.from_numpy(batch['image']), torch.from_numpy(batch['label']).long()
+    losses, weights = [], []
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        out = module(images, labels)
+        out[0].backward()
+        optimizer.step()
+        losses.append([float(x.detach()) for x in out])
+        weights.append({k: v.detach().numpy().copy() for k, v in module.named_parameters()})
+    return np.array(losses), weights
+
+
 def test_torch_step_matches_bcl_jax_step():
     """The PyTorch step that torch_step times is bcl_jax's BCT step: from the same weights
     (bcl_jax's ResNet-50, converted) and batch, the loss and both terms agree at the first step;
@@ -190,93 +390,31 @@ def test_torch_step_matches_bcl_jax_step():
     loss at the second step agrees. Earlier stages' gradients are left out: through the stack of
     small-batch BatchNorms they are ill-conditioned, and PyTorch's float32 CPU BatchNorm backward
     strays ~1e-3-3e-2 from a float64 reference there where bcl_jax's stays ~1e-5."""
-    torch = pytest.importorskip('torch')
-    pytest.importorskip('torchvision')
-    import jax
-    import jax.numpy as jnp
-
-    from bcl_jax import train
-    from configs import gldv2
-
-    config = gldv2.get_config()
-    model_cfg, classes, batch, size = config.new.model, 10, 8, 64
-    graphdef, params, stats = train.init_model(model_cfg, classes, seed=0)
+    spec, classes = train_step.gldv2_spec(), 10
+    model = build_model(spec.new_model, classes, rngs=nnx.Rngs(0))
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # NumPy copies: the bcl_jax step donates the device buffers it starts from.
+    params = jax.device_get(nnx.to_pure_dict(params))
     params = _nonzero_residual_scales(params, np.random.default_rng(1))
-    bank = bench.random_unit_np(2, classes, model_cfg.embedding_dim)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, classes, batch)
+    stats = jax.device_get(nnx.to_pure_dict(stats))
+    bank = random_unit_np(2, classes, spec.new_model.embedding_dim)
+    batch = train_step.random_batch(8, 64, classes)
+    jax_losses, jax_weights = _bcl_jax_steps(spec, params, stats, bank, batch, classes)
+    torch_losses, torch_weights = _torch_steps(spec, params, stats, bank, batch, classes)
 
-    tx, _ = train.make_optimizer(config.new.train, steps_per_epoch=1000.0)
-    state = {
-        'step': jnp.int32(0),
-        'params': params,
-        'batch_stats': stats,
-        'opt_state': tx.init(params),
-        'first_nonfinite_step': jnp.int32(-1),
-    }
-    step = jax.jit(
-        train.make_train_step(
-            graphdef,
-            tx,
-            weights={'comp': config.compat.weight},
-            model_cfg=model_cfg,
-            compat_cfg=config.compat,
-            old=None,
-            perturb_cfg=config.perturb,
-            num_classes=classes,
-        )
-    )
-    jax_losses, jax_weights = [], []
-    for _ in range(2):
-        state, metrics = step(
-            state, {'image': images, 'label': labels.astype(np.int32)}, {'prototypes': bank}
-        )
-        jax_losses.append([float(metrics[k]) for k in ('loss', 'cls', 'comp')])
-        jax_weights.append(bench.torch_state_from_bcl_jax(state['params'], state['batch_stats']))
-
-    module = bench.torch_bct_module(
-        classes,
-        dim=model_cfg.embedding_dim,
-        scale=model_cfg.scale,
-        margin=model_cfg.margin,
-        temperature=config.compat.temperature,
-        weight=config.compat.weight,
-        prototypes=bank,
-    )
-    bench.load_bcl_jax_weights(module, params, stats)
-    module = module.to(memory_format=torch.channels_last).train()
-    train_cfg = config.new.train
-    optimizer, _ = bench.torch_sgd(
-        module,
-        lr=train_cfg.learning_rate,
-        momentum=train_cfg.momentum,
-        weight_decay=train_cfg.weight_decay,
-    )
-    torch_losses, torch_weights = [], []
-    for _ in range(2):
-        optimizer.zero_grad(set_to_none=True)
-        out = module(torch.from_numpy(images), torch.from_numpy(labels))
-        out[0].backward()
-        optimizer.step()
-        torch_losses.append([float(x.detach()) for x in out])
-        torch_weights.append({k: v.detach().numpy().copy() for k, v in module.named_parameters()})
-
-    jax_losses, torch_losses = np.array(jax_losses), np.array(torch_losses)
     assert np.all(jax_losses > 0.1)  # not a trivial loss
-    np.testing.assert_allclose(torch_losses[0], jax_losses[0], rtol=1e-4)
-    start = bench.torch_state_from_bcl_jax(params, stats)
+    print('first step, bcl_jax', jax_losses[0], 'torch', torch_losses[0])
+    np.testing.assert_allclose(torch_losses[0], jax_losses[0], rtol=1e-6)
+    start = torch_step.torch_state(params, stats)
     diffs = {}
     for name, after in torch_weights[0].items():
         update = start[name] - after
         diffs[name] = (
             np.abs(start[name] - jax_weights[0][name] - update).max() / np.abs(update).max()
         )
-    print('first step, bcl_jax', jax_losses[0], 'torch', torch_losses[0])
-    print('update differences, median', np.median(list(diffs.values())), 'max', max(diffs.values()))
     head = {k: v for k, v in diffs.items() if k.startswith(('backbone.layer4.', 'proj.', 'kernel'))}
     assert len(head) == 1 + 2 + 3 * 9 + 3  # kernel, proj, layer4's blocks and shortcut
-    print('head and last stage max', max(head.values()))
+    print('update differences, median', np.median(list(diffs.values())), 'max', max(diffs.values()))
     print('second step, bcl_jax', jax_losses[1], 'torch', torch_losses[1])
     assert max(head.values()) < 1e-3, sorted(head.items(), key=lambda kv: -kv[1])[:3]
     np.testing.assert_allclose(torch_losses[1], jax_losses[1], rtol=3e-4)

@@ -14,7 +14,7 @@ from bcl_jax.models.heads import (
     build_model,
     l2_normalize,
 )
-from bcl_jax.models.resnet import ResNet, build_backbone
+from bcl_jax.models.resnet import GeM, ResNet, build_backbone, gem_pool
 
 
 def n_params(model) -> int:
@@ -256,3 +256,84 @@ def test_functional_split_merge_inside_jit():
     # The updated statistics are what a later eval call uses.
     updated = nnx.merge(graphdef, new_state)
     assert trees_equal(batch_stats(updated), jax.tree.map(np.asarray, new_stats))
+
+
+# --------------------------------------------------------------------------- GeM pooling
+
+
+def gem_np(x, p, eps=1e-6):
+    """float64 GeM from the formula: (mean over H, W of max(x, eps)^p)^(1/p)."""
+    x = np.maximum(np.asarray(x, np.float64), eps)
+    return np.mean(x**p, axis=(1, 2)) ** (1.0 / p)
+
+
+def test_gem_pool_matches_float64_formula():
+    x = np.random.default_rng(0).normal(size=(3, 5, 4, 6)).astype(np.float32)  # negatives clamp
+    for p in (1.0, 3.0, 4.5):
+        got = gem_pool(jnp.asarray(x), jnp.full((1,), p, jnp.float32))
+        assert got.shape == (3, 6) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, gem_np(x, p), rtol=1e-5, atol=1e-7)
+    # All-negative input: every value is clamped to eps, so the pool is eps.
+    np.testing.assert_allclose(gem_pool(-jnp.ones((1, 2, 2, 1)), jnp.ones((1,)) * 3.0), 1e-6, rtol=1e-5)
+
+
+def test_gem_p_gets_the_gradient_of_the_formula():
+    """d/dp of y = m^(1/p), m = mean(x^p): y * (mean(x^p ln x) / (p m) - ln m / p^2)."""
+    x = np.random.default_rng(1).uniform(0.1, 2.0, (2, 3, 3, 4))
+    gem = GeM()
+    assert gem.p[...].shape == (1,) and float(gem.p[...][0]) == 3.0 and gem.eps == 1e-6
+
+    def total(p):
+        return jnp.sum(gem_pool(jnp.asarray(x, jnp.float32), p))
+
+    grad = jax.grad(total)(gem.p[...])
+    p = 3.0
+    m = np.mean(x**p, axis=(1, 2))
+    dm = np.mean(x**p * np.log(x), axis=(1, 2))
+    expected = np.sum(m ** (1 / p) * (dm / (p * m) - np.log(m) / p**2))
+    assert abs(expected) > 1e-2  # a gradient that matters
+    np.testing.assert_allclose(grad, [expected], rtol=1e-4)
+
+
+def test_gem_model_trains_p_and_p1_is_the_average():
+    cfg = ml_collections.ConfigDict(
+        {"arch": "resnet18", "width": 4, "depth": None, "embedding_dim": 8, "head": "cosface"}
+    )
+    avg = build_model(cfg, 5, rngs=nnx.Rngs(0))
+    cfg_avg = ml_collections.ConfigDict(dict(cfg.to_dict(), pool="avg"))
+    cfg_gem = ml_collections.ConfigDict(dict(cfg.to_dict(), pool="gem"))
+    explicit = build_model(cfg_avg, 5, rngs=nnx.Rngs(0))
+    gem = build_model(cfg_gem, 5, rngs=nnx.Rngs(0))
+    x = images(2, 96, 96)  # a 3 x 3 last feature map: GeM with p != 1 differs from the average
+    # pool='avg' (or no field) is today's model: same parameters, same outputs, no p.
+    _, p_avg, _ = nnx.split(avg, nnx.Param, nnx.BatchStat)
+    _, p_explicit, _ = nnx.split(explicit, nnx.Param, nnx.BatchStat)
+    assert trees_equal(jax.tree.map(np.asarray, p_avg), jax.tree.map(np.asarray, p_explicit))
+    np.testing.assert_array_equal(avg.embed(x), explicit.embed(x))
+    # The GeM model has the same weights plus p; with p = 1 it is the average up to the clamp
+    # (post-ReLU features are >= 0, so max(x, 1e-6) moves each by at most 1e-6).
+    gem_params = nnx.to_pure_dict(nnx.state(gem, nnx.Param))
+    assert gem_params["backbone"].pop("pool") == {"p": pytest.approx(np.array([3.0]))}
+    assert trees_equal(jax.tree.map(np.asarray, gem_params), nnx.to_pure_dict(p_avg))
+    graphdef, params, stats = nnx.split(gem, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)  # as the train step
+    gem.backbone.pool.p[...] = jnp.ones((1,))
+    normalized = EmbeddingModel.normalize_images(x)
+    np.testing.assert_allclose(
+        gem.backbone(normalized, train=False), avg.backbone(normalized, train=False), atol=2e-6
+    )
+
+    def loss(params, stats):
+        emb, logits = nnx.merge(graphdef, params, stats)(x, train=True)
+        return jnp.sum(logits[:, 0]) + jnp.sum(emb[:, 0])
+
+    # At its initial 3, p changes the features and receives a gradient through the loss.
+    at_init = nnx.merge(graphdef, params, stats)
+    assert not np.allclose(at_init.embed(x), avg.embed(x), atol=1e-3)  # p = 3 is no average
+    grad = jax.grad(loss)(params, stats)
+    assert float(jnp.abs(grad["backbone"]["pool"]["p"]).max()) > 0
+
+
+def test_bad_pool_raises():
+    with pytest.raises(ValueError, match="pool must be one of"):
+        build_backbone("resnet18", width=4, depth=None, rngs=nnx.Rngs(0), pool="max")

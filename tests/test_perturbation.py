@@ -269,33 +269,3 @@ def _set(x, row, value):
 def test_ndpp_bad_k(banks, k):
     with pytest.raises(ValueError, match='k must be a positive int'):
         pt.ndpp(*banks, k=k)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark script
-# ----------------------------------------------------------------------------------------------
-
-
-def test_bench_quick_writes_json(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    out = tmp_path / 'bench.json'
-    subprocess.run(
-        [sys.executable, '-m', 'bcl_jax.bench', '--quick', f'--out={out}'],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    report = json.loads(out.read_text())
-    assert set(report) == {'config', 'environment', 'results'}
-    results = report['results']
-    assert list(results) == ['floor', 'ndpp', 'odpp']
-    assert results['floor']['seconds'] > 0 and results['floor']['gflops'] > 0
-    assert results['ndpp']['ratio_to_floor'] > 0 and results['ndpp']['target_ratio'] == 2.0
-    odpp = results['odpp']
-    assert odpp['steps'] == pt.passes_to_steps(
-        odpp['classes'], odpp['passes'], odpp['pairs_per_step']
-    )
-    assert odpp['ratio_to_ndpp'] > 0 and odpp['target_ratio'] == 10.0

@@ -107,9 +107,17 @@ class EmbeddingModel(nnx.Module):
 def build_model(cfg, num_classes: int | None, *, rngs: nnx.Rngs) -> EmbeddingModel:
     """Model from a config with `arch`, `width`, `depth`, `embedding_dim`, `head`.
 
-    An optional `dtype` field (e.g. 'bfloat16') sets the backbone's compute dtype; parameters,
-    head and classifier stay float32.
+    Optional fields: `dtype` (e.g. 'bfloat16') sets the backbone's compute dtype (parameters,
+    head and classifier stay float32); `pool` ('avg' or 'gem', default 'avg') the backbone's
+    global pooling.
     """
     dtype = jnp.dtype(getattr(cfg, "dtype", "float32"))
-    backbone = build_backbone(cfg.arch, width=cfg.width, depth=cfg.depth, rngs=rngs, dtype=dtype)
+    backbone = build_backbone(
+        cfg.arch,
+        width=cfg.width,
+        depth=cfg.depth,
+        rngs=rngs,
+        dtype=dtype,
+        pool=getattr(cfg, "pool", "avg"),
+    )
     return EmbeddingModel(backbone, cfg.embedding_dim, num_classes, head=cfg.head, rngs=rngs)

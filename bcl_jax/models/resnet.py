@@ -1,4 +1,5 @@
-"""ResNet backbones (Flax NNX): ResNet-18/50 (torchvision layout) and a small CIFAR-style net.
+"""ResNet backbones (Flax NNX): ResNet-18/50 (torchvision layout) and a small CIFAR-style net,
+pooled by a global average or by generalised-mean (GeM) pooling with a learnable exponent.
 
 Every module takes `train` as a call argument instead of relying on `model.train()` /
 `model.eval()` mode switches, because the training code merges a split model inside a jitted
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -104,13 +106,39 @@ class Bottleneck(nnx.Module):
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 _STEMS = ("imagenet", "cifar")
+POOLS = ("avg", "gem")
+GEM_P_INIT = 3.0
+GEM_EPS = 1e-6
+
+
+def gem_pool(x: jax.Array, p: jax.Array, eps: float = GEM_EPS) -> jax.Array:
+    """Generalised mean over the spatial axes of NHWC `x`: (mean(max(x, eps)^p))^(1/p), (B, C).
+
+    p = 1 is the average, p -> inf the maximum. Radenović, Tolias and Chum, "Fine-tuning CNN
+    image retrieval with no human annotation", TPAMI 2018, eq. 2 (cnnimageretrieval-pytorch,
+    `cirtorch/layers/functional.py` `gem`: clamp at eps = 1e-6, learnable p initialised to 3).
+    """
+    x = jnp.maximum(x.astype(jnp.float32), eps)
+    return jnp.mean(x**p, axis=(1, 2)) ** (1.0 / p)
+
+
+class GeM(nnx.Module):
+    """GeM pooling with one learnable exponent `p` (shape (1,), shared by every channel)."""
+
+    def __init__(self, p: float = GEM_P_INIT, eps: float = GEM_EPS):
+        self.p = nnx.Param(jnp.full((1,), p, jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return gem_pool(x, self.p[...], self.eps)
 
 
 class ResNet(nnx.Module):
-    """ResNet trunk returning global-average-pooled features of size `out_features`.
+    """ResNet trunk returning globally pooled features of size `out_features`.
 
     Stage i has `width * 2**i` planes; every stage but the first halves the resolution in its
     first block. Input is NHWC float (already normalised); output is float32 (B, out_features).
+    `pool`: 'avg' (global average) or 'gem' (`GeM`, its exponent a parameter `pool.p`).
     """
 
     def __init__(
@@ -124,7 +152,10 @@ class ResNet(nnx.Module):
         dtype=jnp.float32,
         zero_init_residual: bool = True,
         in_channels: int = 3,
+        pool: str = "avg",
     ):
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
         if block not in _BLOCKS:
             raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {block!r}")
         if stem not in _STEMS:
@@ -153,6 +184,7 @@ class ResNet(nnx.Module):
                 cin = planes * block_cls.expansion
         self.blocks = nnx.List(blocks)
         self.out_features = cin
+        self.pool = GeM() if pool == "gem" else None
 
     def __call__(self, x, *, train: bool):
         x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
@@ -160,20 +192,30 @@ class ResNet(nnx.Module):
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for blk in self.blocks:
             x = blk(x, train=train)
+        if self.pool is not None:
+            return self.pool(x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-_NAMED = {
-    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic", stem="imagenet"),
-    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck", stem="imagenet"),
+# Stage sizes and block type of the named ResNets (torchvision's resnet18/resnet50).
+NAMED_RESNETS = {
+    "resnet18": {"stage_sizes": (2, 2, 2, 2), "block": "basic", "stem": "imagenet"},
+    "resnet50": {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck", "stem": "imagenet"},
 }
-BACKBONES = ("cifar_resnet", *_NAMED)
+BACKBONES = ("cifar_resnet", *NAMED_RESNETS)
 
 
 def build_backbone(
-    name: str, *, width: int, depth: int | None, rngs: nnx.Rngs, dtype=jnp.float32
+    name: str,
+    *,
+    width: int,
+    depth: int | None,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    pool: str = "avg",
 ) -> ResNet:
-    """Backbone by config name. `depth` selects the CIFAR net's size; named ResNets ignore it."""
+    """Backbone by config name. `depth` selects the CIFAR net's size; named ResNets ignore it.
+    `pool`: 'avg' or 'gem' (see `ResNet`)."""
     if name == "cifar_resnet":
         if depth is None or depth < 8 or (depth - 2) % 6:
             raise ValueError(
@@ -182,8 +224,14 @@ def build_backbone(
             )
         n = (depth - 2) // 6
         return ResNet(
-            stage_sizes=(n, n, n), block="basic", width=width, stem="cifar", rngs=rngs, dtype=dtype
+            stage_sizes=(n, n, n),
+            block="basic",
+            width=width,
+            stem="cifar",
+            rngs=rngs,
+            dtype=dtype,
+            pool=pool,
         )
-    if name in _NAMED:
-        return ResNet(**_NAMED[name], width=width, rngs=rngs, dtype=dtype)
+    if name in NAMED_RESNETS:
+        return ResNet(**NAMED_RESNETS[name], width=width, rngs=rngs, dtype=dtype, pool=pool)
     raise ValueError(f"unknown backbone {name!r}; valid names: {list(BACKBONES)}")
