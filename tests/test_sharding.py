@@ -39,7 +39,8 @@ RTOL = 1e-5  # float32: max |a − b| / max |b|, per array
 HEADS = dict(
     independent='softmax', bct='arcface', bct_influence='cosface', l2='softmax', ndpp='cosface'
 )
-HEADS['odpp'] = 'arcface'
+HEADS.update(odpp='arcface', lce='softmax', unibct='cosface', hot_refresh='arcface')
+HEADS['advbct'] = 'softmax'
 
 
 mesh_of = stages.mesh_of
@@ -137,9 +138,17 @@ def make_stage(method, num_classes=C):
 
 
 def make_reference():
+    """Random prototypes, and per-class statistics as LCE and AdvBCT read them (the old classes
+    with >= 2 radii kept, the rest without statistics)."""
     rng = np.random.default_rng(3)
     old_label = np.array([i if i < OLD_C else -1 for i in range(C)], np.int32)
-    return Reference(old_model(), unit_rows(rng, C), old_label)
+    stats = dict(
+        centre_norms=rng.uniform(0.5, 0.9, C).astype(np.float32),
+        max_angle=rng.uniform(0.2, 1.0, C).astype(np.float32),
+        max_distance=rng.uniform(0.2, 1.0, C).astype(np.float32),
+        kept=np.where(old_label >= 0, 3, 0).astype(np.int32),
+    )
+    return Reference(old_model(), unit_rows(rng, C), old_label, stats)
 
 
 def method_state(method):
@@ -176,7 +185,8 @@ def two_steps(method, devices, shard_classes):
         reference = make_reference() if method != 'independent' else None
         setup = step_lib.build(stage, reference, mesh=mesh, shard_classes=shard_classes)
         state = stages.host(setup.state)
-        state['method'] = method_state(method)
+        if method in ('ndpp', 'odpp'):
+            state['method'] = method_state(method)
         state, state_sharding = sharding.place(
             sharding.unpad(state, C), mesh, shard_classes=shard_classes
         )
@@ -193,7 +203,8 @@ def two_steps(method, devices, shard_classes):
 TERMS = dict(
     independent=(), bct=('comp',), bct_influence=('influence',), l2=('l2',), ndpp=('comp',)
 )
-TERMS['odpp'] = ('comp',)
+TERMS.update(odpp=('comp',), lce=('align', 'boundary'), unibct=('uni',), hot_refresh=('ract',))
+TERMS['advbct'] = ('boundary', 'adv')
 
 
 # Replicated, the methods whose 8-device step tests/test_step.py already compares with 1 device
