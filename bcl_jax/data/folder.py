@@ -34,6 +34,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from bcl_jax.data.dataset import DatasetParts, label_test
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _LAYOUT = "Expected the layout root/<class_name>/<image> with .jpg, .jpeg or .png images."
 _NUM_SHOWN = 5  # How many paths or names an error or warning lists before "...".
@@ -310,3 +312,25 @@ def eval_folders(
         gallery_dir, image_size=image_size, class_names=class_names, skip_corrupt=skip_corrupt
     )
     return query, gallery
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """data.name=folder: data.folder.train_dir to train on, query_dir against gallery_dir (one
+    shared label mapping) as the label mAP and Recall@K test."""
+    del workdir  # The old split is drawn from the config.
+    f = cfg.folder
+    for key in ("train_dir", "query_dir", "gallery_dir"):
+        if not f[key]:
+            raise ValueError(
+                f"data.name=folder needs data.folder.{key}: a folder laid out "
+                "as <dir>/<class_name>/<image>"
+            )
+    train = ImageFolder(f.train_dir, image_size=cfg.image_size, skip_corrupt=f.skip_corrupt)
+    query, gallery = eval_folders(
+        f.query_dir, f.gallery_dir, image_size=cfg.image_size, skip_corrupt=f.skip_corrupt
+    )
+    return DatasetParts(
+        train=train,
+        tests=[label_test("folder", query, gallery)],
+        description=f"folder {f.train_dir}",
+    )

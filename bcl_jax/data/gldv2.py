@@ -19,14 +19,15 @@ queries reported apart.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from bcl_jax import knn, metrics
+from bcl_jax.data import prepared, revisited
+from bcl_jax.data.dataset import DatasetParts, RetrievalTest
 from bcl_jax.data.folder import (  # noqa: F401
     CorruptImageError,
     ImageList,
@@ -34,12 +35,15 @@ from bcl_jax.data.folder import (  # noqa: F401
     load_image,
     preview,
 )
+from bcl_jax.data.split_file import read_split, read_split_file, write_split
 from bcl_jax.data.splits import OldSplit, old_split
 
 __all__ = [
+    "TESTS",
     "USAGES",
     "GLDv2Train",
     "TestImages",
+    "build",
     "evaluate_retrieval",
     "image_path",
     "old_split_for",
@@ -56,9 +60,9 @@ CLEAN_HEADER = ("landmark_id", "images")
 FULL_HEADER = ("id", "url", "landmark_id")
 SOLUTION_HEADER = ("id", "images", "Usage")
 USAGES = ("Public", "Private", "Ignored")
-SPLIT_FORMAT = "bcl_jax.gldv2.split/1"
 SOLUTION_FILE = "retrieval_solution_v2.1.csv"
 INDEX_FILE = "index.csv"
+TESTS = ("roxford5k", "rparis6k", "gldv2")  # data.gldv2.tests: Revisited Oxford/Paris, GLDv2's own
 
 
 def _rows(path: str):
@@ -277,107 +281,7 @@ class TestImages(ImageList):
 
 
 # ---------------------------------------------------------------------------------------------
-# Split files.
-
-
-def _canonical(payload: Mapping) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def write_split(
-    path: str | os.PathLike,
-    split: OldSplit,
-    *,
-    image_ids: Sequence[str],
-    seed: int,
-    mode: str,
-    fraction: float,
-) -> None:
-    """Writes the old model's share as JSON: metadata, old image ids and indices, old classes.
-
-    `old_classes` lists the (new) labels of the old classes in old-label order; `sha256` is the
-    hex digest of the canonical JSON (sorted keys, no spaces) of every other field. The same
-    inputs give byte-identical files.
-    """
-    indices = np.asarray(split.indices, dtype=np.int64)
-    old_label = np.asarray(split.old_label)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(image_ids)):
-        raise ValueError(f"split indices out of range for {len(image_ids)} image ids.")
-    old_classes = np.flatnonzero(old_label >= 0)
-    old_classes = old_classes[np.argsort(old_label[old_classes], kind="stable")]
-    if not np.array_equal(old_label[old_classes], np.arange(old_classes.size)):
-        raise ValueError("split.old_label does not number the old classes densely from 0.")
-    payload = {
-        "format": SPLIT_FORMAT,
-        "seed": int(seed),
-        "mode": str(mode),
-        "fraction": float(fraction),
-        "num_images": len(image_ids),
-        "num_classes": int(old_label.size),
-        "old_classes": old_classes.tolist(),
-        "indices": indices.tolist(),
-        "image_ids": [image_ids[i] for i in indices.tolist()],
-    }
-    payload["sha256"] = hashlib.sha256(_canonical(payload)).hexdigest()
-    text = json.dumps(payload, sort_keys=True, indent=1) + "\n"
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_split(path: str | os.PathLike, *, image_ids: Sequence[str] | None = None) -> OldSplit:
-    """Reads and verifies a split file; returns its OldSplit (see `read_split_file`)."""
-    return read_split_file(path, image_ids=image_ids)[0]
-
-
-def read_split_file(
-    path: str | os.PathLike, *, image_ids: Sequence[str] | None = None
-) -> tuple[OldSplit, dict]:
-    """Reads and verifies a split file; returns (OldSplit, metadata).
-
-    metadata holds seed, mode, fraction, num_images, num_classes and the old image ids. With
-    `image_ids` (the full training list), also checks that the file was drawn from that list.
-
-    Raises ValueError naming the file on a bad format, a checksum mismatch or an id mismatch.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a valid split file ({e}).") from e
-    if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"{path}: not a split file of format {SPLIT_FORMAT!r}.")
-    stored = payload.pop("sha256", None)
-    actual = hashlib.sha256(_canonical(payload)).hexdigest()
-    if stored != actual:
-        raise ValueError(
-            f"{path}: checksum mismatch (stored {stored}, computed {actual}); the split file was "
-            "modified or truncated. Regenerate it with old_split_for."
-        )
-    indices = np.asarray(payload["indices"], dtype=np.int64)
-    if len(payload["image_ids"]) != indices.size:
-        raise ValueError(f"{path}: {indices.size} indices but {len(payload['image_ids'])} ids.")
-    if image_ids is not None:
-        if len(image_ids) != payload["num_images"]:
-            raise ValueError(
-                f"{path}: drawn from {payload['num_images']} images, but the given list has "
-                f"{len(image_ids)}."
-            )
-        wrong = [i for i, s in zip(indices.tolist(), payload["image_ids"]) if image_ids[i] != s]
-        if wrong:
-            raise ValueError(
-                f"{path}: {len(wrong)} indices point at other image ids in the given list, e.g. "
-                f"index {wrong[0]}; the split was drawn from a different CSV."
-            )
-    old_label = np.full(payload["num_classes"], -1, np.int32)
-    old_label[np.asarray(payload["old_classes"], dtype=np.int64)] = np.arange(
-        len(payload["old_classes"]), dtype=np.int32
-    )
-    meta = {k: payload[k] for k in ("seed", "mode", "fraction", "num_images", "num_classes")}
-    meta["image_ids"] = list(payload["image_ids"])
-    return OldSplit(indices=indices, old_label=old_label), meta
+# Old splits of a training CSV.
 
 
 def old_split_for(
@@ -522,3 +426,82 @@ def evaluate_retrieval(
         positives = [[i_pos[i] for i in imgs] for _, imgs in scored]
         result[name], _ = metrics.map_at_k(np.asarray(idx), positives, k=k)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring: data.name=gldv2.
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """The GLDv2 training set (raw files, or `data.prepared`), its recorded old split, and the
+    tests of data.gldv2.tests in that order."""
+    g = cfg.gldv2
+    unknown = set(g.tests) - set(TESTS)
+    if unknown:
+        raise ValueError(f"data.gldv2.tests has {sorted(unknown)}; use some of {TESTS}.")
+    if cfg.prepared:
+        train, split = prepared.train_and_split(cfg)
+    else:
+        if not g.root:
+            raise ValueError("data.name=gldv2 needs data.gldv2.root (or data.prepared).")
+        train = GLDv2Train(os.path.join(g.root, g.csv), g.root, image_size=cfg.image_size)
+        split = _recorded_split(cfg, train, workdir)
+    tests = [
+        retrieval_test(cfg) if name == "gldv2" else revisited.retrieval_test(cfg, name)
+        for name in g.tests
+    ]
+    description = f"GLDv2 {os.path.basename(g.csv)} ({g.root or cfg.prepared})"
+    return DatasetParts(train=train, tests=tests, description=description, old_split=split)
+
+
+def _recorded_split(cfg, train: GLDv2Train, workdir: str | None) -> OldSplit:
+    """The old split from data.gldv2.split_file, or drawn and saved there (default: the workdir)."""
+    path = cfg.gldv2.split_file or (workdir and os.path.join(workdir, "old_split.json"))
+    asked = {"fraction": cfg.old_fraction, "mode": cfg.old_split, "seed": cfg.split_seed}
+    if path and os.path.exists(path):
+        split, meta = read_split_file(path, image_ids=train.image_ids)
+        if any(meta[k] != v for k, v in asked.items()):
+            raise ValueError(
+                f"{path} holds the split fraction={meta['fraction']} mode={meta['mode']} "
+                f"seed={meta['seed']}, but the config asks for {asked}; point "
+                "data.gldv2.split_file elsewhere or match the config to the file."
+            )
+        return split
+    split = old_split(train.labels, train.num_classes, **asked)
+    if path and jax.process_index() == 0:
+        write_split(path, split, image_ids=train.image_ids, **asked)
+    return split
+
+
+def retrieval_test(cfg) -> RetrievalTest:
+    """GLDv2's retrieval test: the solution's scored queries against index.csv's images, from
+    the raw files or from `data.prepared` (which holds a copy of the solution file)."""
+    g = cfg.gldv2
+    solution = read_retrieval_solution(os.path.join(cfg.prepared or g.root, SOLUTION_FILE))
+    if cfg.prepared:
+        query, index = (
+            prepared.PreparedSource(cfg.prepared, split, image_size=cfg.image_size)
+            for split in ("test", "index")
+        )
+    else:
+        query = TestImages(g.root, "test", retrieval_queries(solution), image_size=cfg.image_size)
+        index_ids = read_id_csv(os.path.join(g.root, INDEX_FILE))
+        index = TestImages(g.root, "index", index_ids, image_size=cfg.image_size)
+
+    def score(query_emb, gallery_emb, eval_cfg):
+        out = evaluate_retrieval(query.ids, query_emb, index.ids, gallery_emb, solution)
+        return {
+            "mAP@100/private": out["private"],
+            "mAP@100/public": out["public"],
+            "num_private": out["num_private"],
+            "num_public": out["num_public"],
+        }
+
+    return RetrievalTest(
+        "gldv2",
+        query,
+        index,
+        score,
+        protocol="GLDv2 retrieval test: mAP@100, Private and Public queries apart",
+        columns=("mAP@100/private", "mAP@100/public"),
+    )

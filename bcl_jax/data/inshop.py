@@ -32,6 +32,8 @@ import numpy as np
 from absl import logging
 
 from bcl_jax import metrics
+from bcl_jax.data import prepared
+from bcl_jax.data.dataset import DatasetParts, label_test
 from bcl_jax.data.folder import (  # noqa: F401
     CorruptImageError,
     ImageList,
@@ -227,4 +229,32 @@ def evaluate(
         ks=KS,
         query_block=query_block,
         exclude_self=False,
+    )
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """In-shop's training items, and its query/gallery test (Recall@{1,10,...,50} and mAP), from
+    data.inshop.root or from `data.prepared` (with the old split recorded there)."""
+    del workdir  # The old split is drawn from the config (or read from the prepared data).
+    split = None
+    if cfg.prepared:
+        train, split = prepared.train_and_split(cfg)
+        query, gallery = (
+            prepared.PreparedSource(cfg.prepared, s, image_size=cfg.image_size)
+            for s in ("query", "gallery")
+        )
+    else:
+        if not cfg.inshop.root:
+            raise ValueError("data.name=inshop needs data.inshop.root (or data.prepared).")
+        partition = read_partition(cfg.inshop.root)
+        train, query, gallery = (
+            InShopSource(cfg.inshop.root, s, image_size=cfg.image_size, partition=partition)
+            for s in SPLITS
+        )
+    test = label_test("inshop", query, gallery, ks=KS, protocol="In-shop Recall@K and mAP")
+    return DatasetParts(
+        train=train,
+        tests=[test],
+        description=f"In-shop {cfg.inshop.root or cfg.prepared}",
+        old_split=split,
     )

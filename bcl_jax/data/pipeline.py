@@ -91,7 +91,10 @@ def eval_batches(source, *, global_batch: int, num_threads: int = 2):
     )
 
 
-def to_global(tree, mesh, spec=jax.sharding.PartitionSpec('data')):
+_DATA_AXIS = jax.sharding.PartitionSpec('data')
+
+
+def to_global(tree, mesh, spec=_DATA_AXIS):
     """Host-local numpy arrays -> global jax arrays sharded over the mesh's data axis."""
     sharding = jax.sharding.NamedSharding(mesh, spec)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)

@@ -25,7 +25,7 @@ import os
 import grain
 import numpy as np
 
-from bcl_jax.data import splits
+from bcl_jax.data import split_file, splits
 from bcl_jax.data.folder import check_image_size, load_image
 
 FORMAT = "bcl_jax.prepared/1"
@@ -181,8 +181,6 @@ def prepared_old_split(
 
     Also checks old_split.json against the manifest's sha256 and against the train ids.
     """
-    from bcl_jax.data import gldv2  # Only the split-file reader; gldv2 pulls in knn/metrics.
-
     root = os.fspath(root)
     manifest = read_manifest(root) if manifest is None else manifest
     info = manifest["old_split"]
@@ -202,5 +200,25 @@ def prepared_old_split(
     train_ids = read_ids(
         _verified(root, ids_file("train"), manifest["splits"]["train"], "ids_sha256")
     )
-    split, _ = gldv2.read_split_file(path, image_ids=train_ids)
+    split, _ = split_file.read_split_file(path, image_ids=train_ids)
     return split
+
+
+def train_and_split(cfg) -> tuple[PreparedSource, splits.OldSplit]:
+    """The train source of `data.prepared` and its recorded old split, after checking that the
+    directory holds `data.name` and that its split is the one the config asks for."""
+    manifest = read_manifest(cfg.prepared)
+    if manifest["dataset"] != cfg.name:
+        raise ValueError(
+            f"data.prepared={cfg.prepared!r} holds {manifest['dataset']!r}, but data.name is "
+            f"{cfg.name!r}."
+        )
+    split = prepared_old_split(
+        cfg.prepared,
+        fraction=cfg.old_fraction,
+        mode=cfg.old_split,
+        seed=cfg.split_seed,
+        manifest=manifest,
+    )
+    train = PreparedSource(cfg.prepared, "train", image_size=cfg.image_size, manifest=manifest)
+    return train, split

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bcl_jax.data.dataset import RetrievalTest
 from bcl_jax.data.folder import check_image_size, load_image
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "load_gnd",
     "protocol_gnd",
     "rank_database",
+    "retrieval_test",
 ]
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -288,3 +290,37 @@ def evaluate(
         row.update({f"mP@{k}": float(p) for k, p in zip(kappas, np.atleast_1d(mean_pr))})
         results[protocol] = row
     return results
+
+
+def retrieval_test(cfg, dataset: str) -> RetrievalTest:
+    """The `dataset` test (roxford5k or rparis6k) of data.revisited: its root holds <dataset>/,
+    scored with data.revisited.protocols, queries cropped to their box or not (crop_queries)."""
+    r = cfg.revisited
+    root = os.path.join(r.root, dataset)
+    query, database = (
+        RevisitedSource(
+            root, dataset, split, image_size=cfg.image_size, crop_queries=r.crop_queries
+        )
+        for split in SPLITS
+    )
+
+    def score(query_emb, gallery_emb, eval_cfg):
+        out = evaluate(
+            query_emb,
+            gallery_emb,
+            query.gnd,
+            protocols=tuple(r.protocols),
+            crop_queries=r.crop_queries,
+        )
+        out.pop("query_crop")
+        return {f"{p}/{k}": v for p, row in out.items() for k, v in row.items()}
+
+    queries = "cropped to their box" if r.crop_queries else "whole (no box crop)"
+    return RetrievalTest(
+        dataset,
+        query,
+        database,
+        score,
+        protocol=f"revisitop mAP and mP@k, {'/'.join(r.protocols)}; queries {queries}",
+        columns=tuple(f"{p}/mAP" for p in r.protocols),
+    )

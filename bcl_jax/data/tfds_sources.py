@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from bcl_jax import metrics
+from bcl_jax.data.dataset import DatasetParts, label_test
 from bcl_jax.data.folder import CorruptImageError, check_image_size, load_image
 
 SPLITS = ("train", "test")
@@ -267,4 +268,20 @@ def evaluate(embeddings, labels, *, dataset: str, query_block: int = 256) -> dic
         ks=spec.ks,
         query_block=query_block,
         exclude_self=True,
+    )
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """data.name = sop, cub or cars: the DML train split, and the test split searched against
+    itself (each query excluded) with the dataset's Recall@K."""
+    del workdir  # Nothing is written: the old split is drawn from the config.
+    spec = get_spec(cfg.name)
+    train, test = (
+        TfdsSource(cfg.name, split, data_dir=cfg.tfds.data_dir, image_size=cfg.image_size)
+        for split in SPLITS
+    )
+    return DatasetParts(
+        train=train,
+        tests=[label_test(cfg.name, test, ks=spec.ks)],
+        description=f"{cfg.name} (tfds)",
     )
