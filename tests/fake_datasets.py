@@ -83,13 +83,18 @@ def revisited_root(parent, dataset, *, database_per_landmark=3):
         imlist += [f'{name}_{100 * lm + k:06d}' for k in range(database_per_landmark)]
         qimlist.append(f'{name}_{100 * lm + 99:06d}')
         gnd.append(
-            dict(bbx=[2.0, 1.0, 18.0, 14.0], easy=[first], hard=[first + 1], junk=[first + 2])
+            {
+                'bbx': [2.0, 1.0, 18.0, 14.0],
+                'easy': [first],
+                'hard': [first + 1],
+                'junk': [first + 2],
+            }
         )
     for k, name in enumerate(imlist + qimlist):
         lm = next(i for i, p in enumerate(_REVISITED_NAMES[dataset]) if name.startswith(p))
         image(os.path.join(root, 'jpg', name + '.jpg'), 900 + k, 24, 18, base=_colour(lm))
     with open(os.path.join(root, f'gnd_{dataset}.pkl'), 'wb') as f:
-        pickle.dump(dict(imlist=imlist, qimlist=qimlist, gnd=gnd), f)
+        pickle.dump({'imlist': imlist, 'qimlist': qimlist, 'gnd': gnd}, f)
     return root
 
 

@@ -1,25 +1,26 @@
 """Tests for bcl_jax.data: the synthetic benchmark, old/new splits, the grain pipeline, build()."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import bcl_jax.data as data
+from bcl_jax import data
 from bcl_jax.data import pipeline, splits
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 from configs import synthetic as synthetic_config
 
-SMALL = dict(
-    image_size=12,
-    train_families=3,
-    test_siblings_per_family=2,
-    siblings_per_family=3,
-    train_images_per_class=4,
-    test_images_per_class=5,
-    queries_per_class=2,
-)
+SMALL = {
+    'image_size': 12,
+    'train_families': 3,
+    'test_siblings_per_family': 2,
+    'siblings_per_family': 3,
+    'train_images_per_class': 4,
+    'test_images_per_class': 5,
+    'queries_per_class': 2,
+}
 
 
 def _images(source):
@@ -70,7 +71,7 @@ def test_synthetic_split_sizes_and_labels():
 
 def test_query_and_gallery_are_different_images_and_not_training_images():
     bench = SyntheticBenchmark(SyntheticSpec(seed=1, **SMALL))
-    q, g, t = (_images(bench.split(n)).astype(int) for n in ('query', 'gallery', 'train'))
+    q, g, _t = (_images(bench.split(n)).astype(int) for n in ('query', 'gallery', 'train'))
     q_labels, g_labels = bench.split('query').labels, bench.split('gallery').labels
     for c in range(6):
         for qi in q[q_labels == c]:
@@ -106,10 +107,10 @@ def test_siblings_are_closer_than_other_families(seed):
 @pytest.mark.parametrize(
     'bad,match',
     [
-        (dict(queries_per_class=0), 'queries_per_class=0'),
-        (dict(queries_per_class=5, test_images_per_class=5), 'queries_per_class=5'),
-        (dict(train_families=0), 'train_families must be >= 1'),
-        (dict(image_size=0), 'image_size must be >= 1'),
+        ({'queries_per_class': 0}, 'queries_per_class=0'),
+        ({'queries_per_class': 5, 'test_images_per_class': 5}, 'queries_per_class=5'),
+        ({'train_families': 0}, 'train_families must be >= 1'),
+        ({'image_size': 0}, 'image_size must be >= 1'),
     ],
 )
 def test_synthetic_spec_validation(bad, match):
@@ -172,10 +173,10 @@ def test_old_split_images_mode():
 @pytest.mark.parametrize(
     'kw,match',
     [
-        (dict(mode='families', fraction=0.3), 'old_split'),
-        (dict(mode='classes', fraction=0.0), 'old_fraction'),
-        (dict(mode='images', fraction=1.5), 'old_fraction'),
-        (dict(mode='classes', fraction=-0.1), 'old_fraction'),
+        ({'mode': 'families', 'fraction': 0.3}, 'old_split'),
+        ({'mode': 'classes', 'fraction': 0.0}, 'old_fraction'),
+        ({'mode': 'images', 'fraction': 1.5}, 'old_fraction'),
+        ({'mode': 'classes', 'fraction': -0.1}, 'old_fraction'),
     ],
 )
 def test_old_split_bad_arguments(kw, match):
@@ -296,7 +297,7 @@ def test_train_stream_augmentation():
 
 def test_train_stream_resumes_on_the_next_batch():
     src = _indexed(20, size=8)
-    kw = dict(global_batch=8, seed=4, crop_padding=2, flip=True)
+    kw = {'global_batch': 8, 'seed': 4, 'crop_padding': 2, 'flip': True}
     it = pipeline.train_stream(src, **kw)
     _take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
@@ -426,3 +427,84 @@ def test_build_unknown_name():
     cfg.name = 'imagenet'
     with pytest.raises(ValueError, match="unknown data.name 'imagenet'"):
         data.build(cfg)
+
+
+def _folder_cfg(tmp_path):
+    _write_folder(tmp_path / 'train', ['a', 'b', 'c', 'd'], 3, 0)
+    _write_folder(tmp_path / 'query', ['x', 'y'], 1, 1)
+    _write_folder(tmp_path / 'gallery', ['x', 'y', 'z'], 2, 2)
+    cfg = synthetic_config.get_config('smoke').data
+    cfg.name, cfg.image_size = 'folder', 8
+    for split in ('train', 'query', 'gallery'):
+        cfg.folder[f'{split}_dir'] = str(tmp_path / split)
+    return cfg
+
+
+def test_fingerprint_is_what_the_training_data_is(tmp_path):
+    synthetic = synthetic_config.get_config('smoke').data
+    first = data.build(synthetic).fingerprint
+    assert len(first) == 16 and int(first, 16) >= 0
+    assert data.build(synthetic).fingerprint == first  # the same data, the same digest
+    synthetic.synthetic.seed = 1
+    assert data.build(synthetic).fingerprint != first  # other images
+    synthetic.synthetic.seed, synthetic.split_seed = 0, 1
+    assert data.build(synthetic).fingerprint != first  # another old split
+    synthetic.split_seed, synthetic.crop_padding = 0, 0
+    assert data.build(synthetic).fingerprint != first  # other preprocessing
+
+    cfg = _folder_cfg(tmp_path / 'here')
+    digest = data.build(cfg).fingerprint
+    (tmp_path / 'moved').mkdir()
+    for split in ('train', 'query', 'gallery'):  # the same files elsewhere: the same data
+        (tmp_path / 'here' / split).rename(tmp_path / 'moved' / split)
+        cfg.folder[f'{split}_dir'] = str(tmp_path / 'moved' / split)
+    assert data.build(cfg).fingerprint == digest
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / 'moved/train/b/extra.png')
+    assert data.build(cfg).fingerprint != digest  # one file added
+
+
+def test_single_old_class_warns(tmp_path, caplog):
+    cfg = _folder_cfg(tmp_path)  # 4 classes, old_fraction 0.3: one old class
+    with caplog.at_level(logging.WARNING):
+        d = data.build(cfg)
+    assert d.old_train.num_classes == 1
+    assert 'single class (3 images of 4 classes' in caplog.text and 'loss 0.0' in caplog.text
+    caplog.clear()
+    cfg.old_fraction = 0.5
+    with caplog.at_level(logging.WARNING):
+        data.build(cfg)
+    assert 'single class' not in caplog.text
+
+
+def test_skip_corrupt_is_one_switch_and_lists_the_files(tmp_path):
+    cfg = _folder_cfg(tmp_path)
+    bad = [tmp_path / 'train' / 'a' / 'bad.png', tmp_path / 'gallery' / 'z' / 'bad.jpg']
+    for path in bad:
+        path.write_bytes(b'not an image')
+    with pytest.raises(ValueError, match=r'bad.png .*data.skip_corrupt=True'):
+        data.build(cfg)
+    cfg.skip_corrupt = True
+    d = data.build(cfg)
+    assert d.skipped == [str(p) for p in bad]
+    assert len(d.train) == 12 and len(d.tests[0].gallery) == 6
+    cfg.folder.skip_corrupt = True  # the old per-folder switch points at the one switch
+    with pytest.raises(ValueError, match='now data.skip_corrupt'):
+        data.build(cfg)
+
+
+def test_data_roots_are_checked_up_front_naming_the_field(tmp_path):
+    cfg = _folder_cfg(tmp_path)
+    cfg.folder.gallery_dir = str(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match=r"data.folder.gallery_dir='.*nowhere' does not"):
+        data.build(cfg)
+    gld = synthetic_config.get_config('smoke').data
+    gld.name, gld.gldv2.root = 'gldv2', str(tmp_path / 'train')
+    with pytest.raises(FileNotFoundError, match=r'train_clean.csv.*data.gldv2.csv'):
+        data.build(gld)
+    gld.gldv2.root = str(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match='data.gldv2.root'):
+        data.build(gld)
+    shop = synthetic_config.get_config('smoke').data
+    shop.name, shop.inshop.root = 'inshop', str(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match='data.inshop.root'):
+        data.build(shop)

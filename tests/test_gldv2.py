@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import fake_datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -116,7 +117,9 @@ def test_gldv2_train_corrupt_file(tmp_path):
     _make_tree(tmp_path, IDS)
     with open(gldv2.image_path(tmp_path, IDS[0]), "wb") as f:
         f.write(b"not a jpeg")
-    ds = gldv2.GLDv2Train(csv_path, tmp_path, image_size=4)
+    with pytest.raises(CorruptImageError, match="abc001.jpg .UnidentifiedImageError"):
+        gldv2.GLDv2Train(csv_path, tmp_path, image_size=4)  # the scan finds it
+    ds = gldv2.GLDv2Train(csv_path, tmp_path, image_size=4, scan="off")
     with pytest.raises(CorruptImageError):
         ds[0]
 
@@ -286,3 +289,58 @@ def test_evaluate_retrieval_errors():
         gldv2.evaluate_retrieval(QUERY_IDS, QUERY_EMB, INDEX_IDS[:4], INDEX_EMB, sol)
     with pytest.raises(ValueError, match="duplicate"):
         gldv2.evaluate_retrieval(QUERY_IDS, QUERY_EMB, ["i0"] * 5, INDEX_EMB, sol)
+
+
+def test_evaluate_retrieval_unretrievable_index_images_are_misses():
+    """Query q's relevant images are a and b; b was skipped (no embedding). a ranks first:
+    AP@100 = (1/1) / min(2, 100) = 0.5. Without `unretrievable`, b's absence is an error."""
+    solution = {"q": (["a", "b"], "Private")}
+    index_emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)  # a, c
+    query_emb = np.array([[0.9, 0.1]], np.float32)
+    with pytest.raises(ValueError, match="not in index_ids"):
+        gldv2.evaluate_retrieval(["q"], query_emb, ["a", "c"], index_emb, solution)
+    out = gldv2.evaluate_retrieval(
+        ["q"], query_emb, ["a", "c"], index_emb, solution, unretrievable={"b"}
+    )
+    assert out["private"] == pytest.approx(0.5) and out["num_private"] == 1
+
+
+def test_retrieval_test_with_skipped_images(tmp_path):
+    """data.skip_corrupt on the GLDv2 test: an unreadable scored query is not scored, an
+    unreadable relevant index image counts as a miss. Reference: mAP@100 in numpy, over the
+    readable scored queries, each AP divided by min(#relevant including the skipped one, 100)."""
+    from configs import gldv2_bct
+
+    root = fake_datasets.gldv2_root(tmp_path / "gld", landmarks=4, queries=4)
+    solution = gldv2.read_retrieval_solution(os.path.join(root, gldv2.SOLUTION_FILE))
+    queries = gldv2.retrieval_queries(solution)
+    index_ids = gldv2.read_id_csv(os.path.join(root, gldv2.INDEX_FILE))
+    broken_query, broken_index = queries[1], solution[queries[2]][0][0]
+    for image_id, folder in ((broken_query, "test"), (broken_index, "index")):
+        with open(gldv2.image_path(root, image_id, folder), "wb") as f:
+            f.write(b"not a jpeg")
+    cfg = gldv2_bct.get_config("smoke")
+    cfg.data.gldv2.root, cfg.data.gldv2.tests = root, ("gldv2",)
+    with pytest.raises(CorruptImageError, match=broken_query):
+        gldv2.retrieval_test(cfg.data)
+    cfg.data.skip_corrupt = True
+    test = gldv2.retrieval_test(cfg.data)
+    assert test.query.ids == [q for q in queries if q != broken_query]
+    assert test.gallery.ids == [i for i in index_ids if i != broken_index]
+
+    rng = np.random.default_rng(0)
+    query_emb = rng.normal(size=(len(test.query.ids), 8))
+    index_emb = rng.normal(size=(len(test.gallery.ids), 8))
+    got = test.score(query_emb, index_emb, cfg.eval)
+    for usage in ("Public", "Private"):
+        aps = []
+        for row, q in enumerate(test.query.ids):
+            relevant, u = solution[q]
+            if u != usage:
+                continue
+            ranked = [test.gallery.ids[i] for i in np.argsort(-(index_emb @ query_emb[row]))]
+            hits = [k for k, i in enumerate(ranked[:100]) if i in relevant]
+            precision = [(n + 1) / (k + 1) for n, k in enumerate(hits)]
+            aps.append(sum(precision) / min(len(relevant), 100))
+        assert got[f"mAP@100/{usage.lower()}"] == pytest.approx(np.mean(aps), abs=1e-6)
+        assert got[f"num_{usage.lower()}"] == len(aps)

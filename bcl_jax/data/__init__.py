@@ -11,9 +11,12 @@ module, imported only when a config names it (tfds, for one, is slow to import).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 
 import numpy as np
+from absl import logging
 
 from bcl_jax.data import splits
 from bcl_jax.data.dataset import DatasetParts, RetrievalTest, label_test
@@ -41,6 +44,10 @@ class Data:
     tests: list[RetrievalTest]
     num_classes: int
     description: str
+    # What the training data is: a hex digest of the training images' identities, labels,
+    # preprocessing and old split (a rerun on other data must not reuse trained models).
+    fingerprint: str = ''
+    skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable files left out
 
 
 def build(cfg, workdir: str | None = None) -> Data:
@@ -61,6 +68,7 @@ def build(cfg, workdir: str | None = None) -> Data:
             mode=cfg.old_split,
             seed=cfg.split_seed,
         )
+    _warn_single_old_class(split, train)
     old_train = splits.Relabeled(train, split.indices, split.old_label)
     return Data(
         train=train,
@@ -69,4 +77,49 @@ def build(cfg, workdir: str | None = None) -> Data:
         tests=parts.tests,
         num_classes=train.num_classes,
         description=parts.description,
+        fingerprint=fingerprint(parts, split, preprocessing(cfg)),
+        skipped=[p for source in parts.sources() for p in getattr(source, 'skipped', ())],
     )
+
+
+def preprocessing(cfg) -> dict:
+    """The data config's fields that change the training pixels, for the fingerprint."""
+    return {
+        'image_size': int(cfg.image_size),
+        'crop_padding': int(cfg.get('crop_padding', 0)),
+        'flip': bool(cfg.get('flip', False)),
+    }
+
+
+def fingerprint(parts: DatasetParts, split: splits.OldSplit, preprocessing: dict) -> str:
+    """16 hex digits of sha256 over what the training data is: the dataset's identity (e.g. the
+    synthetic spec), each training image's id (path relative to the root, GLDv2 id, ...) and
+    label, the preprocessing, and the old split (indices and old labels). Arrays are hashed,
+    not images, so it is cheap at any scale; where the data lives does not enter."""
+    train = parts.train
+    digest = hashlib.sha256()
+
+    def add(tag: str, data: bytes):
+        digest.update(f'{tag}:{len(data)}:'.encode() + data)
+
+    identity = {**getattr(train, 'identity', {}), **parts.identity}
+    add('identity', json.dumps(identity, sort_keys=True, default=str).encode())
+    ids = getattr(train, 'ids', None)
+    add('ids', '\n'.join(ids).encode() if ids is not None else str(len(train)).encode())
+    add('labels', np.asarray(train.labels, np.int64).tobytes())
+    add('num_classes', str(int(train.num_classes)).encode())
+    add('preprocessing', json.dumps(preprocessing, sort_keys=True).encode())
+    add('old_indices', np.asarray(split.indices, np.int64).tobytes())
+    add('old_label', np.asarray(split.old_label, np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _warn_single_old_class(split: splits.OldSplit, train) -> None:
+    if split.num_old_classes == 1:
+        logging.warning(
+            'The old split has a single class (%d images of %d classes in the training set, '
+            'old_fraction and old_split as configured): the old model would train to loss 0.0 '
+            'and learn nothing to retrieve with. Raise data.old_fraction or use more classes.',
+            len(split.indices),
+            train.num_classes,
+        )

@@ -11,9 +11,19 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
+from etils import epath
 
 from bcl_jax import metrics
 from bcl_jax.data import splits
+
+_NUM_SHOWN = 5  # How many paths or names an error or warning lists before "...".
+
+
+def preview(items) -> str:
+    """The first few of `items` for an error message, then "..." if there are more."""
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:_NUM_SHOWN])
+    return shown + (", ..." if len(items) > _NUM_SHOWN else "")
 
 
 @dataclasses.dataclass
@@ -48,6 +58,28 @@ class DatasetParts:
     tests: list[RetrievalTest]
     description: str
     old_split: splits.OldSplit | None = None
+    identity: dict = dataclasses.field(default_factory=dict)  # what the data is, beyond ids
+
+    def sources(self) -> list:
+        """Every source: the training set, then each test's query and gallery."""
+        tests = [s for t in self.tests for s in (t.query, t.gallery) if s is not None]
+        return [self.train, *tests]
+
+
+def require_dir(path: str, field: str) -> None:
+    """FileNotFoundError naming the config `field` unless `path` is a directory."""
+    if not epath.Path(path).is_dir():
+        what = "is a file, not a folder" if epath.Path(path).exists() else "does not exist"
+        raise FileNotFoundError(f"{field}={path!r} {what}; fix {field} in the config.")
+
+
+def require_file(path: str, field: str, what: str) -> None:
+    """FileNotFoundError naming the config `field` (which locates `path`) unless `path` is a
+    file; `what` says what the file is."""
+    if not epath.Path(path).is_file():
+        raise FileNotFoundError(
+            f"{what} {path!r} not found; check {field} in the config (the file must be there)."
+        )
 
 
 def label_test(name: str, query, gallery=None, *, ks=None, protocol: str = '') -> RetrievalTest:

@@ -19,22 +19,20 @@ queries reported apart.
 from __future__ import annotations
 
 import csv
+import io
 import os
-from collections.abc import Mapping, Sequence
+import posixpath
+from collections.abc import Collection, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
+from etils import epath
 
 from bcl_jax import knn, metrics
-from bcl_jax.data import prepared, revisited
-from bcl_jax.data.dataset import DatasetParts, RetrievalTest
-from bcl_jax.data.folder import (  # noqa: F401
-    CorruptImageError,
-    ImageList,
-    check_image_size,
-    load_image,
-    preview,
-)
+from bcl_jax.data import images, prepared, revisited
+from bcl_jax.data.dataset import DatasetParts, RetrievalTest, preview, require_dir, require_file
+from bcl_jax.data.images import CorruptImageError, ImageList, check_image_size  # noqa: F401
 from bcl_jax.data.split_file import read_split, read_split_file, write_split
 from bcl_jax.data.splits import OldSplit, old_split
 
@@ -68,7 +66,8 @@ TESTS = ("roxford5k", "rparis6k", "gldv2")  # data.gldv2.tests: Revisited Oxford
 def _rows(path: str):
     """Yields (1-based line number, row): first the stripped header (also for an empty file, as
     an empty tuple), then every non-blank row. Parse errors name the file and line."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+    text = epath.Path(path).read_bytes().decode("utf-8-sig")  # -sig: tolerate a byte-order mark
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         first = True
         while True:
@@ -178,7 +177,7 @@ def read_id_csv(path: str | os.PathLike) -> list[str]:
     an invalid or duplicate id, or a file without ids.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"GLDv2 id list {path!r} not found.")
     rows = _rows(path)
     _, header = next(rows)
@@ -203,7 +202,8 @@ def image_path(root: str | os.PathLike, image_id: str, folder: str = "train") ->
     """`<root>/<folder>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`; folder is train, index or test."""
     if len(image_id) < 3:
         raise ValueError(f"Image id {image_id!r} is shorter than 3 characters.")
-    return os.path.join(
+    # posixpath: joins gs://... roots too, and is fast for GLDv2's 1.6M ids.
+    return posixpath.join(
         os.fspath(root), folder, image_id[0], image_id[1], image_id[2], image_id + ".jpg"
     )
 
@@ -212,14 +212,15 @@ class GLDv2Train(ImageList):
     """Random-access source (grain protocol) over the GLDv2 training images.
 
     `ds[i]` -> {"image": uint8 (image_size, image_size, 3), "label": int32 scalar}; images are
-    decoded with `folder.load_image` (shorter side resized, centre-cropped), and an undecodable
+    decoded with `images.load_image` (shorter side resized, centre-cropped), and an undecodable
     file raises `CorruptImageError` when read.
 
-    Attributes: csv_path, root, folder, image_size, image_ids, labels (int32), landmark_ids
-    (label -> landmark id), num_classes, paths.
+    Attributes: csv_path, root, folder, image_size, image_ids (= ids), labels (int32),
+    landmark_ids (label -> landmark id), num_classes, paths, skipped.
 
-    Raises FileNotFoundError at construction, with the count and the first paths, when image
-    files are missing (`check_files=False` skips the check, e.g. for a lazily mounted bucket).
+    The files are scanned at construction (`images.scan`; `scan='off'` skips it, e.g. for a huge
+    bucket): missing or unreadable files stop with their paths, or with `skip_corrupt` are
+    dropped (a landmark left without images stops). `check_files=False` is `scan='off'`.
     """
 
     def __init__(
@@ -230,21 +231,25 @@ class GLDv2Train(ImageList):
         image_size: int,
         folder: str = "train",
         check_files: bool = True,
+        skip_corrupt: bool = False,
+        scan: str = "header",
     ):
         check_image_size(image_size)
         self.csv_path, self.root, self.folder = os.fspath(csv_path), os.fspath(root), folder
         self.image_size = int(image_size)
-        self.image_ids, self.labels, self.landmark_ids = read_train_csv(self.csv_path)
+        image_ids, labels, self.landmark_ids = read_train_csv(self.csv_path)
         self.num_classes = len(self.landmark_ids)
-        self.paths = [image_path(self.root, i, folder) for i in self.image_ids]
-        if check_files:
-            missing = [p for p in self.paths if not os.path.isfile(p)]
-            if missing:
-                raise FileNotFoundError(
-                    f"GLDv2: {len(missing)} of {len(self.paths)} images listed in "
-                    f"{self.csv_path} are missing under {os.path.join(self.root, folder)}: "
-                    f"{preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
-                )
+        paths = [image_path(self.root, i, folder) for i in image_ids]
+        what = f"GLDv2 {folder} images of {self.csv_path} (<root>/{folder}/<a>/<b>/<c>/<id>.jpg)"
+        keep, self.skipped = images.scan(
+            paths, what=what, skip_corrupt=skip_corrupt, mode=scan if check_files else "off"
+        )
+        self.image_ids = [image_ids[i] for i in keep]
+        self.ids = self.image_ids
+        self.paths = [paths[i] for i in keep]
+        self.labels = labels[keep]
+        if self.skipped:
+            images.check_classes_kept(self.labels, self.landmark_ids.tolist(), f"GLDv2 {what}")
 
     def __repr__(self) -> str:
         return (
@@ -257,24 +262,33 @@ class TestImages(ImageList):
     """Random-access source over the retrieval test's `index/` or `test/` images, in `ids` order.
 
     `ds[i]['label']` is i (relevance comes from the solution file). Attributes: root, folder,
-    ids, paths, labels, num_classes, image_size. Raises FileNotFoundError naming the missing
-    images at construction.
+    ids, paths, labels, num_classes, image_size, skipped (ids dropped by the scan with
+    `skip_corrupt`: `skipped_ids`). Missing or unreadable files stop at construction with their
+    paths (see `images.scan`).
     """
 
     def __init__(
-        self, root: str | os.PathLike, folder: str, ids: Sequence[str], *, image_size: int
+        self,
+        root: str | os.PathLike,
+        folder: str,
+        ids: Sequence[str],
+        *,
+        image_size: int,
+        skip_corrupt: bool = False,
+        scan: str = "header",
     ):
-        self.root, self.folder, self.ids = os.fspath(root), folder, list(ids)
+        self.root, self.folder = os.fspath(root), folder
         self.image_size = check_image_size(image_size)
-        self.paths = [image_path(self.root, i, folder) for i in self.ids]
+        ids = list(ids)
+        paths = [image_path(self.root, i, folder) for i in ids]
+        what = f"GLDv2 {folder} images (<root>/{folder}/<a>/<b>/<c>/<id>.jpg)"
+        keep, self.skipped = images.scan(paths, what=what, skip_corrupt=skip_corrupt, mode=scan)
+        kept = set(keep.tolist())
+        self.skipped_ids = [i for k, i in enumerate(ids) if k not in kept]
+        self.ids = [ids[k] for k in keep]
+        self.paths = [paths[k] for k in keep]
         self.labels = np.arange(len(self.ids), dtype=np.int32)
         self.num_classes = len(self.ids)
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(
-                f"GLDv2: {len(missing)} of {len(self.paths)} {folder} images are missing: "
-                f"{preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
-            )
 
     def __repr__(self) -> str:
         return f"TestImages(root={self.root!r}, folder={self.folder!r}, images={len(self)})"
@@ -367,6 +381,7 @@ def evaluate_retrieval(
     solution: Mapping[str, tuple[Sequence[str], str]],
     k: int = 100,
     block: int | tuple[int, int] = (1024, 32768),
+    unretrievable: Collection[str] = (),
 ) -> dict[str, float | int]:
     """GLDv2 retrieval mAP@k (dot-product ranking), Public and Private queries apart.
 
@@ -377,9 +392,12 @@ def evaluate_retrieval(
 
     Returns {'public', 'private': mAP@k (NaN when no such query), 'num_public', 'num_private'}.
 
+    `unretrievable`: solution index ids that have no embedding (images skipped as unreadable):
+    they stay relevant but are never retrieved, so they count as misses.
+
     Raises ValueError on embedding/id count mismatches, duplicate ids, scored solution query ids
     absent from `query_ids` (Ignored ones need not be embedded), or solution index ids absent
-    from `index_ids` (a few are named).
+    from `index_ids` and not in `unretrievable` (a few are named).
     """
     query_emb, index_emb = np.asarray(query_emb), np.asarray(index_emb)
     if query_emb.ndim != 2 or index_emb.ndim != 2:
@@ -398,6 +416,8 @@ def evaluate_retrieval(
             f"{len(absent_q)} scored (Public/Private) solution query ids are not in query_ids: "
             f"{preview(absent_q)}."
         )
+    # Never-retrieved positions for unembedded relevant images: distinct, below every index row.
+    i_pos = i_pos | {i: -1 - n for n, i in enumerate(sorted(set(unretrievable) - set(i_pos)))}
     absent_i = sorted({i for imgs, _ in solution.values() for i in imgs if i not in i_pos})
     if absent_i:
         raise ValueError(
@@ -444,7 +464,11 @@ def build(cfg, workdir: str | None) -> DatasetParts:
     else:
         if not g.root:
             raise ValueError("data.name=gldv2 needs data.gldv2.root (or data.prepared).")
-        train = GLDv2Train(os.path.join(g.root, g.csv), g.root, image_size=cfg.image_size)
+        require_dir(g.root, "data.gldv2.root")
+        csv_path = os.path.join(g.root, g.csv)
+        require_file(csv_path, "data.gldv2.csv", "GLDv2 training CSV")
+        options = images.read_options(cfg)
+        train = GLDv2Train(csv_path, g.root, image_size=cfg.image_size, **options)
         split = _recorded_split(cfg, train, workdir)
     tests = [
         retrieval_test(cfg) if name == "gldv2" else revisited.retrieval_test(cfg, name)
@@ -458,7 +482,7 @@ def _recorded_split(cfg, train: GLDv2Train, workdir: str | None) -> OldSplit:
     """The old split from data.gldv2.split_file, or drawn and saved there (default: the workdir)."""
     path = cfg.gldv2.split_file or (workdir and os.path.join(workdir, "old_split.json"))
     asked = {"fraction": cfg.old_fraction, "mode": cfg.old_split, "seed": cfg.split_seed}
-    if path and os.path.exists(path):
+    if path and epath.Path(path).exists():
         split, meta = read_split_file(path, image_ids=train.image_ids)
         if any(meta[k] != v for k, v in asked.items()):
             raise ValueError(
@@ -477,19 +501,31 @@ def retrieval_test(cfg) -> RetrievalTest:
     """GLDv2's retrieval test: the solution's scored queries against index.csv's images, from
     the raw files or from `data.prepared` (which holds a copy of the solution file)."""
     g = cfg.gldv2
-    solution = read_retrieval_solution(os.path.join(cfg.prepared or g.root, SOLUTION_FILE))
+    solution_path = os.path.join(cfg.prepared or g.root, SOLUTION_FILE)
+    where = "data.prepared" if cfg.prepared else "data.gldv2.root"
+    require_file(solution_path, where, "GLDv2 retrieval solution (data.gldv2.tests has 'gldv2')")
+    solution = read_retrieval_solution(solution_path)
     if cfg.prepared:
-        query, index = (
-            prepared.PreparedSource(cfg.prepared, split, image_size=cfg.image_size)
-            for split in ("test", "index")
-        )
+        query, index = (prepared.source(cfg, split) for split in ("test", "index"))
     else:
-        query = TestImages(g.root, "test", retrieval_queries(solution), image_size=cfg.image_size)
-        index_ids = read_id_csv(os.path.join(g.root, INDEX_FILE))
-        index = TestImages(g.root, "index", index_ids, image_size=cfg.image_size)
+        index_csv = os.path.join(g.root, INDEX_FILE)
+        require_file(
+            index_csv, "data.gldv2.root", "GLDv2 index list (data.gldv2.tests has 'gldv2')"
+        )
+        options = dict(image_size=cfg.image_size, **images.read_options(cfg))
+        query = TestImages(g.root, "test", retrieval_queries(solution), **options)
+        index = TestImages(g.root, "index", read_id_csv(index_csv), **options)
+    solution = _scorable(solution, query, index)
 
     def score(query_emb, gallery_emb, eval_cfg):
-        out = evaluate_retrieval(query.ids, query_emb, index.ids, gallery_emb, solution)
+        out = evaluate_retrieval(
+            query.ids,
+            query_emb,
+            index.ids,
+            gallery_emb,
+            solution,
+            unretrievable=set(getattr(index, "skipped_ids", ())),
+        )
         return {
             "mAP@100/private": out["private"],
             "mAP@100/public": out["public"],
@@ -505,3 +541,19 @@ def retrieval_test(cfg) -> RetrievalTest:
         protocol="GLDv2 retrieval test: mAP@100, Private and Public queries apart",
         columns=("mAP@100/private", "mAP@100/public"),
     )
+
+
+def _scorable(solution: dict, query, index) -> dict:
+    """`solution` without the scored queries that were skipped as unreadable (they cannot be
+    embedded), with a warning; relevant index images that were skipped stay, as misses."""
+    skipped = set(getattr(query, "skipped_ids", ()))
+    if not skipped and not getattr(index, "skipped_ids", ()):
+        return solution
+    kept = {q: v for q, v in solution.items() if q not in skipped}
+    logging.warning(
+        "GLDv2 retrieval test: %d scored queries and %d index images were skipped as unreadable; "
+        "the queries are not scored, the index images count as never retrieved.",
+        len(solution) - len(kept),
+        len(getattr(index, "skipped_ids", ())),
+    )
+    return kept

@@ -15,7 +15,7 @@ Splits:
   folder  train from <src>/train; query and gallery from <src>/query and <src>/gallery when
           both exist (class folders, as `folder.ImageFolder`).
 
-Every image is decoded with `folder.load_image` (RGB, shorter side resized to image_size,
+Every image is decoded with `images.load_image` (RGB, shorter side resized to image_size,
 centre-cropped) in a thread pool and stored as JPEG bytes, one record per image, in
 `<split>-<k>-of-<n>.array_record` shards of `shard_size` images. Written to dst as well:
 `<split>.labels.npy` (int32), `<split>.ids.txt` (GLDv2 image ids, else paths relative to src),
@@ -46,7 +46,8 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from bcl_jax.checkpoint import write_atomic
-from bcl_jax.data import folder, gldv2, inshop, prepared, splits
+from bcl_jax.data import folder, gldv2, images, inshop, prepared, splits
+from bcl_jax.data.dataset import preview
 
 DATASETS = ("gldv2", "inshop", "folder")
 ARGS_FILE = "prepare_args.json"
@@ -71,8 +72,10 @@ class SplitList:
     classes: list[str] | None
 
 
-def _relative(paths: list[str], src: str) -> list[str]:
-    return [os.path.relpath(p, src) for p in paths]
+def _in_src(source: folder.ImageFolder, src: str) -> list[str]:
+    """The source's ids (paths relative to its folder, NFC) as paths relative to `src`."""
+    prefix = os.path.relpath(source.root, src)
+    return [f"{prefix}/{i}" for i in source.ids]
 
 
 def list_splits(
@@ -93,15 +96,14 @@ def list_splits(
             paths = [os.path.join(src, p) for p in part.paths]
             result.append(SplitList(name, paths, list(part.paths), part.labels, list(part.classes)))
         return result, {}
-    train = folder.ImageFolder(os.path.join(src, "train"), image_size=1)
-    result = [
-        SplitList("train", train.paths, _relative(train.paths, src), train.labels, train.classes)
-    ]
+    # Unreadable files are found and listed while encoding: no scan here.
+    train = folder.ImageFolder(os.path.join(src, "train"), image_size=1, scan="off")
+    result = [SplitList("train", train.paths, _in_src(train, src), train.labels, train.classes)]
     query_dir, gallery_dir = os.path.join(src, "query"), os.path.join(src, "gallery")
     if os.path.isdir(query_dir) and os.path.isdir(gallery_dir):
-        for source in folder.eval_folders(query_dir, gallery_dir, image_size=1):
+        for source in folder.eval_folders(query_dir, gallery_dir, image_size=1, scan="off"):
             name = os.path.basename(source.root)
-            ids = _relative(source.paths, src)
+            ids = _in_src(source, src)
             result.append(SplitList(name, source.paths, ids, source.labels, source.classes))
     elif os.path.isdir(query_dir) or os.path.isdir(gallery_dir):
         logging.warning(
@@ -150,13 +152,12 @@ def shard_name(split: str, k: int, n: int) -> str:
 
 def _encode(path: str, *, image_size: int, quality: int) -> tuple[bytes | None, str | None]:
     """(JPEG bytes, None), or (None, why) for a missing or undecodable file."""
-    if not os.path.isfile(path):
-        return None, "file not found"
     try:
-        image = folder.load_image(path, image_size)
-    except folder.CorruptImageError as e:
-        cause = e.__cause__
-        return None, (f"{type(cause).__name__}: {cause}" if cause else str(e)).replace("\n", " ")
+        image = images.load_image(path, image_size)
+    except FileNotFoundError:
+        return None, "file not found"
+    except images.CorruptImageError as e:
+        return None, e.reason
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue(), None
@@ -234,7 +235,7 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
     if not kept:
         raise ValueError(
             f"All {len(part.paths)} {part.name!r} images are unreadable or missing, e.g. "
-            f"{folder.preview(u['path'] for u in unreadable)}; check --src."
+            f"{preview(u['path'] for u in unreadable)}; check --src."
         )
     if unreadable:
         logging.warning(
@@ -242,7 +243,7 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
             len(unreadable),
             len(part.paths),
             part.name,
-            folder.preview(f"{u['path']} ({u['error']})" for u in unreadable),
+            preview(f"{u['path']} ({u['error']})" for u in unreadable),
         )
     if part.name == "train":
         counts = np.bincount(part.labels[kept], minlength=len(part.classes))
@@ -250,7 +251,7 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
         if empty:
             raise ValueError(
                 f"{len(empty)} train class(es) have no readable image left: "
-                f"{folder.preview(empty)}. Fix or restore their files (see the unreadable list "
+                f"{preview(empty)}. Fix or restore their files (see the unreadable list "
                 "above), or remove the classes from the source list."
             )
 
@@ -279,7 +280,7 @@ def _check_args(dst: str, args: dict) -> None:
     ours = [n for n in os.listdir(dst) if n == prepared.MANIFEST or n.endswith(".array_record")]
     if ours:
         raise ValueError(
-            f"{dst} holds prepared files ({folder.preview(sorted(ours))}) but no {ARGS_FILE}; "
+            f"{dst} holds prepared files ({preview(sorted(ours))}) but no {ARGS_FILE}; "
             "use a fresh --dst."
         )
     write_atomic(path, _dumps(args))

@@ -21,12 +21,15 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 
 import grain
 import numpy as np
+from etils import epath
 
 from bcl_jax.data import split_file, splits
-from bcl_jax.data.folder import check_image_size, load_image
+from bcl_jax.data.dataset import require_dir
+from bcl_jax.data.images import check_image_size, load_image
 
 FORMAT = "bcl_jax.prepared/1"
 MANIFEST = "manifest.json"
@@ -46,7 +49,7 @@ def ids_file(split: str) -> str:
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -54,8 +57,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def read_ids(path: str | os.PathLike) -> list[str]:
     """The ids of an `<split>.ids.txt` file: one per line."""
-    with open(path, encoding="utf-8", newline="\n") as f:
-        text = f.read()
+    text = epath.Path(path).read_bytes().decode("utf-8")
     return text.split("\n")[:-1] if text else []
 
 
@@ -67,16 +69,15 @@ def read_manifest(root: str | os.PathLike) -> dict:
       ValueError: the file is not a manifest of this format.
     """
     root = os.fspath(root)
-    path = os.path.join(root, MANIFEST)
-    if not os.path.isfile(path):
-        what = "is incomplete" if os.path.isdir(root) else "is missing"
+    path = epath.Path(root) / MANIFEST
+    if not path.is_file():
+        what = "is incomplete" if epath.Path(root).is_dir() else "is missing"
         raise FileNotFoundError(
             f"Prepared dataset {root!r} {what}: no {MANIFEST} (it is written last, when "
             f"preparation finishes). " + _RERUN.format(root=root)
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}).") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -87,8 +88,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 def _verified(root: str, name: str, entry: dict, key: str) -> str:
     """The path of `name` in `root` after checking its sha256 against `entry[key]`."""
-    path = os.path.join(root, name)
-    if not os.path.isfile(path):
+    path = os.fspath(epath.Path(root) / name)
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"{path} is missing. " + _RERUN.format(root=root))
     actual = sha256_file(path)
     if actual != entry[key]:
@@ -130,15 +131,31 @@ class PreparedSource:
         entry = manifest["splits"][split]
         labels_path = _verified(self.root, labels_file(split), entry, "labels_sha256")
         ids_path = _verified(self.root, ids_file(split), entry, "ids_sha256")
-        self.labels = np.load(labels_path).astype(np.int32, copy=False)
+        with epath.Path(labels_path).open("rb") as f:
+            self.labels = np.load(f).astype(np.int32, copy=False)
         self.ids = read_ids(ids_path)
         for path, n in ((labels_path, len(self.labels)), (ids_path, len(self.ids))):
             if n != entry["count"]:
                 raise ValueError(f"{path}: {n} entries, but the manifest says {entry['count']}.")
+        self.skipped = [
+            u["path"] for u in manifest.get("unreadable", ()) if u.get("split") == split
+        ]  # dropped by prepare
+        # Where every image is its own class (GLDv2 index/test) the ids are file names.
+        self.skipped_ids = (
+            [posixpath.splitext(posixpath.basename(p))[0] for p in self.skipped]
+            if entry["classes"] is None
+            else []
+        )
+        self.identity = {
+            "prepared": manifest["dataset"],
+            "stored_size": manifest["image_size"],
+            "quality": manifest["quality"],
+        }
         self.num_classes = int(entry["num_classes"])
         self.classes = self.ids if entry["classes"] is None else list(entry["classes"])
-        shards = [os.path.join(self.root, s) for s in entry["shards"]]
-        missing = [s for s in shards if not os.path.isfile(s)]
+        # array_record reads gs:// itself; other filesystems need a local mount.
+        shards = [os.fspath(epath.Path(self.root) / s) for s in entry["shards"]]
+        missing = [s for s in shards if not epath.Path(s).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"Prepared dataset {self.root!r}: shard(s) {missing[:3]} are missing. "
@@ -207,6 +224,7 @@ def prepared_old_split(
 def train_and_split(cfg) -> tuple[PreparedSource, splits.OldSplit]:
     """The train source of `data.prepared` and its recorded old split, after checking that the
     directory holds `data.name` and that its split is the one the config asks for."""
+    require_dir(cfg.prepared, "data.prepared")
     manifest = read_manifest(cfg.prepared)
     if manifest["dataset"] != cfg.name:
         raise ValueError(
@@ -222,3 +240,8 @@ def train_and_split(cfg) -> tuple[PreparedSource, splits.OldSplit]:
     )
     train = PreparedSource(cfg.prepared, "train", image_size=cfg.image_size, manifest=manifest)
     return train, split
+
+
+def source(cfg, split: str) -> PreparedSource:
+    """The `split` of `data.prepared` (e.g. query, gallery, test, index) at data.image_size."""
+    return PreparedSource(cfg.prepared, split, image_size=cfg.image_size)

@@ -192,4 +192,5 @@ def build(cfg, workdir: str | None) -> DatasetParts:
         train=bench.split('train'),
         tests=[test],
         description=f'synthetic (seed {cfg.synthetic.seed})',
+        identity={'synthetic': dataclasses.asdict(bench.spec)},
     )

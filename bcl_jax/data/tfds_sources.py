@@ -40,10 +40,11 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from bcl_jax import metrics
 from bcl_jax.data.dataset import DatasetParts, label_test
-from bcl_jax.data.folder import CorruptImageError, check_image_size, load_image
+from bcl_jax.data.images import CorruptImageError, check_image_size, load_image
 
 SPLITS = ("train", "test")
 _READ_CHUNK = 4096  # Records deserialised per batched read while collecting labels.
@@ -120,13 +121,10 @@ def _prepare_hint(spec: DatasetSpec, data_dir: str) -> str:
 
 def _is_prepared(spec: DatasetSpec, data_dir: str) -> bool:
     """Whether some version of the dataset has a dataset_info.json under `data_dir`."""
-    root = os.path.join(data_dir, spec.tfds_name)
-    if not os.path.isdir(root):
+    root = epath.Path(data_dir) / spec.tfds_name
+    if not root.is_dir():
         return False
-    return any(
-        os.path.isfile(os.path.join(root, version, "dataset_info.json"))
-        for version in os.listdir(root)
-    )
+    return any((version / "dataset_info.json").is_file() for version in root.iterdir())
 
 
 def _open(spec: DatasetSpec, tfds_split: str, data_dir: str):
@@ -149,8 +147,8 @@ def _open(spec: DatasetSpec, tfds_split: str, data_dir: str):
         raise RuntimeError(
             f"Cannot open {spec.tfds_name} split {tfds_split!r} in {data_dir!r} as a random-access "
             f"tfds data source ({type(e).__name__}: {e}). It must be prepared in the array_record "
-            f"format; delete {os.path.join(data_dir, spec.tfds_name)!r} and prepare it again. "
-            + _prepare_hint(spec, data_dir)
+            f"format; delete {os.fspath(epath.Path(data_dir) / spec.tfds_name)!r} and prepare it "
+            "again. " + _prepare_hint(spec, data_dir)
         ) from e
 
 
@@ -189,9 +187,10 @@ class TfdsSource:
                 + _prepare_hint(spec, "DATA_DIR")
             )
         data_dir = os.fspath(data_dir)
-        if not os.path.isdir(data_dir):
+        if not epath.Path(data_dir).is_dir():
             raise FileNotFoundError(
-                f"tfds data_dir {data_dir!r} does not exist. " + _prepare_hint(spec, data_dir)
+                f"tfds data_dir {data_dir!r} (data.tfds.data_dir) does not exist. "
+                + _prepare_hint(spec, data_dir)
             )
         self.dataset, self.split, self.spec = dataset, split, spec
         self.data_dir, self.image_size = data_dir, int(image_size)
@@ -232,6 +231,15 @@ class TfdsSource:
             len(self),
             self.num_classes,
         )
+
+    @property
+    def ids(self) -> list[str]:
+        """Each example's record index in the tfds data source, as text."""
+        return [str(i) for i in self.record_indices.tolist()]
+
+    @property
+    def identity(self) -> dict:
+        return {"tfds": self.spec.tfds_name, "split": self.split}
 
     def __len__(self) -> int:
         return len(self.record_indices)
