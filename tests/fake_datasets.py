@@ -4,11 +4,16 @@ Images of one class share a colour, so that even the smoke configs learn somethi
 differs by a gradient and its size.
 """
 
+import contextlib
 import hashlib
 import os
 import pickle
 
+import fsspec
 import numpy as np
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import _registry as fsspec_classes
 from PIL import Image
 
 from bcl_jax.data import gldv2
@@ -122,3 +127,38 @@ def inshop_root(root, *, train_items=10, train_per_item=3, eval_items=10, galler
         f.write(f'{len(rows)}\nimage_name item_id evaluation_status\n')
         f.write(''.join(f'{p}  {i}  {s}\n' for p, i, s, _ in rows))
     return root
+
+
+class InMemoryGCS(MemoryFileSystem):
+    """fsspec's in-memory filesystem answering for the gs:// and gcs:// protocols."""
+
+    protocol = ('gs', 'gcs')
+    store: dict = {}  # noqa: RUF012  (fsspec's class-level store, one per filesystem class)
+    pseudo_dirs: list = ['']  # noqa: RUF012
+    root_marker = ''
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for prefix in ('gs://', 'gcs://'):
+            path = path.removeprefix(prefix)
+        return path.rstrip('/')
+
+
+@contextlib.contextmanager
+def fake_gcs():
+    """gs:// paths served from memory for the duration: etils.epath sends gs:// to fsspec's
+    'gcs' filesystem (when TensorFlow is not installed), and fsspec's registry maps that name
+    to InMemoryGCS here instead of gcsfs. No network."""
+    cached = epath_backend.fsspec_backend._get_filesystem
+    for name in ('gs', 'gcs'):
+        fsspec.register_implementation(name, InMemoryGCS, clobber=True)
+    cached.cache_clear()
+    try:
+        yield
+    finally:
+        for name in ('gs', 'gcs'):
+            fsspec_classes.pop(name, None)  # back to the lazy gcsfs entry
+        cached.cache_clear()
+        InMemoryGCS.store.clear()
+        InMemoryGCS.pseudo_dirs[:] = ['']

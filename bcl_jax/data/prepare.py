@@ -38,16 +38,18 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 
 import numpy as np
 import tqdm
 from absl import app, flags, logging
 from array_record.python import array_record_module
+from etils import epath
 from PIL import Image
 
-from bcl_jax.checkpoint import write_atomic
 from bcl_jax.data import folder, gldv2, images, inshop, prepared, splits
 from bcl_jax.data.dataset import preview
+from bcl_jax.data.storage import absolute, write_atomic
 
 DATASETS = ("gldv2", "inshop", "folder")
 ARGS_FILE = "prepare_args.json"
@@ -74,7 +76,7 @@ class SplitList:
 
 def _in_src(source: folder.ImageFolder, src: str) -> list[str]:
     """The source's ids (paths relative to its folder, NFC) as paths relative to `src`."""
-    prefix = os.path.relpath(source.root, src)
+    prefix = posixpath.relpath(source.root, src)
     return [f"{prefix}/{i}" for i in source.ids]
 
 
@@ -84,7 +86,7 @@ def list_splits(
     """The splits of the raw dataset in `src`, and extra files to copy: {name in dst: path}."""
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}.")
-    if not os.path.isdir(src):
+    if not epath.Path(src).is_dir():
         raise FileNotFoundError(f"Source directory {src!r} does not exist (--src).")
     if dataset == "gldv2":
         return _gldv2_splits(src, csv)
@@ -93,19 +95,20 @@ def list_splits(
         result = []
         for name in inshop.SPLITS:
             part = partition[name]
-            paths = [os.path.join(src, p) for p in part.paths]
+            paths = [posixpath.join(src, p) for p in part.paths]
             result.append(SplitList(name, paths, list(part.paths), part.labels, list(part.classes)))
         return result, {}
     # Unreadable files are found and listed while encoding: no scan here.
-    train = folder.ImageFolder(os.path.join(src, "train"), image_size=1, scan="off")
+    train = folder.ImageFolder(posixpath.join(src, "train"), image_size=1, scan="off")
     result = [SplitList("train", train.paths, _in_src(train, src), train.labels, train.classes)]
-    query_dir, gallery_dir = os.path.join(src, "query"), os.path.join(src, "gallery")
-    if os.path.isdir(query_dir) and os.path.isdir(gallery_dir):
+    query_dir, gallery_dir = posixpath.join(src, "query"), posixpath.join(src, "gallery")
+    has_query, has_gallery = epath.Path(query_dir).is_dir(), epath.Path(gallery_dir).is_dir()
+    if has_query and has_gallery:
         for source in folder.eval_folders(query_dir, gallery_dir, image_size=1, scan="off"):
-            name = os.path.basename(source.root)
+            name = posixpath.basename(source.root)
             ids = _in_src(source, src)
             result.append(SplitList(name, source.paths, ids, source.labels, source.classes))
-    elif os.path.isdir(query_dir) or os.path.isdir(gallery_dir):
+    elif has_query or has_gallery:
         logging.warning(
             "%s has only one of query/ and gallery/; both are needed, so neither is prepared.", src
         )
@@ -113,8 +116,8 @@ def list_splits(
 
 
 def _gldv2_splits(src: str, csv: str) -> tuple[list[SplitList], dict[str, str]]:
-    csv_path = os.path.join(src, csv)
-    if not os.path.isfile(csv_path):
+    csv_path = posixpath.join(src, csv)
+    if not epath.Path(csv_path).is_file():
         raise FileNotFoundError(
             f"GLDv2 training CSV {csv_path!r} not found; pass --csv=train_clean.csv or train.csv "
             "(a file in --src)."
@@ -123,9 +126,9 @@ def _gldv2_splits(src: str, csv: str) -> tuple[list[SplitList], dict[str, str]]:
     paths = [gldv2.image_path(src, i, "train") for i in image_ids]
     classes = [str(x) for x in landmark_ids.tolist()]
     result = [SplitList("train", paths, image_ids, labels, classes)]
-    index_csv = os.path.join(src, gldv2.INDEX_FILE)
-    solution_csv = os.path.join(src, gldv2.SOLUTION_FILE)
-    if not (os.path.isfile(index_csv) and os.path.isfile(solution_csv)):
+    index_csv = posixpath.join(src, gldv2.INDEX_FILE)
+    solution_csv = posixpath.join(src, gldv2.SOLUTION_FILE)
+    if not (epath.Path(index_csv).is_file() and epath.Path(solution_csv).is_file()):
         logging.warning(
             "GLDv2: %s and %s are not both in %s; only train is prepared (no retrieval test).",
             gldv2.INDEX_FILE,
@@ -172,7 +175,7 @@ def _write_shard(path: str, records: list[bytes]) -> None:
             writer.write(record)
     finally:
         writer.close()
-    os.replace(tmp, path)
+    epath.Path(tmp).replace(path)
 
 
 def _list_digest(ids: list[str], labels: np.ndarray) -> str:
@@ -202,10 +205,9 @@ def _prepare_split(
             name = shard_name(part.name, k, num_shards)
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
             digest = _list_digest(part.ids[start:stop], part.labels[start:stop])
-            shard, sidecar = os.path.join(dst, name), os.path.join(dst, name + ".json")
-            if os.path.isfile(sidecar) and os.path.isfile(shard):
-                with open(sidecar, encoding="utf-8") as f:
-                    done = json.load(f)
+            shard, sidecar = posixpath.join(dst, name), posixpath.join(dst, name + ".json")
+            if epath.Path(sidecar).is_file() and epath.Path(shard).is_file():
+                done = json.loads(epath.Path(sidecar).read_text(encoding="utf-8"))
                 if done["list_sha256"] != digest:
                     raise ValueError(
                         f"{sidecar}: images {start}..{stop - 1} of {part.name!r} differ from "
@@ -262,10 +264,9 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
 
 def _check_args(dst: str, args: dict) -> None:
     """Records the arguments on a first run; stops a rerun with other arguments."""
-    path = os.path.join(dst, ARGS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+    path = posixpath.join(dst, ARGS_FILE)
+    if epath.Path(path).is_file():
+        saved = json.loads(epath.Path(path).read_text(encoding="utf-8"))
         diffs = [
             f"{k}: {saved.get(k)!r} there, {args.get(k)!r} now"
             for k in sorted(set(saved) | set(args))
@@ -277,7 +278,8 @@ def _check_args(dst: str, args: dict) -> None:
                 "--dst, delete this one, or rerun with the same arguments to resume it."
             )
         return
-    ours = [n for n in os.listdir(dst) if n == prepared.MANIFEST or n.endswith(".array_record")]
+    names = [p.name for p in epath.Path(dst).iterdir()]
+    ours = [n for n in names if n == prepared.MANIFEST or n.endswith(".array_record")]
     if ours:
         raise ValueError(
             f"{dst} holds prepared files ({preview(sorted(ours))}) but no {ARGS_FILE}; "
@@ -317,7 +319,7 @@ def prepare(
             f"--old_split={old_split!r} must be one of {splits.MODES} and --old_fraction="
             f"{old_fraction} in (0, 1]."
         )
-    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    src, dst = absolute(src), absolute(dst)
     parts, extra_files = list_splits(dataset, src, csv=csv)
     if not parts[0].paths:
         raise ValueError(f"{src}: the {dataset} source lists no train images.")
@@ -331,7 +333,7 @@ def prepare(
         if bad:
             raise ValueError(f"{part.name}: ids with line breaks cannot be stored: {bad[:3]}.")
 
-    os.makedirs(dst, exist_ok=True)
+    epath.Path(dst).mkdir(parents=True, exist_ok=True)
     args = {
         "dataset": dataset,
         "src": src,
@@ -360,8 +362,8 @@ def prepare(
             buffer = io.BytesIO()
             np.save(buffer, labels, allow_pickle=False)
             ids_text = "".join(i + "\n" for i in ids).encode("utf-8")
-            write_atomic(os.path.join(dst, prepared.labels_file(part.name)), buffer.getvalue())
-            write_atomic(os.path.join(dst, prepared.ids_file(part.name)), ids_text)
+            write_atomic(posixpath.join(dst, prepared.labels_file(part.name)), buffer.getvalue())
+            write_atomic(posixpath.join(dst, prepared.ids_file(part.name)), ids_text)
             split_entries[part.name] = {
                 "count": len(ids),
                 "num_classes": num_classes,
@@ -379,18 +381,17 @@ def prepare(
     split = splits.old_split(
         labels, num_classes, fraction=old_fraction, mode=old_split, seed=split_seed
     )
-    old_path = os.path.join(dst, OLD_SPLIT_FILE)
+    old_path = posixpath.join(dst, OLD_SPLIT_FILE)
     gldv2.write_split(
         old_path, split, image_ids=ids, seed=split_seed, mode=old_split, fraction=old_fraction
     )
     files = {}
     for name, path in extra_files.items():
-        with open(path, "rb") as f:
-            data = f.read()
-        write_atomic(os.path.join(dst, name), data)
+        data = epath.Path(path).read_bytes()
+        write_atomic(posixpath.join(dst, name), data)
         files[name] = hashlib.sha256(data).hexdigest()
     write_atomic(
-        os.path.join(dst, UNREADABLE_FILE),
+        posixpath.join(dst, UNREADABLE_FILE),
         "".join(f"{u['split']}\t{u['path']}\t{u['error']}\n" for u in unreadable),
     )
     manifest = {
@@ -414,7 +415,7 @@ def prepare(
         "files": files,
         "unreadable": unreadable,
     }
-    write_atomic(os.path.join(dst, prepared.MANIFEST), _dumps(manifest))
+    write_atomic(posixpath.join(dst, prepared.MANIFEST), _dumps(manifest))
     logging.info(
         "Prepared %s in %s: %s; %d unreadable images dropped; old split: %d classes, %d images.",
         dataset,

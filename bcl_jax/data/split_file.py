@@ -14,7 +14,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
+from bcl_jax.data import storage
 from bcl_jax.data.splits import OldSplit
 
 SPLIT_FORMAT = "bcl_jax.gldv2.split/1"
@@ -32,12 +34,14 @@ def write_split(
     seed: int,
     mode: str,
     fraction: float,
+    source: str = "",
 ) -> None:
     """Writes the old model's share as JSON: metadata, old image ids and indices, old classes.
 
     `old_classes` lists the (new) labels of the old classes in old-label order; `sha256` is the
-    hex digest of the canonical JSON (sorted keys, no spaces) of every other field. The same
-    inputs give byte-identical files.
+    hex digest of the canonical JSON (sorted keys, no spaces) of every other field. `source`,
+    when given, says where a split drawn elsewhere came from. The same inputs give
+    byte-identical files; `path` may be on any epath filesystem (gs://...).
     """
     indices = np.asarray(split.indices, dtype=np.int64)
     old_label = np.asarray(split.old_label)
@@ -58,12 +62,10 @@ def write_split(
         "indices": indices.tolist(),
         "image_ids": [image_ids[i] for i in indices.tolist()],
     }
+    if source:
+        payload["source"] = str(source)
     payload["sha256"] = hashlib.sha256(_canonical(payload)).hexdigest()
-    text = json.dumps(payload, sort_keys=True, indent=1) + "\n"
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(payload, sort_keys=True, indent=1) + "\n")
 
 
 def read_split(path: str | os.PathLike, *, image_ids: Sequence[str] | None = None) -> OldSplit:
@@ -76,15 +78,15 @@ def read_split_file(
 ) -> tuple[OldSplit, dict]:
     """Reads and verifies a split file; returns (OldSplit, metadata).
 
-    metadata holds seed, mode, fraction, num_images, num_classes and the old image ids. With
+    metadata holds seed, mode, fraction, num_images, num_classes, the old image ids and the
+    split's source ('' when bcl_jax drew it). With
     `image_ids` (the full training list), also checks that the file was drawn from that list.
 
     Raises ValueError naming the file on a bad format, a checksum mismatch or an id mismatch.
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
+        payload = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a valid split file ({e}).") from e
     if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:
@@ -117,4 +119,5 @@ def read_split_file(
     )
     meta = {k: payload[k] for k in ("seed", "mode", "fraction", "num_images", "num_classes")}
     meta["image_ids"] = list(payload["image_ids"])
+    meta["source"] = payload.get("source", "")
     return OldSplit(indices=indices, old_label=old_label), meta
