@@ -233,3 +233,71 @@ def test_scan(tmp_path, caplog):
         3,
         4,
     ]
+
+
+def _blocks(tmp_path):
+    """A 40x20 PNG: columns 0-9 green, 10-19 red, 20-39 blue; shrunk 2x, the second output
+    column (support 2: source columns 1-5) is green and the one before last blue."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10], pixels[:, 10:20], pixels[:, 20:] = (0, 200, 0), (200, 0, 0), (0, 0, 200)
+    Image.fromarray(pixels).save(tmp_path / 'blocks.png')
+    return tmp_path / 'blocks.png'
+
+
+def test_eval_resize_keeps_the_whole_image_centre_crop_does_not(tmp_path):
+    """An 80x20 image, columns 0-19 green, 20-59 red, 60-79 blue. Resized whole to 8x8, each
+    output column averages 10 source columns (bilinear support 10): the first is green, the last
+    blue. The centre crop takes columns 30-50 (support 2.5): red throughout."""
+    pixels = np.zeros((20, 80, 3), np.uint8)
+    pixels[:, :20], pixels[:, 20:60], pixels[:, 60:] = (0, 200, 0), (200, 0, 0), (0, 0, 200)
+    Image.fromarray(pixels).save(tmp_path / 'wide.png')
+    squashed = images.load_image(tmp_path / 'wide.png', 8, mode='resize')
+    cropped = images.load_image(tmp_path / 'wide.png', 8)
+    assert squashed.shape == cropped.shape == (8, 8, 3)
+    assert squashed[:, 0].tolist() == [[0, 200, 0]] * 8
+    assert squashed[:, -1].tolist() == [[0, 0, 200]] * 8
+    np.testing.assert_array_equal(cropped, np.full((8, 8, 3), (200, 0, 0), np.uint8))
+    with pytest.raises(ValueError, match="data.eval_preprocess='stretch'"):
+        images.load_image(tmp_path / 'wide.png', 8, mode='stretch')
+
+
+def test_eval_resize_size_crops_the_centre_of_a_larger_resize(tmp_path):
+    """Shorter side to 20, centre 10x10 (PrunNet's Resize(256) + CenterCrop(224) pattern): of a
+    40x40 image, the central 20x20 source pixels (support 2: columns 8-32), here all red."""
+    pixels = np.full((40, 40, 3), (0, 0, 200), np.uint8)
+    pixels[6:34, 6:34] = (200, 0, 0)
+    Image.fromarray(pixels).save(tmp_path / 'centre.png')
+    inner = images.load_image(tmp_path / 'centre.png', 10, resize_size=20)
+    np.testing.assert_array_equal(inner, np.full((10, 10, 3), (200, 0, 0), np.uint8))
+    whole = images.load_image(tmp_path / 'centre.png', 10)  # resize_size 0: all of it
+    assert whole[0, 0].tolist() == [0, 0, 200] and whole[5, 5].tolist() == [200, 0, 0]
+
+
+def test_load_train_image_keeps_the_aspect_ratio(tmp_path):
+    path = _blocks(tmp_path)
+    train = images.load_train_image(path, 10)  # 40x20 -> 20x10: shorter side 10, uncropped
+    assert train.shape == (10, 20, 3)
+    assert (
+        train[:, 1].tolist() == [[0, 200, 0]] * 10 and train[:, -2].tolist() == [[0, 0, 200]] * 10
+    )
+    Image.fromarray(np.zeros((21, 13, 3), np.uint8)).save(tmp_path / 'odd.png')
+    assert images.load_train_image(tmp_path / 'odd.png', 7).shape == (11, 7, 3)  # 21*7/13
+
+
+def test_preprocess_config_and_validation():
+    from ml_collections import config_dict
+
+    cfg = config_dict.ConfigDict({'image_size': 224})
+    assert images.preprocess_from_config(cfg) == images.Preprocess(224)
+    cfg.augment = 'random_resized_crop'
+    assert images.preprocess_from_config(cfg).train_resize_size == 448
+    cfg.augment = 'random_crop'
+    assert images.preprocess_from_config(cfg).train_resize_size == 256  # 224 * 8/7
+    cfg.train_resize_size, cfg.eval_preprocess, cfg.eval_resize_size = 300, 'resize', 256
+    assert images.preprocess_from_config(cfg) == images.Preprocess(224, 'resize', 256, 300)
+    with pytest.raises(ValueError, match='data.eval_resize_size=100 is smaller'):
+        images.Preprocess(224, eval_resize_size=100)
+    with pytest.raises(ValueError, match="data.eval_preprocess='crop'"):
+        images.Preprocess(224, eval_mode='crop')
+    with pytest.raises(ValueError, match='image_size=8 but preprocess.image_size=224'):
+        images.Preprocess.of(8, images.Preprocess(224))

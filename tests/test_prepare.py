@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bcl_jax import data
-from bcl_jax.data import folder, gldv2, inshop, pipeline, prepare, prepared, splits
+from bcl_jax.data import folder, gldv2, images, inshop, pipeline, prepare, prepared, splits
 from configs import synthetic as synthetic_config
 
 SIZE = 12  # stored image side
@@ -423,3 +423,21 @@ def test_data_name_folder_reads_prepared_shards(tmp_path):
     cfg.split_seed, cfg.prepared = 3, str(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="data.prepared=.*absent"):
         data.build(cfg)
+
+
+def test_prepared_preprocessing(gld, tmp_path):
+    """Prepared images are centre-cropped squares: 'resize' evaluation, which needs the whole
+    image, stops; random crops read the stored square at data.train_resize_size."""
+    _, dst, _, _ = gld
+    squash = images.Preprocess(8, eval_mode="resize")
+    with pytest.raises(ValueError, match="data.eval_preprocess='resize'.*centre-cropped"):
+        prepared.PreparedSource(dst, "train", image_size=8, preprocess=squash)
+    source = prepared.PreparedSource(
+        dst, "train", image_size=8, preprocess=images.Preprocess(8, train_resize_size=12)
+    )
+    record = source.train_item(0)
+    assert record["image"].shape == (12, 12, 3) and record["label"] == source.labels[0]
+    # The stored square, resized: its centre agrees with the evaluation image's.
+    np.testing.assert_allclose(
+        record["image"].mean((0, 1)), source[0]["image"].mean((0, 1)), atol=6
+    )

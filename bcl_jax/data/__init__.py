@@ -18,7 +18,7 @@ import json
 import numpy as np
 from absl import logging
 
-from bcl_jax.data import splits
+from bcl_jax.data import images, pipeline, splits
 from bcl_jax.data.dataset import DatasetParts, RetrievalTest, label_test
 
 __all__ = ['BUILDERS', 'NAMES', 'Data', 'DatasetParts', 'RetrievalTest', 'build', 'label_test']
@@ -76,19 +76,27 @@ def build(cfg, workdir: str | None = None) -> Data:
         old_label=np.asarray(split.old_label),
         tests=parts.tests,
         num_classes=train.num_classes,
-        description=parts.description,
+        description=parts.description + _describe_preprocessing(cfg),
         fingerprint=fingerprint(parts, split, preprocessing(cfg)),
         skipped=[p for source in parts.sources() for p in getattr(source, 'skipped', ())],
     )
 
 
 def preprocessing(cfg) -> dict:
-    """The data config's fields that change the training pixels, for the fingerprint."""
+    """Everything in the data config that changes the pixels models see, for the fingerprint."""
     return {
-        'image_size': int(cfg.image_size),
-        'crop_padding': int(cfg.get('crop_padding', 0)),
-        'flip': bool(cfg.get('flip', False)),
+        **dataclasses.asdict(images.preprocess_from_config(cfg)),
+        **dataclasses.asdict(pipeline.Augment.from_config(cfg)),
     }
+
+
+def _describe_preprocessing(cfg) -> str:
+    """'' for the default preprocessing (so default descriptions stay as they were), else what
+    evaluation and training do to the images."""
+    preprocess, augment = images.preprocess_from_config(cfg), pipeline.Augment.from_config(cfg)
+    if preprocess == images.Preprocess(preprocess.image_size) and augment.kind == 'pad_crop':
+        return ''
+    return f' [{preprocess.describe()}; {augment.describe()}]'
 
 
 def fingerprint(parts: DatasetParts, split: splits.OldSplit, preprocessing: dict) -> str:

@@ -171,8 +171,9 @@ class ImageFolder(ImageList):
         class_names: Sequence[str] | None = None,
         skip_corrupt: bool = False,
         scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         path = epath.Path(root)
         self.root = os.fspath(root)
         self.image_size = int(image_size)
@@ -249,6 +250,7 @@ def eval_folders(
     image_size: int,
     skip_corrupt: bool = False,
     scan: str = "header",
+    preprocess: images.Preprocess | None = None,
 ) -> tuple[ImageFolder, ImageFolder]:
     """Query and gallery sources sharing one label mapping: the sorted union of class names.
 
@@ -269,8 +271,8 @@ def eval_folders(
             preview(missing),
         )
     options = {"image_size": image_size, "class_names": class_names, "skip_corrupt": skip_corrupt}
-    query = ImageFolder(query_dir, scan=scan, **options)
-    gallery = ImageFolder(gallery_dir, scan=scan, **options)
+    query = ImageFolder(query_dir, scan=scan, preprocess=preprocess, **options)
+    gallery = ImageFolder(gallery_dir, scan=scan, preprocess=preprocess, **options)
     return query, gallery
 
 
@@ -300,7 +302,7 @@ def build(cfg, workdir: str | None) -> DatasetParts:
                 "as <dir>/<class_name>/<image> (or data.prepared)"
             )
         require_dir(f[key], f"data.folder.{key}")
-    options = images.read_options(cfg)
+    options = {**images.read_options(cfg), "preprocess": images.preprocess_from_config(cfg)}
     train = ImageFolder(f.train_dir, image_size=cfg.image_size, **options)
     query, gallery = eval_folders(f.query_dir, f.gallery_dir, image_size=cfg.image_size, **options)
     return DatasetParts(

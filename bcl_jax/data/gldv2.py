@@ -233,8 +233,9 @@ class GLDv2Train(ImageList):
         check_files: bool = True,
         skip_corrupt: bool = False,
         scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.csv_path, self.root, self.folder = os.fspath(csv_path), os.fspath(root), folder
         self.image_size = int(image_size)
         image_ids, labels, self.landmark_ids = read_train_csv(self.csv_path)
@@ -276,8 +277,10 @@ class TestImages(ImageList):
         image_size: int,
         skip_corrupt: bool = False,
         scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
         self.root, self.folder = os.fspath(root), folder
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.image_size = check_image_size(image_size)
         ids = list(ids)
         paths = [image_path(self.root, i, folder) for i in ids]
@@ -467,7 +470,7 @@ def build(cfg, workdir: str | None) -> DatasetParts:
         require_dir(g.root, "data.gldv2.root")
         csv_path = os.path.join(g.root, g.csv)
         require_file(csv_path, "data.gldv2.csv", "GLDv2 training CSV")
-        options = images.read_options(cfg)
+        options = {**images.read_options(cfg), "preprocess": images.preprocess_from_config(cfg)}
         train = GLDv2Train(csv_path, g.root, image_size=cfg.image_size, **options)
         split = _recorded_split(cfg, train, workdir)
     tests = [
@@ -512,7 +515,11 @@ def retrieval_test(cfg) -> RetrievalTest:
         require_file(
             index_csv, "data.gldv2.root", "GLDv2 index list (data.gldv2.tests has 'gldv2')"
         )
-        options = dict(image_size=cfg.image_size, **images.read_options(cfg))
+        options = {
+            "image_size": cfg.image_size,
+            "preprocess": images.preprocess_from_config(cfg),
+            **images.read_options(cfg),
+        }
         query = TestImages(g.root, "test", retrieval_queries(solution), **options)
         index = TestImages(g.root, "index", read_id_csv(index_csv), **options)
     solution = _scorable(solution, query, index)

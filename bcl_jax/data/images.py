@@ -21,6 +21,7 @@ large sets; `decode` mode decodes every file (finds truncated files too, ~20× s
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import io
 import os
 
@@ -35,6 +36,7 @@ from bcl_jax.data.dataset import preview
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 SCAN_MODES = ('header', 'decode', 'off')
+EVAL_MODES = ('center_crop', 'resize')
 SKIP_HINT = (
     'Fix or delete the file(s), or set data.skip_corrupt=True to skip unreadable images (the '
     'skipped files are listed in the results).'
@@ -62,6 +64,27 @@ def read_options(cfg) -> dict:
         'skip_corrupt': bool(cfg.get('skip_corrupt', False)),
         'scan': cfg.get('scan_images', 'header'),
     }
+
+
+# Training decodes for random crops, when data.train_resize_size is 0: PrunNet's Resize(256) before
+# RandomCrop(224) (8/7); for random-resized crops twice the crop, so that the smallest crops (8%
+# of the area, 28% of the side) still hold ~0.57 image_size pixels across.
+_AUTO_TRAIN_RESIZE = {'random_crop': 8 / 7, 'random_resized_crop': 2.0}
+
+
+def preprocess_from_config(cfg) -> Preprocess:
+    """The `Preprocess` of a data config: data.image_size, data.eval_preprocess ('center_crop'),
+    data.eval_resize_size (0), data.train_resize_size (0: automatic for data.augment)."""
+    size = check_image_size(cfg.image_size)
+    train = int(cfg.get('train_resize_size', 0))
+    if not train and cfg.get('augment', 'pad_crop') in _AUTO_TRAIN_RESIZE:
+        train = round(size * _AUTO_TRAIN_RESIZE[cfg.get('augment')])
+    return Preprocess(
+        image_size=size,
+        eval_mode=cfg.get('eval_preprocess', 'center_crop'),
+        eval_resize_size=int(cfg.get('eval_resize_size', 0)),
+        train_resize_size=train,
+    )
 
 
 class CorruptImageError(ValueError):
@@ -240,36 +263,126 @@ def open_rgb(file, *, draft_size: int | None = None) -> Image.Image:
     return upright(image, orientation)[0]
 
 
-def center_crop(image: Image.Image, size: int, box=None) -> np.ndarray:
+def center_crop(image: Image.Image, size: int, box=None, resize_size: int = 0) -> np.ndarray:
     """The central square of `box` (float pixels; default the whole image) resized to size ×
     size (bilinear): resizing the shorter side to `size` and cropping the centre, in one
-    resampling."""
+    resampling. `resize_size` > size: the shorter side is resized to `resize_size` first and the
+    central size × size kept (a crop of size / resize_size of the side, e.g. 224 of 256)."""
     x1, y1, x2, y2 = (0.0, 0.0, *image.size) if box is None else box
-    side = min(x2 - x1, y2 - y1)
+    side = min(x2 - x1, y2 - y1) * (size / resize_size if resize_size > size else 1.0)
     left, top = (x1 + x2 - side) / 2, (y1 + y2 - side) / 2
     square = (left, top, left + side, top + side)
     resized = image.resize((size, size), Image.Resampling.BILINEAR, box=square)
     return np.asarray(resized, dtype=np.uint8)
 
 
-def load_image(file, image_size: int, box=None) -> np.ndarray:
-    """Decodes `file` to uint8 RGB, shorter side resized to `image_size`, centre-cropped square.
+def resize(image: Image.Image, size: int, box=None) -> np.ndarray:
+    """All of `box` (default the whole image) resized to size × size (bilinear), aspect ratio
+    not kept: torchvision's Resize((size, size)), as the BCL references evaluate."""
+    box = (0.0, 0.0, *image.size) if box is None else box
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box), np.uint8)
 
-    `box` (x1, y1, x2, y2 in the file's stored pixels, clipped to the image), when given, is cut
-    out first and then treated as the whole image (Revisited Oxford/Paris query crops); it is
-    taken before the EXIF orientation, as tools that ignore the orientation drew it.
+
+def _upright_region(file, draft_size: int | None, box):
+    image, orientation = decode(file, draft_size=draft_size)
+    try:
+        return upright(image, orientation, box)
+    except ValueError as e:
+        raise ValueError(f'{e} ({_describe(file)})') from None
+
+
+def load_image(
+    file, image_size: int, box=None, *, mode: str = 'center_crop', resize_size: int = 0
+) -> np.ndarray:
+    """Decodes `file` to a uint8 RGB image_size × image_size square for evaluation.
+
+    `mode` 'center_crop': the shorter side resized to `resize_size` (0: image_size) and the
+    centre cropped; 'resize': the whole image resized to the square. `box` (x1, y1, x2, y2 in
+    the file's stored pixels, clipped to the image), when given, is cut out first and then
+    treated as the whole image (Revisited Oxford/Paris query crops); it is taken before the EXIF
+    orientation, as tools that ignore the orientation drew it.
 
     Raises:
       CorruptImageError: the file cannot be opened or decoded.
-      ValueError: `box` is empty inside the image.
+      FileNotFoundError: the file is missing.
+      ValueError: `box` is empty inside the image, or `mode` is unknown.
     """
+    if mode not in EVAL_MODES:
+        raise ValueError(f'data.eval_preprocess={mode!r} is not one of {EVAL_MODES}.')
     # A box is in full-resolution pixels: no reduced-scale decode then.
-    image, orientation = decode(file, draft_size=None if box is not None else image_size)
-    try:
-        image, region = upright(image, orientation, box)
-    except ValueError as e:
-        raise ValueError(f'{e} ({_describe(file)})') from None
-    return center_crop(image, image_size, region)
+    draft = None if box is not None else max(image_size, resize_size)
+    image, region = _upright_region(file, draft, box)
+    if mode == 'resize':
+        return resize(image, image_size, region)
+    return center_crop(image, image_size, region, resize_size)
+
+
+def load_train_image(file, resize_size: int) -> np.ndarray:
+    """Decodes `file` to uint8 RGB with its shorter side resized to `resize_size` (bilinear,
+    aspect ratio kept, no crop): what random crops for training are cut from."""
+    image, _ = _upright_region(file, resize_size, None)
+    width, height = image.size
+    if width <= height:
+        shape = (resize_size, max(1, round(height * resize_size / width)))
+    else:
+        shape = (max(1, round(width * resize_size / height)), resize_size)
+    return np.asarray(image.resize(shape, Image.Resampling.BILINEAR), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How a source turns files into pixels.
+
+    image_size: side of the square images.
+    eval_mode: 'center_crop' (shorter side to eval_resize_size, central square) or 'resize'
+      (the whole image squashed to the square, as AdvBCT and Hot-refresh evaluate).
+    eval_resize_size: center_crop's shorter side before the crop; 0 = image_size (no margin).
+      256 with image_size 224 is PrunNet's Resize(256) + CenterCrop(224).
+    train_resize_size: the shorter side of the images random crops are cut from (`load_train_image`);
+      0 = image_size.
+    """
+
+    image_size: int
+    eval_mode: str = 'center_crop'
+    eval_resize_size: int = 0
+    train_resize_size: int = 0
+
+    def __post_init__(self):
+        check_image_size(self.image_size)
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f'data.eval_preprocess={self.eval_mode!r} is not one of {EVAL_MODES}.')
+        for name in ('eval_resize_size', 'train_resize_size'):
+            value = getattr(self, name)
+            if value and value < self.image_size:
+                raise ValueError(
+                    f'data.{name}={value} is smaller than data.image_size={self.image_size}; use '
+                    '0 (= image_size) or a larger size.'
+                )
+
+    @classmethod
+    def of(cls, image_size: int, preprocess: Preprocess | None) -> Preprocess:
+        """`preprocess`, or the default one at `image_size`; ValueError if their sizes differ."""
+        if preprocess is None:
+            return cls(check_image_size(image_size))
+        if preprocess.image_size != image_size:
+            raise ValueError(
+                f'image_size={image_size} but preprocess.image_size={preprocess.image_size}.'
+            )
+        return preprocess
+
+    @property
+    def train_size(self) -> int:
+        return self.train_resize_size or self.image_size
+
+    def eval_args(self) -> dict:
+        """`load_image`'s keyword arguments for this preprocessing."""
+        return {'mode': self.eval_mode, 'resize_size': self.eval_resize_size}
+
+    def describe(self) -> str:
+        if self.eval_mode == 'resize':
+            return f'eval: resize to {self.image_size}x{self.image_size}'
+        side = self.eval_resize_size or self.image_size
+        return f'eval: shorter side {side}, centre {self.image_size}x{self.image_size}'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,9 +490,16 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
+    preprocess: Preprocess
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """The image as evaluation sees it (and pad_crop training)."""
         index = int(index)
-        return {
-            'image': load_image(self.paths[index], self.image_size),
-            'label': np.int32(self.labels[index]),
-        }
+        image = load_image(self.paths[index], self.image_size, **self.preprocess.eval_args())
+        return {'image': image, 'label': np.int32(self.labels[index])}
+
+    def train_item(self, index: int) -> dict[str, np.ndarray]:
+        """The image for random crops: shorter side `train_resize_size`, uncropped."""
+        index = int(index)
+        image = load_train_image(self.paths[index], self.preprocess.train_size)
+        return {'image': image, 'label': np.int32(self.labels[index])}

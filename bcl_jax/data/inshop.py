@@ -176,10 +176,11 @@ class InShopSource(ImageList):
         partition: dict[str, Partition] | None = None,
         skip_corrupt: bool = False,
         scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.root, self.split, self.image_size = os.fspath(root), split, int(image_size)
         part = (read_partition(self.root) if partition is None else partition)[split]
         if not len(part):
@@ -248,7 +249,12 @@ def build(cfg, workdir: str | None) -> DatasetParts:
             raise ValueError("data.name=inshop needs data.inshop.root (or data.prepared).")
         require_dir(root, "data.inshop.root")
         partition = read_partition(root)
-        options = dict(image_size=cfg.image_size, partition=partition, **images.read_options(cfg))
+        options = {
+            "image_size": cfg.image_size,
+            "partition": partition,
+            "preprocess": images.preprocess_from_config(cfg),
+            **images.read_options(cfg),
+        }
         train, query, gallery = (InShopSource(root, s, **options) for s in SPLITS)
     test = label_test("inshop", query, gallery, ks=KS, protocol="In-shop Recall@K and mAP")
     return DatasetParts(

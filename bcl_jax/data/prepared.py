@@ -29,7 +29,13 @@ from etils import epath
 
 from bcl_jax.data import split_file, splits
 from bcl_jax.data.dataset import require_dir
-from bcl_jax.data.images import check_image_size, load_image
+from bcl_jax.data.images import (
+    Preprocess,
+    check_image_size,
+    load_image,
+    load_train_image,
+    preprocess_from_config,
+)
 
 FORMAT = "bcl_jax.prepared/1"
 MANIFEST = "manifest.json"
@@ -119,10 +125,19 @@ class PreparedSource:
         *,
         image_size: int,
         manifest: dict | None = None,
+        preprocess: Preprocess | None = None,
     ):
         self.root, self.split = os.fspath(root), split
         self.image_size = check_image_size(image_size)
+        self.preprocess = Preprocess.of(image_size, preprocess)
         manifest = read_manifest(self.root) if manifest is None else manifest
+        if self.preprocess.eval_mode != "center_crop":
+            raise ValueError(
+                f"data.eval_preprocess={self.preprocess.eval_mode!r}, but prepared dataset "
+                f"{self.root!r} stores centre-cropped squares (prepare crops them), so the "
+                "whole images are not there to resize; use the raw files (data.prepared='') or "
+                "data.eval_preprocess='center_crop'."
+            )
         if split not in manifest["splits"]:
             raise ValueError(
                 f"Prepared dataset {self.root!r} has no split {split!r}; available: "
@@ -173,11 +188,16 @@ class PreparedSource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
-        record = self._records[index]
-        return {
-            "image": load_image(io.BytesIO(record), self.image_size),
-            "label": np.int32(self.labels[index]),
-        }
+        record = io.BytesIO(self._records[index])
+        image = load_image(record, self.image_size, **self.preprocess.eval_args())
+        return {"image": image, "label": np.int32(self.labels[index])}
+
+    def train_item(self, index: int) -> dict[str, np.ndarray]:
+        """The stored square, resized to `train_resize_size`, for random crops."""
+        index = int(index)
+        record = io.BytesIO(self._records[index])
+        image = load_train_image(record, self.preprocess.train_size)
+        return {"image": image, "label": np.int32(self.labels[index])}
 
     def __repr__(self) -> str:
         return (
@@ -238,10 +258,18 @@ def train_and_split(cfg) -> tuple[PreparedSource, splits.OldSplit]:
         seed=cfg.split_seed,
         manifest=manifest,
     )
-    train = PreparedSource(cfg.prepared, "train", image_size=cfg.image_size, manifest=manifest)
+    train = PreparedSource(
+        cfg.prepared,
+        "train",
+        image_size=cfg.image_size,
+        manifest=manifest,
+        preprocess=preprocess_from_config(cfg),
+    )
     return train, split
 
 
 def source(cfg, split: str) -> PreparedSource:
     """The `split` of `data.prepared` (e.g. query, gallery, test, index) at data.image_size."""
-    return PreparedSource(cfg.prepared, split, image_size=cfg.image_size)
+    return PreparedSource(
+        cfg.prepared, split, image_size=cfg.image_size, preprocess=preprocess_from_config(cfg)
+    )

@@ -35,7 +35,7 @@ from etils import epath
 from bcl_jax import metrics
 from bcl_jax.data import images
 from bcl_jax.data.dataset import RetrievalTest, preview, require_dir
-from bcl_jax.data.images import check_image_size, load_image
+from bcl_jax.data.images import load_image
 
 __all__ = [
     "DATASETS",
@@ -206,10 +206,11 @@ class RevisitedSource:
         crop_queries: bool = True,
         skip_corrupt: bool = False,
         scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.root = os.fspath(root)
         self.dataset = dataset
         self.split = split
@@ -237,11 +238,10 @@ class RevisitedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         path = self.paths[index]
+        box = None
         if self.split == "query" and self.crop_queries:
             box = self.gnd["gnd"][self.kept[index]]["bbx"]
-            image = load_image(path, self.image_size, box=box)
-        else:
-            image = load_image(path, self.image_size)
+        image = load_image(path, self.image_size, box, **self.preprocess.eval_args())
         return {"image": image, "label": self.labels[index]}
 
     def __repr__(self) -> str:
@@ -327,7 +327,11 @@ def retrieval_test(cfg, dataset: str) -> RetrievalTest:
         )
     require_dir(r.root, "data.revisited.root")
     root = posixpath.join(r.root, dataset)
-    options = {"image_size": cfg.image_size, "crop_queries": r.crop_queries}
+    options = {
+        "image_size": cfg.image_size,
+        "crop_queries": r.crop_queries,
+        "preprocess": images.preprocess_from_config(cfg),
+    }
     options.update(images.read_options(cfg))
     query, database = (RevisitedSource(root, dataset, split, **options) for split in SPLITS)
     if query.skipped or database.skipped:

@@ -44,7 +44,13 @@ from etils import epath
 
 from bcl_jax import metrics
 from bcl_jax.data.dataset import DatasetParts, label_test
-from bcl_jax.data.images import CorruptImageError, check_image_size, load_image
+from bcl_jax.data.images import (
+    CorruptImageError,
+    Preprocess,
+    load_image,
+    load_train_image,
+    preprocess_from_config,
+)
 
 SPLITS = ("train", "test")
 _READ_CHUNK = 4096  # Records deserialised per batched read while collecting labels.
@@ -176,11 +182,19 @@ class TfdsSource:
         SOP's train split, `test` for its test split, `train+test` for CUB and Cars).
     """
 
-    def __init__(self, dataset: str, split: str, *, data_dir: str | os.PathLike, image_size: int):
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        *,
+        data_dir: str | os.PathLike,
+        image_size: int,
+        preprocess: Preprocess | None = None,
+    ):
         spec = get_spec(dataset)
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-        check_image_size(image_size)
+        self.preprocess = Preprocess.of(image_size, preprocess)
         if not data_dir:
             raise ValueError(
                 f"data_dir is not set; point it to the tfds data_dir holding {spec.tfds_name}. "
@@ -245,15 +259,25 @@ class TfdsSource:
         return len(self.record_indices)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._item(index, train=False)
+
+    def train_item(self, index: int) -> dict[str, np.ndarray]:
+        """The image with its shorter side at `train_resize_size`, for random crops."""
+        return self._item(index, train=True)
+
+    def _item(self, index: int, *, train: bool) -> dict[str, np.ndarray]:
         index = int(index)
         record_index = int(self.record_indices[index])
-        data = self._source[record_index]["image"]
+        data = io.BytesIO(self._source[record_index]["image"])
         try:
-            image = load_image(io.BytesIO(data), self.image_size)
+            if train:
+                image = load_train_image(data, self.preprocess.train_size)
+            else:
+                image = load_image(data, self.image_size, **self.preprocess.eval_args())
         except CorruptImageError as e:
             raise CorruptImageError(
                 f"{self.dataset} {self.split} example {index} (tfds {self.spec.tfds_name} record "
-                f"{record_index} in {self.data_dir!r}): cannot decode the image ({e.__cause__!r})."
+                f"{record_index} in {self.data_dir!r}): cannot decode the image ({e.reason})."
             ) from e
         return {"image": image, "label": np.int32(self.labels[index])}
 
@@ -284,9 +308,9 @@ def build(cfg, workdir: str | None) -> DatasetParts:
     itself (each query excluded) with the dataset's Recall@K."""
     del workdir  # Nothing is written: the old split is drawn from the config.
     spec = get_spec(cfg.name)
+    options = {"image_size": cfg.image_size, "preprocess": preprocess_from_config(cfg)}
     train, test = (
-        TfdsSource(cfg.name, split, data_dir=cfg.tfds.data_dir, image_size=cfg.image_size)
-        for split in SPLITS
+        TfdsSource(cfg.name, split, data_dir=cfg.tfds.data_dir, **options) for split in SPLITS
     )
     return DatasetParts(
         train=train,
