@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 
 from bcl_jax import knn, metrics
-from bcl_jax.data import images, prepared, revisited
+from bcl_jax.data import images, prepared, revisited, split_file
 from bcl_jax.data.dataset import DatasetParts, RetrievalTest, preview, require_dir, require_file
 from bcl_jax.data.images import CorruptImageError, ImageList, check_image_size  # noqa: F401
 from bcl_jax.data.split_file import read_split, read_split_file, write_split
@@ -51,6 +51,7 @@ __all__ = [
     "read_split_file",
     "read_train_csv",
     "retrieval_queries",
+    "split_from_advbct",
     "write_split",
 ]
 
@@ -318,6 +319,32 @@ def old_split_for(
     split = old_split(labels, len(landmark_ids), fraction=fraction, mode=mode, seed=seed)
     if out is not None:
         write_split(out, split, image_ids=image_ids, seed=seed, mode=mode, fraction=fraction)
+    return split
+
+
+def split_from_advbct(
+    txt_path: str | os.PathLike,
+    csv_path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    mode: str = "classes",
+    fraction: float = 0.3,
+    seed: int = 666,
+) -> OldSplit:
+    """AdvBCT's published GLDv2 old split (`split_file.from_advbct`: its
+    gldv2_train_old_30percent_class.txt, mode 'classes', or ..._data.txt, mode 'images') over
+    the training CSV, written to `out` as a checksummed split file.
+
+    `fraction` and `seed` are recorded as AdvBCT drew them (30%, numpy seed 666): train with
+    data.gldv2.split_file=`out`, data.old_split=`mode`, data.old_fraction=`fraction` and
+    data.split_seed=`seed`.
+    """
+    image_ids, labels, _ = read_train_csv(csv_path)
+    split = split_file.from_advbct(txt_path, image_ids, labels, mode=mode)
+    source = f"AdvBCT split list {posixpath.basename(os.fspath(txt_path))}"
+    write_split(
+        out, split, image_ids=image_ids, seed=seed, mode=mode, fraction=fraction, source=source
+    )
     return split
 
 

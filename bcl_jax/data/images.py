@@ -338,8 +338,8 @@ class Preprocess:
       (the whole image squashed to the square, as AdvBCT and Hot-refresh evaluate).
     eval_resize_size: center_crop's shorter side before the crop; 0 = image_size (no margin).
       256 with image_size 224 is PrunNet's Resize(256) + CenterCrop(224).
-    train_resize_size: the shorter side of the images random crops are cut from (`load_train_image`);
-      0 = image_size.
+    train_resize_size: the shorter side of the images random crops are cut from
+      (`load_train_image`); 0 = image_size.
     """
 
     image_size: int
