@@ -10,10 +10,11 @@ Files read::
 
 `read_train_csv` detects the CSV format from its header. Labels are dense 0..C-1 over the sorted
 landmark ids. `GLDv2Train` is a grain random-access source. The old model's share of the data
-(`splits.old_split`) is saved as a split file: JSON with the seed, mode and fraction, the old
-model's image ids and classes, and a sha256 checksum (`write_split`, `read_split`,
-`old_split_for`). `evaluate_retrieval` computes the challenge's mAP@100 with Public and Private
-queries reported apart.
+(`splits.old_split`) is saved as a checksummed split file (`split_file`: `write_split`,
+`read_split`; `old_split_for` draws one, `split_from_advbct` converts AdvBCT's published lists).
+`evaluate_retrieval` computes the challenge's mAP@100 with Public and Private queries reported
+apart. Paths may be local or on any etils.epath filesystem (gs://...). `build` wires
+data.name=gldv2: the training set, its recorded old split and the tests of data.gldv2.tests.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ centre-cropped) in a thread pool and stored as JPEG bytes, one record per image,
 `<split>-<k>-of-<n>.array_record` shards of `shard_size` images. Written to dst as well:
 `<split>.labels.npy` (int32), `<split>.ids.txt` (GLDv2 image ids, else paths relative to src),
 `unreadable.txt` (split<TAB>path<TAB>error), `old_split.json` (the old model's share of train,
-`gldv2.write_split`), `prepare_args.json`, and `manifest.json`, last.
+`split_file.write_split`), `prepare_args.json`, and `manifest.json`, last.
 
 Unreadable or missing images are dropped, listed and warned about; a train class left without
 images, or a split left empty, stops the run. Each finished shard is renamed into place and gets a
@@ -47,7 +47,7 @@ from array_record.python import array_record_module
 from etils import epath
 from PIL import Image
 
-from bcl_jax.data import folder, gldv2, images, inshop, prepared, splits
+from bcl_jax.data import folder, gldv2, images, inshop, prepared, split_file, splits
 from bcl_jax.data.dataset import preview
 from bcl_jax.data.storage import absolute, write_atomic
 
@@ -288,21 +288,7 @@ def _check_args(dst: str, args: dict) -> None:
     write_atomic(path, _dumps(args))
 
 
-def prepare(
-    *,
-    dataset: str,
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    image_size: int = 256,
-    quality: int = 95,
-    shard_size: int = 1024,
-    workers: int | None = None,
-    csv: str = "train_clean.csv",
-    old_fraction: float = 0.3,
-    old_split: str = "classes",
-    split_seed: int = 0,
-) -> dict:
-    """Prepares `dataset` from `src` into `dst` (see the module docstring); returns the manifest."""
+def _check_arguments(dataset, image_size, quality, shard_size, workers, old_fraction, old_split):
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}.")
     for key, value, low, high in (
@@ -319,7 +305,10 @@ def prepare(
             f"--old_split={old_split!r} must be one of {splits.MODES} and --old_fraction="
             f"{old_fraction} in (0, 1]."
         )
-    src, dst = absolute(src), absolute(dst)
+
+
+def _listed_parts(dataset: str, src: str, csv: str) -> tuple[list[SplitList], dict[str, str]]:
+    """The source's non-empty splits (train must have images) and its extra files."""
     parts, extra_files = list_splits(dataset, src, csv=csv)
     if not parts[0].paths:
         raise ValueError(f"{src}: the {dataset} source lists no train images.")
@@ -332,7 +321,68 @@ def prepare(
         bad = [i for i in part.ids if "\n" in i or "\r" in i]
         if bad:
             raise ValueError(f"{part.name}: ids with line breaks cannot be stored: {bad[:3]}.")
+    return parts, extra_files
 
+
+def _write_lists(part: SplitList, dst: str, kept: list[int]) -> tuple[dict, tuple]:
+    """Writes the kept images' labels and ids -> (manifest entry without shards, (ids, labels,
+    num_classes))."""
+    ids = [part.ids[i] for i in kept]
+    if part.classes is None:  # Every image its own class: labels are positions.
+        labels, classes, num_classes = np.arange(len(kept), dtype=np.int32), None, len(kept)
+    else:
+        labels, classes = part.labels[kept].astype(np.int32), part.classes
+        num_classes = len(classes)
+    buffer = io.BytesIO()
+    np.save(buffer, labels, allow_pickle=False)
+    ids_text = "".join(i + "\n" for i in ids).encode("utf-8")
+    write_atomic(posixpath.join(dst, prepared.labels_file(part.name)), buffer.getvalue())
+    write_atomic(posixpath.join(dst, prepared.ids_file(part.name)), ids_text)
+    entry = {
+        "count": len(ids),
+        "num_classes": num_classes,
+        "classes": classes,
+        "ids_sha256": hashlib.sha256(ids_text).hexdigest(),
+        "labels_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+    }
+    return entry, (ids, labels, num_classes)
+
+
+def _write_old_split(dst: str, train: tuple, *, fraction: float, mode: str, seed: int) -> dict:
+    """Draws and writes the old split of the kept train images -> its manifest entry."""
+    ids, labels, num_classes = train
+    split = splits.old_split(labels, num_classes, fraction=fraction, mode=mode, seed=seed)
+    old_path = posixpath.join(dst, OLD_SPLIT_FILE)
+    split_file.write_split(old_path, split, image_ids=ids, seed=seed, mode=mode, fraction=fraction)
+    return {
+        "file": OLD_SPLIT_FILE,
+        "fraction": float(fraction),
+        "mode": mode,
+        "seed": int(seed),
+        "sha256": prepared.sha256_file(old_path),
+        "num_old_classes": split.num_old_classes,
+        "num_old_images": len(split.indices),
+    }
+
+
+def prepare(
+    *,
+    dataset: str,
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    image_size: int = 256,
+    quality: int = 95,
+    shard_size: int = 1024,
+    workers: int | None = None,
+    csv: str = "train_clean.csv",
+    old_fraction: float = 0.3,
+    old_split: str = "classes",
+    split_seed: int = 0,
+) -> dict:
+    """Prepares `dataset` from `src` into `dst` (see the module docstring); returns the manifest."""
+    _check_arguments(dataset, image_size, quality, shard_size, workers, old_fraction, old_split)
+    src, dst = absolute(src), absolute(dst)
+    parts, extra_files = _listed_parts(dataset, src, csv)
     epath.Path(dst).mkdir(parents=True, exist_ok=True)
     args = {
         "dataset": dataset,
@@ -353,38 +403,11 @@ def prepare(
                 part, dst, shard_size=shard_size, encode=encode, pool=pool
             )
             _check_kept(part, kept, lost)
-            ids = [part.ids[i] for i in kept]
-            if part.classes is None:  # Every image its own class: labels are positions.
-                labels, classes, num_classes = np.arange(len(kept), dtype=np.int32), None, len(kept)
-            else:
-                labels, classes = part.labels[kept].astype(np.int32), part.classes
-                num_classes = len(classes)
-            buffer = io.BytesIO()
-            np.save(buffer, labels, allow_pickle=False)
-            ids_text = "".join(i + "\n" for i in ids).encode("utf-8")
-            write_atomic(posixpath.join(dst, prepared.labels_file(part.name)), buffer.getvalue())
-            write_atomic(posixpath.join(dst, prepared.ids_file(part.name)), ids_text)
-            split_entries[part.name] = {
-                "count": len(ids),
-                "num_classes": num_classes,
-                "classes": classes,
-                "shards": shards,
-                "ids_sha256": hashlib.sha256(ids_text).hexdigest(),
-                "labels_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-                "num_unreadable": len(lost),
-            }
+            entry, lists = _write_lists(part, dst, kept)
+            split_entries[part.name] = {**entry, "shards": shards, "num_unreadable": len(lost)}
             unreadable.extend(lost)
-            if part.name == "train":
-                train = (ids, labels, num_classes)
-
-    ids, labels, num_classes = train
-    split = splits.old_split(
-        labels, num_classes, fraction=old_fraction, mode=old_split, seed=split_seed
-    )
-    old_path = posixpath.join(dst, OLD_SPLIT_FILE)
-    gldv2.write_split(
-        old_path, split, image_ids=ids, seed=split_seed, mode=old_split, fraction=old_fraction
-    )
+            train = lists if part.name == "train" else train
+    old = _write_old_split(dst, train, fraction=old_fraction, mode=old_split, seed=split_seed)
     files = {}
     for name, path in extra_files.items():
         data = epath.Path(path).read_bytes()
@@ -396,22 +419,9 @@ def prepare(
     )
     manifest = {
         "format": prepared.FORMAT,
-        "dataset": dataset,
-        "src": src,
-        "csv": args["csv"],
-        "image_size": image_size,
-        "quality": quality,
-        "shard_size": shard_size,
+        **{k: args[k] for k in ("dataset", "src", "csv", "image_size", "quality", "shard_size")},
         "splits": split_entries,
-        "old_split": {
-            "file": OLD_SPLIT_FILE,
-            "fraction": float(old_fraction),
-            "mode": old_split,
-            "seed": int(split_seed),
-            "sha256": prepared.sha256_file(old_path),
-            "num_old_classes": split.num_old_classes,
-            "num_old_images": len(split.indices),
-        },
+        "old_split": old,
         "files": files,
         "unreadable": unreadable,
     }
@@ -422,8 +432,8 @@ def prepare(
         dst,
         ", ".join(f"{k} {v['count']} images" for k, v in split_entries.items()),
         len(unreadable),
-        split.num_old_classes,
-        len(split.indices),
+        old["num_old_classes"],
+        old["num_old_images"],
     )
     return manifest
 

@@ -6,11 +6,11 @@ Layout of a prepared directory (see `prepare.py` for how it is made)::
     <split>-00000-of-00003.array_record   one record per image: JPEG bytes
     <split>.labels.npy                    int32 label of each record
     <split>.ids.txt                       one id per line (GLDv2 image id, or the source path)
-    old_split.json                        the old model's share of `train` (gldv2.write_split)
+    old_split.json                        the old model's share of `train` (split_file.write_split)
 
 `PreparedSource(root, split, image_size=...)` is a grain random-access source giving
 ``{"image": uint8 (image_size, image_size, 3), "label": int32}``; a stored image is re-decoded
-with `folder.load_image`, so a dataset prepared at 256 px serves any `image_size`. The split lists
+with `images.load_image`, so a dataset prepared at 256 px serves any `image_size`. The split lists
 are checked against the manifest's checksums when a source is built. `prepared_old_split` returns
 the recorded old split, and refuses a config that asks for another fraction, mode or seed.
 """

@@ -12,7 +12,7 @@ index lists ``easy``, ``hard`` and ``junk`` into ``imlist``. Only load pickles y
 runs code.
 
 `RevisitedSource` is a grain random-access source over the queries or the database. Every image
-is treated as `folder.load_image` treats one (RGB, shorter side resized to ``image_size``,
+is treated as `images.load_image` treats one (RGB, shorter side resized to ``image_size``,
 centre-cropped square); with ``crop_queries=True`` (the standard protocol) a query is first cropped
 to its bounding box, with ``crop_queries=False`` (as the BCL papers evaluate) it is taken whole.
 

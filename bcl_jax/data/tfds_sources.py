@@ -27,7 +27,7 @@ The test split is both query set and gallery, each query excluded from its own r
 gives Recall@K (K = 1, 10, 100, 1000 for SOP; 1, 2, 4, 8 for CUB and Cars) and mAP.
 
 Labels are read at construction without decoding any image (tfds' `SkipDecoding` on the image
-features); `ds[i]` decodes the stored image bytes with `folder.load_image` (RGB, shorter side
+features); `ds[i]` decodes the stored image bytes with `images.load_image` (RGB, shorter side
 resized, centre crop), as every bcl_jax source does.
 """
 
