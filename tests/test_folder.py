@@ -275,3 +275,12 @@ def test_class_names_are_nfc(tmp_path, caplog):
     query, gallery = eval_folders(tmp_path / "query", tmp_path / "gallery", image_size=4)
     assert query.classes == gallery.classes == [nfc_name]
     np.testing.assert_array_equal(query.labels, gallery.labels)
+
+
+def test_symlinked_class_folder_is_read(tmp_path):
+    """A class folder that is a symlink (a common way to assemble a dataset) is followed."""
+    _save(tmp_path / "elsewhere" / "owl" / "1.png", _noise((6, 6)))
+    _save(tmp_path / "train" / "cat" / "2.png", _noise((6, 6), seed=1))
+    os.symlink(tmp_path / "elsewhere" / "owl", tmp_path / "train" / "owl")
+    ds = ImageFolder(tmp_path / "train", image_size=4)
+    assert ds.classes == ["cat", "owl"] and ds.ids == ["cat/2.png", "owl/1.png"]

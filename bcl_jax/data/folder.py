@@ -104,19 +104,19 @@ def list_class_dirs(root: str | os.PathLike) -> list[str]:
 
 
 def _list_images(root: epath.Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """({NFC class name: image paths relative to root}, {NFC class name: its folders' names})
-    from one walk of `root`; every class folder is listed, even without images."""
-    per_class: dict[str, list[str]] = collections.defaultdict(list)
+    """({NFC class name: image paths relative to root}, {NFC class name: its folders' names});
+    every class folder is listed, even without images. Each class folder is walked on its own,
+    so that a class folder that is a symlink is followed (links inside it are not)."""
+    per_class: dict[str, list[str]] = {}
     spellings: dict[str, list[str]] = collections.defaultdict(list)
-    for relative, dirs, files in _walk(root):
-        if not relative:  # root itself: its folders are the classes, its files are ignored
-            for d in dirs:
-                spellings[nfc(d)].append(d)
-                per_class.setdefault(nfc(d), [])  # a class, with images or not
-            continue
-        class_dir = relative.split("/", 1)[0]
-        per_class[nfc(class_dir)].extend(f"{relative}/{f}" for f in files if _is_image(f))
-    return dict(per_class), dict(spellings)
+    _, class_dirs, _ = next(_walk(root))  # root's files are ignored
+    for class_dir in class_dirs:
+        spellings[nfc(class_dir)].append(class_dir)
+        found = per_class.setdefault(nfc(class_dir), [])  # a class, with images or not
+        for relative, _, files in _walk(root / class_dir):
+            prefix = f"{class_dir}/{relative}".rstrip("/")
+            found.extend(f"{prefix}/{f}" for f in files if _is_image(f))
+    return per_class, dict(spellings)
 
 
 def _warn_merged(root: str, spellings: dict[str, list[str]]) -> None:
