@@ -162,3 +162,25 @@ def fake_gcs():
         cached.cache_clear()
         InMemoryGCS.store.clear()
         InMemoryGCS.pseudo_dirs[:] = ['']
+
+
+class ArraySource:
+    """A random-access source over arrays; label i of image i unless labels are given."""
+
+    def __init__(self, images, labels, num_classes):
+        self.images, self.num_classes = images, num_classes
+        self.labels = np.asarray(labels, np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {'image': self.images[int(i)], 'label': self.labels[int(i)]}
+
+
+def indexed(n, size=6, num_classes=None, labels=None):
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    if labels is None:
+        labels = np.arange(n)
+    return ArraySource(images, labels, num_classes or n)
