@@ -4,11 +4,16 @@ Images of one class share a colour, so that even the smoke configs learn somethi
 differs by a gradient and its size.
 """
 
+import contextlib
 import hashlib
 import os
 import pickle
 
+import fsspec
 import numpy as np
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import _registry as fsspec_classes
 from PIL import Image
 
 from bcl_jax.data import gldv2
@@ -83,13 +88,18 @@ def revisited_root(parent, dataset, *, database_per_landmark=3):
         imlist += [f'{name}_{100 * lm + k:06d}' for k in range(database_per_landmark)]
         qimlist.append(f'{name}_{100 * lm + 99:06d}')
         gnd.append(
-            dict(bbx=[2.0, 1.0, 18.0, 14.0], easy=[first], hard=[first + 1], junk=[first + 2])
+            {
+                'bbx': [2.0, 1.0, 18.0, 14.0],
+                'easy': [first],
+                'hard': [first + 1],
+                'junk': [first + 2],
+            }
         )
     for k, name in enumerate(imlist + qimlist):
         lm = next(i for i, p in enumerate(_REVISITED_NAMES[dataset]) if name.startswith(p))
         image(os.path.join(root, 'jpg', name + '.jpg'), 900 + k, 24, 18, base=_colour(lm))
     with open(os.path.join(root, f'gnd_{dataset}.pkl'), 'wb') as f:
-        pickle.dump(dict(imlist=imlist, qimlist=qimlist, gnd=gnd), f)
+        pickle.dump({'imlist': imlist, 'qimlist': qimlist, 'gnd': gnd}, f)
     return root
 
 
@@ -117,3 +127,60 @@ def inshop_root(root, *, train_items=10, train_per_item=3, eval_items=10, galler
         f.write(f'{len(rows)}\nimage_name item_id evaluation_status\n')
         f.write(''.join(f'{p}  {i}  {s}\n' for p, i, s, _ in rows))
     return root
+
+
+class InMemoryGCS(MemoryFileSystem):
+    """fsspec's in-memory filesystem answering for the gs:// and gcs:// protocols."""
+
+    protocol = ('gs', 'gcs')
+    store: dict = {}  # noqa: RUF012  (fsspec's class-level store, one per filesystem class)
+    pseudo_dirs: list = ['']  # noqa: RUF012
+    root_marker = ''
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for prefix in ('gs://', 'gcs://'):
+            path = path.removeprefix(prefix)
+        return path.rstrip('/')
+
+
+@contextlib.contextmanager
+def fake_gcs():
+    """gs:// paths served from memory for the duration: etils.epath sends gs:// to fsspec's
+    'gcs' filesystem (when TensorFlow is not installed), and fsspec's registry maps that name
+    to InMemoryGCS here instead of gcsfs. No network."""
+    cached = epath_backend.fsspec_backend._get_filesystem
+    for name in ('gs', 'gcs'):
+        fsspec.register_implementation(name, InMemoryGCS, clobber=True)
+    cached.cache_clear()
+    try:
+        yield
+    finally:
+        for name in ('gs', 'gcs'):
+            fsspec_classes.pop(name, None)  # back to the lazy gcsfs entry
+        cached.cache_clear()
+        InMemoryGCS.store.clear()
+        InMemoryGCS.pseudo_dirs[:] = ['']
+
+
+class ArraySource:
+    """A random-access source over arrays; label i of image i unless labels are given."""
+
+    def __init__(self, images, labels, num_classes):
+        self.images, self.num_classes = images, num_classes
+        self.labels = np.asarray(labels, np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {'image': self.images[int(i)], 'label': self.labels[int(i)]}
+
+
+def indexed(n, size=6, num_classes=None, labels=None):
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    if labels is None:
+        labels = np.arange(n)
+    return ArraySource(images, labels, num_classes or n)

@@ -1,25 +1,27 @@
-"""Tests for bcl_jax.data: the synthetic benchmark, old/new splits, the grain pipeline, build()."""
+"""Tests for bcl_jax.data: the synthetic benchmark, old/new splits and build() (the pipeline:
+test_pipeline.py)."""
 
-import json
+import logging
 
 import numpy as np
 import pytest
+from fake_datasets import indexed
 from PIL import Image
 
-import bcl_jax.data as data
-from bcl_jax.data import pipeline, splits
+from bcl_jax import data
+from bcl_jax.data import splits
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 from configs import synthetic as synthetic_config
 
-SMALL = dict(
-    image_size=12,
-    train_families=3,
-    test_siblings_per_family=2,
-    siblings_per_family=3,
-    train_images_per_class=4,
-    test_images_per_class=5,
-    queries_per_class=2,
-)
+SMALL = {
+    'image_size': 12,
+    'train_families': 3,
+    'test_siblings_per_family': 2,
+    'siblings_per_family': 3,
+    'train_images_per_class': 4,
+    'test_images_per_class': 5,
+    'queries_per_class': 2,
+}
 
 
 def _images(source):
@@ -70,7 +72,7 @@ def test_synthetic_split_sizes_and_labels():
 
 def test_query_and_gallery_are_different_images_and_not_training_images():
     bench = SyntheticBenchmark(SyntheticSpec(seed=1, **SMALL))
-    q, g, t = (_images(bench.split(n)).astype(int) for n in ('query', 'gallery', 'train'))
+    q, g, _t = (_images(bench.split(n)).astype(int) for n in ('query', 'gallery', 'train'))
     q_labels, g_labels = bench.split('query').labels, bench.split('gallery').labels
     for c in range(6):
         for qi in q[q_labels == c]:
@@ -106,10 +108,10 @@ def test_siblings_are_closer_than_other_families(seed):
 @pytest.mark.parametrize(
     'bad,match',
     [
-        (dict(queries_per_class=0), 'queries_per_class=0'),
-        (dict(queries_per_class=5, test_images_per_class=5), 'queries_per_class=5'),
-        (dict(train_families=0), 'train_families must be >= 1'),
-        (dict(image_size=0), 'image_size must be >= 1'),
+        ({'queries_per_class': 0}, 'queries_per_class=0'),
+        ({'queries_per_class': 5, 'test_images_per_class': 5}, 'queries_per_class=5'),
+        ({'train_families': 0}, 'train_families must be >= 1'),
+        ({'image_size': 0}, 'image_size must be >= 1'),
     ],
 )
 def test_synthetic_spec_validation(bad, match):
@@ -172,10 +174,10 @@ def test_old_split_images_mode():
 @pytest.mark.parametrize(
     'kw,match',
     [
-        (dict(mode='families', fraction=0.3), 'old_split'),
-        (dict(mode='classes', fraction=0.0), 'old_fraction'),
-        (dict(mode='images', fraction=1.5), 'old_fraction'),
-        (dict(mode='classes', fraction=-0.1), 'old_fraction'),
+        ({'mode': 'families', 'fraction': 0.3}, 'old_split'),
+        ({'mode': 'classes', 'fraction': 0.0}, 'old_fraction'),
+        ({'mode': 'images', 'fraction': 1.5}, 'old_fraction'),
+        ({'mode': 'classes', 'fraction': -0.1}, 'old_fraction'),
     ],
 )
 def test_old_split_bad_arguments(kw, match):
@@ -183,30 +185,8 @@ def test_old_split_bad_arguments(kw, match):
         splits.old_split(np.arange(4), 4, seed=0, **kw)
 
 
-class _ArraySource:
-    """A random-access source over arrays; label i of image i unless labels are given."""
-
-    def __init__(self, images, labels, num_classes):
-        self.images, self.num_classes = images, num_classes
-        self.labels = np.asarray(labels, np.int32)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {'image': self.images[int(i)], 'label': self.labels[int(i)]}
-
-
-def _indexed(n, size=6, num_classes=None, labels=None):
-    rng = np.random.default_rng(n)
-    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    if labels is None:
-        labels = np.arange(n)
-    return _ArraySource(images, labels, num_classes or n)
-
-
 def test_relabeled_view():
-    src = _indexed(6, labels=[0, 1, 2, 0, 1, 2], num_classes=3)
+    src = indexed(6, labels=[0, 1, 2, 0, 1, 2], num_classes=3)
     label_map = np.array([-1, 1, 0], np.int32)
     view = splits.Relabeled(src, np.array([1, 2, 4, 5]), label_map)
     assert len(view) == 4 and view.num_classes == 2
@@ -218,132 +198,6 @@ def test_relabeled_view():
     assert src[1]['label'] == 1  # the underlying source is untouched
     with pytest.raises(ValueError, match='outside the label map'):
         splits.Relabeled(src, np.array([0, 1]), label_map)
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-def _take(it, k):
-    return [next(it) for _ in range(k)]
-
-
-def test_train_stream_epochs_without_augmentation():
-    src = _indexed(24)
-    it = pipeline.train_stream(src, global_batch=8, seed=0)
-    batches = _take(it, 9)  # 3 epochs of 3 batches
-    for b in batches:
-        assert b['image'].shape == (8, 6, 6, 3) and b['label'].shape == (8,)
-    labels = np.concatenate([b['label'] for b in batches])
-    epochs = labels.reshape(3, 24)
-    for e in epochs:
-        np.testing.assert_array_equal(np.sort(e), np.arange(24))  # each example once per epoch
-    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
-    assert not np.array_equal(epochs[0], np.arange(24))  # shuffled
-    for b in batches:  # without augmentation the images are the source's, untouched
-        np.testing.assert_array_equal(b['image'], src.images[b['label']])
-
-    same = np.concatenate(
-        [b['label'] for b in _take(pipeline.train_stream(src, global_batch=8, seed=0), 9)]
-    )
-    np.testing.assert_array_equal(same, labels)
-    other = np.concatenate(
-        [b['label'] for b in _take(pipeline.train_stream(src, global_batch=8, seed=1), 9)]
-    )
-    assert not np.array_equal(other, labels)
-
-
-def test_train_stream_epochs_straddle_batches():
-    # 20 examples, batch 8: the stream is still one permutation per 20 examples.
-    it = pipeline.train_stream(_indexed(20), global_batch=8, seed=3)
-    labels = np.concatenate([b['label'] for b in _take(it, 5)])
-    for e in labels.reshape(2, 20):
-        np.testing.assert_array_equal(np.sort(e), np.arange(20))
-
-
-def _is_augmentation_of(out, img, pad):
-    """True if `out` is a crop of the reflect-padded `img`, maybe mirrored left-right."""
-    h, w = img.shape[:2]
-    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode='reflect')
-    for y in range(2 * pad + 1):
-        for x in range(2 * pad + 1):
-            window = padded[y : y + h, x : x + w]
-            if np.array_equal(out, window) or np.array_equal(out, window[:, ::-1]):
-                return True
-    return False
-
-
-def test_train_stream_augmentation():
-    src = _indexed(16, size=8)
-    it = pipeline.train_stream(src, global_batch=8, seed=0, crop_padding=2, flip=True)
-    identical = 0
-    for b in _take(it, 6):
-        assert b['image'].shape == (8, 8, 8, 3) and b['image'].dtype == np.uint8
-        assert b['label'].dtype == np.int32
-        for out, i in zip(b['image'], b['label']):
-            assert _is_augmentation_of(out, src.images[i], 2)
-            identical += np.array_equal(out, src.images[i])
-    assert identical < 48 // 2  # most crops move or flip the image
-    # Flip only: each output is the image or its mirror, and both happen.
-    it = pipeline.train_stream(src, global_batch=8, seed=0, flip=True)
-    flipped = []
-    for b in _take(it, 4):
-        for out, i in zip(b['image'], b['label']):
-            same = np.array_equal(out, src.images[i])
-            assert same or np.array_equal(out, src.images[i][:, ::-1])
-            flipped.append(not same)
-    assert 0 < sum(flipped) < len(flipped)
-
-
-def test_train_stream_resumes_on_the_next_batch():
-    src = _indexed(20, size=8)
-    kw = dict(global_batch=8, seed=4, crop_padding=2, flip=True)
-    it = pipeline.train_stream(src, **kw)
-    _take(it, 3)
-    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
-    expected = _take(it, 4)
-    resumed = pipeline.train_stream(src, **kw)
-    resumed.set_state(state)
-    got = _take(resumed, 4)
-    for a, b in zip(expected, got):
-        np.testing.assert_array_equal(a['label'], b['label'])
-        np.testing.assert_array_equal(a['image'], b['image'])
-    # A fresh iterator does not start there: the check above can fail.
-    fresh = next(pipeline.train_stream(src, **kw))
-    assert not np.array_equal(fresh['label'], expected[0]['label'])
-
-
-def test_eval_batches_cover_every_example_in_order():
-    src = _indexed(21)
-    out = list(pipeline.eval_batches(src, global_batch=8))
-    assert len(out) == 3
-    for batch, valid in out:
-        assert batch['image'].shape == (8, 6, 6, 3) and valid.shape == (8,)
-        assert valid.dtype == bool
-    valid = np.concatenate([v for _, v in out])
-    np.testing.assert_array_equal(valid, np.arange(24) < 21)
-    labels = np.concatenate([b['label'] for b, _ in out])
-    images = np.concatenate([b['image'] for b, _ in out])
-    np.testing.assert_array_equal(labels[valid], np.arange(21))
-    np.testing.assert_array_equal(images[valid], src.images)
-    # Exact multiple: no padding at all.
-    out = list(pipeline.eval_batches(_indexed(16), global_batch=8))
-    assert len(out) == 2 and all(v.all() for _, v in out)
-
-
-def test_check_source_errors():
-    pipeline.check_source(_indexed(4, labels=[0, 1, 2, 1], num_classes=3), 'ok')
-    with pytest.raises(ValueError, match='old training set: the dataset is empty'):
-        pipeline.check_source(_indexed(0, labels=[], num_classes=3), 'old training set')
-    with pytest.raises(ValueError, match=r'new training set: classes \[1, 3\] have no images'):
-        pipeline.check_source(_indexed(3, labels=[0, 2, 2], num_classes=4), 'new training set')
-
-
-def test_local_batch_size():
-    assert pipeline.local_batch_size(16) == 16  # one process holds all 8 devices
-    with pytest.raises(ValueError, match='batch size 12 is not divisible by the 8 devices'):
-        pipeline.local_batch_size(12)
-    with pytest.raises(ValueError, match='not divisible'):
-        pipeline.train_stream(_indexed(8), global_batch=4, seed=0)
 
 
 # --------------------------------------------------------------------------- build
@@ -426,3 +280,84 @@ def test_build_unknown_name():
     cfg.name = 'imagenet'
     with pytest.raises(ValueError, match="unknown data.name 'imagenet'"):
         data.build(cfg)
+
+
+def _folder_cfg(tmp_path):
+    _write_folder(tmp_path / 'train', ['a', 'b', 'c', 'd'], 3, 0)
+    _write_folder(tmp_path / 'query', ['x', 'y'], 1, 1)
+    _write_folder(tmp_path / 'gallery', ['x', 'y', 'z'], 2, 2)
+    cfg = synthetic_config.get_config('smoke').data
+    cfg.name, cfg.image_size = 'folder', 8
+    for split in ('train', 'query', 'gallery'):
+        cfg.folder[f'{split}_dir'] = str(tmp_path / split)
+    return cfg
+
+
+def test_fingerprint_is_what_the_training_data_is(tmp_path):
+    synthetic = synthetic_config.get_config('smoke').data
+    first = data.build(synthetic).fingerprint
+    assert len(first) == 16 and int(first, 16) >= 0
+    assert data.build(synthetic).fingerprint == first  # the same data, the same digest
+    synthetic.synthetic.seed = 1
+    assert data.build(synthetic).fingerprint != first  # other images
+    synthetic.synthetic.seed, synthetic.split_seed = 0, 1
+    assert data.build(synthetic).fingerprint != first  # another old split
+    synthetic.split_seed, synthetic.crop_padding = 0, 0
+    assert data.build(synthetic).fingerprint != first  # other preprocessing
+
+    cfg = _folder_cfg(tmp_path / 'here')
+    digest = data.build(cfg).fingerprint
+    (tmp_path / 'moved').mkdir()
+    for split in ('train', 'query', 'gallery'):  # the same files elsewhere: the same data
+        (tmp_path / 'here' / split).rename(tmp_path / 'moved' / split)
+        cfg.folder[f'{split}_dir'] = str(tmp_path / 'moved' / split)
+    assert data.build(cfg).fingerprint == digest
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / 'moved/train/b/extra.png')
+    assert data.build(cfg).fingerprint != digest  # one file added
+
+
+def test_single_old_class_warns(tmp_path, caplog):
+    cfg = _folder_cfg(tmp_path)  # 4 classes, old_fraction 0.3: one old class
+    with caplog.at_level(logging.WARNING):
+        d = data.build(cfg)
+    assert d.old_train.num_classes == 1
+    assert 'single class (3 images of 4 classes' in caplog.text and 'loss 0.0' in caplog.text
+    caplog.clear()
+    cfg.old_fraction = 0.5
+    with caplog.at_level(logging.WARNING):
+        data.build(cfg)
+    assert 'single class' not in caplog.text
+
+
+def test_skip_corrupt_is_one_switch_and_lists_the_files(tmp_path):
+    cfg = _folder_cfg(tmp_path)
+    bad = [tmp_path / 'train' / 'a' / 'bad.png', tmp_path / 'gallery' / 'z' / 'bad.jpg']
+    for path in bad:
+        path.write_bytes(b'not an image')
+    with pytest.raises(ValueError, match=r'bad.png .*data.skip_corrupt=True'):
+        data.build(cfg)
+    cfg.skip_corrupt = True
+    d = data.build(cfg)
+    assert d.skipped == [str(p) for p in bad]
+    assert len(d.train) == 12 and len(d.tests[0].gallery) == 6
+    cfg.folder.skip_corrupt = True  # the old per-folder switch points at the one switch
+    with pytest.raises(ValueError, match='now data.skip_corrupt'):
+        data.build(cfg)
+
+
+def test_data_roots_are_checked_up_front_naming_the_field(tmp_path):
+    cfg = _folder_cfg(tmp_path)
+    cfg.folder.gallery_dir = str(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match=r"data.folder.gallery_dir='.*nowhere' does not"):
+        data.build(cfg)
+    gld = synthetic_config.get_config('smoke').data
+    gld.name, gld.gldv2.root = 'gldv2', str(tmp_path / 'train')
+    with pytest.raises(FileNotFoundError, match=r'train_clean.csv.*data.gldv2.csv'):
+        data.build(gld)
+    gld.gldv2.root = str(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match='data.gldv2.root'):
+        data.build(gld)
+    shop = synthetic_config.get_config('smoke').data
+    shop.name, shop.inshop.root = 'inshop', str(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match='data.inshop.root'):
+        data.build(shop)

@@ -196,9 +196,26 @@ def corrupt_dir(tmp_path):
     return root
 
 
+def test_scan_finds_unreadable_headers_not_truncated_data(corrupt_dir):
+    """The header scan stops on a file that is not an image, naming it and data.skip_corrupt;
+    a truncated JPEG has a good header (only 'decode' finds it)."""
+    with pytest.raises(CorruptImageError, match="data.skip_corrupt=True") as info:
+        ImageFolder(corrupt_dir, image_size=8)
+    assert "1 of 4 images cannot be read" in str(info.value)
+    assert str(corrupt_dir / "b" / "text.png") in str(info.value)
+    assert "truncated" not in str(info.value)
+    with pytest.raises(CorruptImageError, match="2 of 4 images cannot be read"):
+        ImageFolder(corrupt_dir, image_size=8, scan="decode")
+
+
+def test_scan_mode_is_checked(corrupt_dir):
+    with pytest.raises(ValueError, match="data.scan_images='full'"):
+        ImageFolder(corrupt_dir, image_size=8, scan="full")
+
+
 @pytest.mark.parametrize("name", ["a/truncated.jpg", "b/text.png"])
 def test_corrupt_image_raises_when_read(corrupt_dir, name):
-    ds = ImageFolder(corrupt_dir, image_size=8)
+    ds = ImageFolder(corrupt_dir, image_size=8, scan="off")
     assert len(ds) == 4
     index = ds.paths.index(str(corrupt_dir / name))
     with pytest.raises(CorruptImageError, match="data.skip_corrupt=True") as info:
@@ -209,14 +226,18 @@ def test_corrupt_image_raises_when_read(corrupt_dir, name):
 
 def test_skip_corrupt_drops_bad_files(corrupt_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        ds = ImageFolder(corrupt_dir, image_size=8, skip_corrupt=True)
+        ds = ImageFolder(corrupt_dir, image_size=8, skip_corrupt=True, scan="decode")
     bad = [str(corrupt_dir / "a" / "truncated.jpg"), str(corrupt_dir / "b" / "text.png")]
     assert ds.skipped == bad and ds.num_skipped == 2
     assert [os.path.relpath(p, corrupt_dir) for p in ds.paths] == ["a/good.jpg", "b/good.png"]
+    assert ds.ids == ["a/good.jpg", "b/good.png"]
     np.testing.assert_array_equal(ds.labels, [0, 1])
     assert all(ds[i]["image"].shape == (8, 8, 3) for i in range(len(ds)))
     assert "skipping 2 unreadable image(s) of 4" in caplog.text
     assert bad[0] in caplog.text and bad[1] in caplog.text
+    # The header scan drops only the file that is not an image.
+    ds = ImageFolder(corrupt_dir, image_size=8, skip_corrupt=True)
+    assert ds.skipped == bad[1:] and len(ds) == 3
 
 
 def test_skip_corrupt_class_left_empty(corrupt_dir):
@@ -228,5 +249,38 @@ def test_skip_corrupt_class_left_empty(corrupt_dir):
 def test_load_image_is_the_one_decoder(corrupt_dir):
     """The module-level decoder is what ImageFolder uses (for other sources to share)."""
     path = str(corrupt_dir / "b" / "good.png")
-    ds = ImageFolder(corrupt_dir, image_size=8)
+    ds = ImageFolder(corrupt_dir, image_size=8, scan="off")
     np.testing.assert_array_equal(folder.load_image(path, 8), ds[ds.paths.index(path)]["image"])
+
+
+def test_class_names_are_nfc(tmp_path, caplog):
+    """'café' spelled decomposed (NFD, as macOS stores names) and composed (NFC) is one class:
+    two such folders are merged, with a warning showing both spellings' code points, and a
+    query folder in one spelling meets a gallery folder in the other."""
+    nfc_name, nfd_name = "caf\u00e9", "cafe\u0301"
+    assert nfc_name != nfd_name
+    root = tmp_path / "train"
+    _save(root / nfc_name / "1.png", _noise((6, 6)))
+    _save(root / nfd_name / "2.png", _noise((6, 6), seed=1))
+    _save(root / "tea" / "3.png", _noise((6, 6), seed=2))
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolder(root, image_size=4)
+    assert ds.classes == [nfc_name, "tea"]
+    np.testing.assert_array_equal(ds.labels, [0, 0, 1])
+    assert ds.ids == [f"{nfc_name}/1.png", f"{nfc_name}/2.png", "tea/3.png"]
+    assert "U+0065 U+0301" in caplog.text and "U+00E9" in caplog.text and "merged" in caplog.text
+
+    _save(tmp_path / "query" / nfd_name / "q.png", _noise((6, 6), seed=3))
+    _save(tmp_path / "gallery" / nfc_name / "g.png", _noise((6, 6), seed=4))
+    query, gallery = eval_folders(tmp_path / "query", tmp_path / "gallery", image_size=4)
+    assert query.classes == gallery.classes == [nfc_name]
+    np.testing.assert_array_equal(query.labels, gallery.labels)
+
+
+def test_symlinked_class_folder_is_read(tmp_path):
+    """A class folder that is a symlink (a common way to assemble a dataset) is followed."""
+    _save(tmp_path / "elsewhere" / "owl" / "1.png", _noise((6, 6)))
+    _save(tmp_path / "train" / "cat" / "2.png", _noise((6, 6), seed=1))
+    os.symlink(tmp_path / "elsewhere" / "owl", tmp_path / "train" / "owl")
+    ds = ImageFolder(tmp_path / "train", image_size=4)
+    assert ds.classes == ["cat", "owl"] and ds.ids == ["cat/2.png", "owl/1.png"]

@@ -4,12 +4,16 @@ import json
 import math
 import os
 
+import fake_datasets
 import numpy as np
 import pytest
 from PIL import Image
 
+from bcl_jax import data
 from bcl_jax.data import gldv2, splits
 from bcl_jax.data.folder import CorruptImageError
+from configs import gldv2_bct
+from configs import synthetic as synthetic_config
 
 IDS = ["abc001", "abd002", "bcd003", "bce004", "cde005", "cdf006", "def007"]
 # landmark 42: abc001 abd002 bcd003; landmark 7: bce004 cde005; landmark 1000: cdf006 def007
@@ -116,7 +120,9 @@ def test_gldv2_train_corrupt_file(tmp_path):
     _make_tree(tmp_path, IDS)
     with open(gldv2.image_path(tmp_path, IDS[0]), "wb") as f:
         f.write(b"not a jpeg")
-    ds = gldv2.GLDv2Train(csv_path, tmp_path, image_size=4)
+    with pytest.raises(CorruptImageError, match="abc001.jpg .UnidentifiedImageError"):
+        gldv2.GLDv2Train(csv_path, tmp_path, image_size=4)  # the scan finds it
+    ds = gldv2.GLDv2Train(csv_path, tmp_path, image_size=4, scan="off")
     with pytest.raises(CorruptImageError):
         ds[0]
 
@@ -286,3 +292,148 @@ def test_evaluate_retrieval_errors():
         gldv2.evaluate_retrieval(QUERY_IDS, QUERY_EMB, INDEX_IDS[:4], INDEX_EMB, sol)
     with pytest.raises(ValueError, match="duplicate"):
         gldv2.evaluate_retrieval(QUERY_IDS, QUERY_EMB, ["i0"] * 5, INDEX_EMB, sol)
+
+
+def test_evaluate_retrieval_unretrievable_index_images_are_misses():
+    """Query q's relevant images are a and b; b was skipped (no embedding). a ranks first:
+    AP@100 = (1/1) / min(2, 100) = 0.5. Without `unretrievable`, b's absence is an error."""
+    solution = {"q": (["a", "b"], "Private")}
+    index_emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)  # a, c
+    query_emb = np.array([[0.9, 0.1]], np.float32)
+    with pytest.raises(ValueError, match="not in index_ids"):
+        gldv2.evaluate_retrieval(["q"], query_emb, ["a", "c"], index_emb, solution)
+    out = gldv2.evaluate_retrieval(
+        ["q"], query_emb, ["a", "c"], index_emb, solution, unretrievable={"b"}
+    )
+    assert out["private"] == pytest.approx(0.5) and out["num_private"] == 1
+
+
+def test_retrieval_test_with_skipped_images(tmp_path):
+    """data.skip_corrupt on the GLDv2 test: an unreadable scored query is not scored, an
+    unreadable relevant index image counts as a miss. Reference: mAP@100 in numpy, over the
+    readable scored queries, each AP divided by min(#relevant including the skipped one, 100)."""
+    root = fake_datasets.gldv2_root(tmp_path / "gld", landmarks=4, queries=4)
+    solution = gldv2.read_retrieval_solution(os.path.join(root, gldv2.SOLUTION_FILE))
+    queries = gldv2.retrieval_queries(solution)
+    index_ids = gldv2.read_id_csv(os.path.join(root, gldv2.INDEX_FILE))
+    broken_query, broken_index = queries[1], solution[queries[2]][0][0]
+    for image_id, folder in ((broken_query, "test"), (broken_index, "index")):
+        with open(gldv2.image_path(root, image_id, folder), "wb") as f:
+            f.write(b"not a jpeg")
+    cfg = gldv2_bct.get_config("smoke")
+    cfg.data.gldv2.root, cfg.data.gldv2.tests = root, ("gldv2",)
+    with pytest.raises(CorruptImageError, match=broken_query):
+        gldv2.retrieval_test(cfg.data)
+    cfg.data.skip_corrupt = True
+    test = gldv2.retrieval_test(cfg.data)
+    assert test.query.ids == [q for q in queries if q != broken_query]
+    assert test.gallery.ids == [i for i in index_ids if i != broken_index]
+
+    rng = np.random.default_rng(0)
+    query_emb = rng.normal(size=(len(test.query.ids), 8))
+    index_emb = rng.normal(size=(len(test.gallery.ids), 8))
+    got = test.score(query_emb, index_emb, cfg.eval)
+    for usage in ("Public", "Private"):
+        aps = []
+        for row, q in enumerate(test.query.ids):
+            relevant, u = solution[q]
+            if u != usage:
+                continue
+            ranked = [test.gallery.ids[i] for i in np.argsort(-(index_emb @ query_emb[row]))]
+            hits = [k for k, i in enumerate(ranked[:100]) if i in relevant]
+            precision = [(n + 1) / (k + 1) for n, k in enumerate(hits)]
+            aps.append(sum(precision) / min(len(relevant), 100))
+        assert got[f"mAP@100/{usage.lower()}"] == pytest.approx(np.mean(aps), abs=1e-6)
+        assert got[f"num_{usage.lower()}"] == len(aps)
+
+
+# --- AdvBCT split lists -------------------------------------------------------------------------
+# AdvBCT's format (Ashespt/AdvBCT utils/process_dataset.py): '<path> <label>' per line, the path
+# relative to the GLDv2 root. Class list: every image of the old classes, old labels dense from
+# 0 in AdvBCT's class order (here landmark 1000 before 42). Data list: the old images with their
+# original labels (AdvBCT's numbering: 42 -> 5, 7 -> 3, 1000 -> 9).
+ADVBCT_CLASS = (
+    "train/c/d/f/cdf006.jpg 0\n"
+    "train/d/e/f/def007.jpg 0\n"
+    "train/a/b/c/abc001.jpg 1\n"
+    "train/a/b/d/abd002.jpg 1\n"
+    "train/b/c/d/bcd003.jpg 1\n"
+)
+ADVBCT_DATA = "train/a/b/c/abc001.jpg 5\ntrain/b/c/e/bce004.jpg 3\ntrain/c/d/f/cdf006.jpg 9\n"
+
+
+@pytest.mark.parametrize(
+    "text, mode, indices, old_label",
+    [
+        # bcl_jax labels: landmark 7 -> 0, 42 -> 1, 1000 -> 2 (sorted landmark ids).
+        (ADVBCT_CLASS, "classes", [0, 1, 2, 5, 6], [-1, 1, 0]),
+        (ADVBCT_DATA, "images", [0, 3, 5], [0, 1, 2]),
+    ],
+    ids=["class", "data"],
+)
+def test_split_from_advbct_round_trip(tmp_path, text, mode, indices, old_label):
+    csv_path = _write(tmp_path, "train_clean.csv", CLEAN)
+    txt = _write(tmp_path, f"gldv2_train_old_30percent_{mode}.txt", text)
+    out = tmp_path / "advbct_split.json"
+    split = gldv2.split_from_advbct(txt, csv_path, out=out, mode=mode)
+    assert split.indices.tolist() == indices and split.old_label.tolist() == old_label
+    back, meta = gldv2.read_split_file(out, image_ids=IDS)  # checksum and ids verified
+    assert back.indices.tolist() == indices and back.old_label.tolist() == old_label
+    assert (meta["fraction"], meta["mode"], meta["seed"]) == (0.3, mode, 666)
+    assert meta["source"] == f"AdvBCT split list gldv2_train_old_30percent_{mode}.txt"
+    assert meta["image_ids"] == [IDS[i] for i in indices]
+    payload = json.loads(out.read_text())
+    payload["indices"][0] = 1  # an edited file no longer matches its checksum
+    out.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        gldv2.read_split_file(out)
+
+
+@pytest.mark.parametrize(
+    "text, mode, match",
+    [
+        ("train/a/b/c/abc001.jpg\n", "classes", "line 1: expected '<image path> <label>'"),
+        ("train/x/y/z/xyz999.jpg 0\n", "classes", "line 1: image 'xyz999' is not in"),
+        ("train/a/b/c/abc001.jpg 0\n\ntrain/a/b/c/abc001.jpg 0\n", "classes", "line 3: .*repeats"),
+        ("train/a/b/c/abc001.jpg 0\ntrain/a/b/d/abd002.jpg 1\n", "classes", "line 2: an image"),
+        ("train/a/b/c/abc001.jpg 0\ntrain/b/c/e/bce004.jpg 0\n", "classes", "line 2: label 0"),
+        ("train/a/b/c/abc001.jpg 1\n", "classes", "old labels are not 0..0"),
+        ("train/a/b/c/abc001.jpg 5\n", "images", "2 classes of the training CSV have no"),
+        ("train/a/b/c/abc001.jpg 0\n", "thirds", "mode='thirds'"),
+    ],
+)
+def test_split_from_advbct_errors(tmp_path, text, mode, match):
+    csv_path = _write(tmp_path, "train_clean.csv", CLEAN)
+    txt = _write(tmp_path, "list.txt", text)
+    with pytest.raises(ValueError, match=match):
+        gldv2.split_from_advbct(txt, csv_path, out=tmp_path / "x.json", mode=mode)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_data_build_trains_on_an_advbct_split(tmp_path):
+    """data.gldv2.split_file pointing at a converted AdvBCT list: the old model's images and
+    labels are the list's, once the config records AdvBCT's fraction, mode and seed."""
+    root = fake_datasets.gldv2_root(tmp_path / "gld", landmarks=5, queries=2)
+    csv_path = os.path.join(root, "train_clean.csv")
+    image_ids, labels, _ = gldv2.read_train_csv(csv_path)
+    # Old classes 3 then 1 (AdvBCT's order), each with all its images.
+    lines = [
+        f"train/{i[0]}/{i[1]}/{i[2]}/{i}.jpg {old}\n"
+        for old, c in enumerate((3, 1))
+        for i, label in zip(image_ids, labels)
+        if label == c
+    ]
+    txt = _write(tmp_path, "gldv2_train_old_30percent_class.txt", "".join(lines))
+    out = str(tmp_path / "advbct.json")
+    gldv2.split_from_advbct(txt, csv_path, out=out)
+    cfg = synthetic_config.get_config("smoke").data
+    cfg.name, cfg.gldv2.root, cfg.gldv2.tests = "gldv2", root, ("gldv2",)
+    cfg.gldv2.split_file = out
+    with pytest.raises(ValueError, match="seed=666"):  # the config must say it is AdvBCT's
+        data.build(cfg)
+    cfg.split_seed = 666
+    built = data.build(cfg)
+    assert built.old_label.tolist() == [-1, 1, -1, 0, -1]
+    assert built.old_train.num_classes == 2 and len(built.old_train) == 8
+    first = built.old_train[0]
+    assert first["label"] == 1  # the first old image (CSV order) is of class 1: old label 1

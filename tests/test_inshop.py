@@ -126,14 +126,16 @@ def test_source_reports_missing_images(root):
     (root / ROWS[5][0]).unlink()
     (root / ROWS[7][0]).unlink()
     InShopSource(root, "train", image_size=6)  # other splits are unaffected
-    with pytest.raises(FileNotFoundError, match="2 of 3 'gallery' images") as err:
+    with pytest.raises(FileNotFoundError, match="gallery images.*2 of 3 images are missing") as err:
         InShopSource(root, "gallery", image_size=6)
     assert "id_04/01_1_front.jpg" in str(err.value) and "id_05" in str(err.value)
 
 
 def test_corrupt_image_raises_when_read(root):
     (root / ROWS[0][0]).write_bytes(b"not a jpeg")
-    source = InShopSource(root, "train", image_size=6)
+    with pytest.raises(inshop.CorruptImageError, match=ROWS[0][0]):
+        InShopSource(root, "train", image_size=6)  # the scan finds it
+    source = InShopSource(root, "train", image_size=6, scan="off")
     with pytest.raises(inshop.CorruptImageError):
         source[0]
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcl_jax.data import folder, gldv2, inshop, prepare, prepared, splits
+from bcl_jax import data
+from bcl_jax.data import folder, gldv2, images, inshop, pipeline, prepare, prepared, splits
+from configs import synthetic as synthetic_config
 
 SIZE = 12  # stored image side
 SHARD = 4  # images per shard
@@ -388,3 +390,54 @@ def test_lost_class_and_empty_split_stop(tmp_path):
     shutil.rmtree(src / "train" / "ant")
     with pytest.raises(ValueError, match="All 1 'train' images are unreadable"):
         _run("folder", src, tmp_path / "dst2")
+
+
+def test_data_name_folder_reads_prepared_shards(tmp_path):
+    """data.prepared with data.name=folder: the raw folders are not needed (nor read), the old
+    split is the manifest's, a config asking another split stops before anything trains, and
+    the training stream reads the shards."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _fake_folder(src)
+    _run("folder", src, dst, old_fraction=0.5, split_seed=3)
+    cfg = synthetic_config.get_config("smoke").data
+    cfg.name, cfg.image_size, cfg.prepared = "folder", SIZE, str(dst)
+    cfg.old_fraction, cfg.split_seed = 0.5, 3
+    built = data.build(cfg)
+    assert isinstance(built.train, prepared.PreparedSource)
+    raw = folder.ImageFolder(src / "train", image_size=SIZE)
+    assert built.train.labels.tolist() == raw.labels.tolist() and built.num_classes == 3
+    want = splits.old_split(raw.labels, 3, fraction=0.5, mode="classes", seed=3)
+    np.testing.assert_array_equal(built.old_label, want.old_label)
+    test = built.tests[0]
+    assert (len(test.query), len(test.gallery)) == (2, 4)
+    batch = next(pipeline.train_stream(built.train, global_batch=8, seed=0))
+    for image, label in zip(batch["image"], batch["label"]):  # each a shard image of its class
+        k = next(
+            k for k in range(len(raw)) if np.abs(image.astype(float) - raw[k]["image"]).mean() < 3.0
+        )
+        assert raw.labels[k] == label
+
+    cfg.split_seed = 4
+    with pytest.raises(ValueError, match="old split .*seed=3.*seed=4"):
+        data.build(cfg)
+    cfg.split_seed, cfg.prepared = 3, str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="data.prepared=.*absent"):
+        data.build(cfg)
+
+
+def test_prepared_preprocessing(gld, tmp_path):
+    """Prepared images are centre-cropped squares: 'resize' evaluation, which needs the whole
+    image, stops; random crops read the stored square at data.train_resize_size."""
+    _, dst, _, _ = gld
+    squash = images.Preprocess(8, eval_mode="resize")
+    with pytest.raises(ValueError, match="data.eval_preprocess='resize'.*centre-cropped"):
+        prepared.PreparedSource(dst, "train", image_size=8, preprocess=squash)
+    source = prepared.PreparedSource(
+        dst, "train", image_size=8, preprocess=images.Preprocess(8, train_resize_size=12)
+    )
+    record = source.train_item(0)
+    assert record["image"].shape == (12, 12, 3) and record["label"] == source.labels[0]
+    # The stored square, resized: its centre agrees with the evaluation image's.
+    np.testing.assert_allclose(
+        record["image"].mean((0, 1)), source[0]["image"].mean((0, 1)), atol=6
+    )

@@ -198,8 +198,12 @@ def test_source_missing_jpg(root):
 
 def test_source_corrupt_jpg(root):
     (root / "jpg" / f"{QUERIES[0]}.jpg").write_bytes(b"not a jpeg")
-    for crop in (True, False):
-        ds = RevisitedSource(root, "roxford5k", "query", image_size=8, crop_queries=crop)
+    with pytest.raises(CorruptImageError, match=f"{QUERIES[0]}.*data.skip_corrupt=True"):
+        RevisitedSource(root, "roxford5k", "query", image_size=8)  # the scan finds it
+    for crop in (True, False):  # Unscanned, it fails when read.
+        ds = RevisitedSource(
+            root, "roxford5k", "query", image_size=8, crop_queries=crop, scan="off"
+        )
         with pytest.raises(CorruptImageError, match=QUERIES[0]):
             ds[0]
 
@@ -265,3 +269,32 @@ def test_evaluate_mismatched_counts(root):
         evaluate(query, database[:5], gnd, crop_queries=True)
     with pytest.raises(ValueError, match="sizes differ"):
         evaluate(query, database[:, :5], gnd, crop_queries=True)
+
+
+def test_skipped_images_not_scored_or_never_retrieved(root):
+    """With skip_corrupt, an unreadable query is left out and an unreadable database image
+    stays relevant but is never retrieved. Database image 0 and query 1 are unreadable; by hand
+    (Medium, rules above): q0 ok {0,1,2}, junk {3}: ranking 4 2 1 5, ok at 1, 2 of 3 ->
+    (1/2)/2/3 + (1/2 + 2/3)/2/3 = 5/18; q2 ok {5,0,3}: ranking 5 1 2 3 4, ok at 0, 3 of 3 ->
+    1/3 + (1/3 + 2/4)/2/3 = 17/36; mAP = (5/18 + 17/36) / 2 = 3/8."""
+    (root / "jpg" / f"{DATABASE[0]}.jpg").write_bytes(b"")
+    (root / "jpg" / f"{QUERIES[1]}.jpg").write_bytes(b"broken")
+    with pytest.raises(CorruptImageError, match=DATABASE[0]):
+        RevisitedSource(root, "roxford5k", "database", image_size=8)
+    db = RevisitedSource(root, "roxford5k", "database", image_size=8, skip_corrupt=True)
+    q = RevisitedSource(root, "roxford5k", "query", image_size=8, skip_corrupt=True)
+    assert db.kept.tolist() == [1, 2, 3, 4, 5] and db.names == DATABASE[1:]
+    assert q.kept.tolist() == [0, 2] and q.skipped == [str(root / "jpg" / f"{QUERIES[1]}.jpg")]
+    crop = load_gnd(root, "roxford5k")["gnd"][2]["bbx"]  # query 2's box, not query 1's
+    np.testing.assert_array_equal(q[1]["image"], revisited.load_image(q.paths[1], 8, box=crop))
+    query, database = _embeddings()
+    result = evaluate(
+        query[q.kept],
+        database[db.kept],
+        q.gnd,
+        protocols=("medium",),
+        crop_queries=True,
+        query_kept=q.kept,
+        database_kept=db.kept,
+    )
+    assert result["medium"]["mAP"] == pytest.approx(3 / 8, abs=1e-9)

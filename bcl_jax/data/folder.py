@@ -1,6 +1,7 @@
 """Users' own images in the ImageFolder layout, for training and for query/gallery evaluation.
 
-Layout (as in torchvision's ImageFolder)::
+Layout (as in torchvision's ImageFolder), on a local disk or any filesystem etils.epath opens
+(``gs://...``)::
 
     root/
       <class_name>/          one folder per class; the folder's name is the class name
@@ -8,39 +9,46 @@ Layout (as in torchvision's ImageFolder)::
         more/img002.PNG      subfolders inside a class folder are read recursively
 
 Hidden files and folders (names starting with "."), files with other extensions and files placed
-directly in `root` are ignored. Classes are sorted by name and labelled 0..C-1, unless
+directly in `root` are ignored. Class names are Unicode NFC-normalised, so a name spelled in
+decomposed form (NFD, as macOS file systems store it) is the same class as its composed
+spelling; two folders whose names differ only so are merged into one class, with a warning that
+shows both spellings' code points. Classes are sorted by name and labelled 0..C-1, unless
 `class_names` fixes the mapping (so that query and gallery folders share one; see
 `eval_folders`). Paths are sorted, so the order is the same on every host and every run.
 
-`ImageFolder` is a grain random-access source: `ds[i]` decodes one image with PIL, converts it to
-RGB, resizes its shorter side to `image_size` (bilinear) and centre-crops it to a square, giving
-`{"image": uint8 (image_size, image_size, 3), "label": int32 scalar}`.
+`ImageFolder` is a grain random-access source: `ds[i]` decodes one image (`images.load_image`:
+RGB at the right scale for its mode, upright, shorter side resized to `image_size`,
+centre-cropped), giving `{"image": uint8 (image_size, image_size, 3), "label": int32 scalar}`.
 
 Construction raises FileNotFoundError or ValueError when `root` is missing, has no class folders
 or no images at all, has a class folder without images (an empty class cannot be trained on or
-evaluated), or has a class folder not listed in `class_names`. A file that cannot be decoded
-raises `CorruptImageError` when it is read; with `skip_corrupt=True` every file is instead
-decoded once at construction, and the bad ones are dropped and listed in `skipped`.
+evaluated), or has a class folder not listed in `class_names`. It then scans the files
+(`images.scan`): an unreadable file stops with its path, or with `skip_corrupt=True` is dropped
+and listed in `skipped`.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import os
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from etils import epath
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from bcl_jax.data import images, prepared
+from bcl_jax.data.dataset import DatasetParts, label_test, preview, require_dir
+from bcl_jax.data.images import (  # noqa: F401  (the names users of this module know)
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    ImageList,
+    check_image_size,
+    load_image,
+)
+
 _LAYOUT = "Expected the layout root/<class_name>/<image> with .jpg, .jpeg or .png images."
-_NUM_SHOWN = 5  # How many paths or names an error or warning lists before "...".
-
-
-class CorruptImageError(ValueError):
-    """An image file that PIL cannot open or decode."""
 
 
 def _is_hidden(name: str) -> bool:
@@ -51,39 +59,77 @@ def _is_image(name: str) -> bool:
     return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def preview(items) -> str:
-    """The first few of `items` for an error message, then "..." if there are more."""
-    items = list(items)
-    shown = ", ".join(str(x) for x in items[:_NUM_SHOWN])
-    return shown + (", ..." if len(items) > _NUM_SHOWN else "")
+def nfc(name: str) -> str:
+    """`name` in Unicode normal form C (composed), the one spelling of a class name."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _code_points(name: str) -> str:
+    return " ".join(f"U+{ord(c):04X}" for c in name)
+
+
+def _check_root(root: epath.Path) -> None:
+    if not root.exists():
+        raise FileNotFoundError(
+            f"Image folder {os.fspath(root)!r} does not exist; check the path in the config. "
+            + _LAYOUT
+        )
+    if not root.is_dir():
+        raise ValueError(f"Image folder {os.fspath(root)!r} is a file, not a directory. {_LAYOUT}")
+
+
+def _walk(root: epath.Path):
+    """(relative folder, sub-folder names, file names) for every folder under `root`, top
+    down, hidden folders pruned. Relative to the first folder walked: some epath filesystems
+    (fsspec's) return folder names without their gs:// prefix."""
+    top = None
+    for folder, dirs, files in root.walk():
+        folder = os.fspath(folder)
+        top = folder if top is None else top
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        yield folder[len(top) :].strip("/"), dirs, files
 
 
 def list_class_dirs(root: str | os.PathLike) -> list[str]:
     """Sorted names of the non-hidden class folders in `root`; raises if there are none."""
-    root = os.fspath(root)
-    if not os.path.exists(root):
-        raise FileNotFoundError(
-            f"Image folder {root!r} does not exist; check the path in the config. {_LAYOUT}"
-        )
-    if not os.path.isdir(root):
-        raise ValueError(f"Image folder {root!r} is a file, not a directory. {_LAYOUT}")
-    with os.scandir(root) as entries:
-        names = sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
+    root = epath.Path(root)
+    _check_root(root)
+    _, names, _ = next(_walk(root))
     if not names:
         raise ValueError(
-            f"Image folder {root!r} has no class subfolders; put each class's images in a "
-            f"folder named after the class. {_LAYOUT}"
+            f"Image folder {os.fspath(root)!r} has no class subfolders; put each class's images "
+            f"in a folder named after the class. {_LAYOUT}"
         )
-    return names
+    return sorted(names)
 
 
-def _list_images(class_dir: str) -> list[str]:
-    """All image files under `class_dir`, recursively, skipping hidden files and folders."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
-    return found
+def _list_images(root: epath.Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """({NFC class name: image paths relative to root}, {NFC class name: its folders' names});
+    every class folder is listed, even without images. Each class folder is walked on its own,
+    so that a class folder that is a symlink is followed (links inside it are not)."""
+    per_class: dict[str, list[str]] = {}
+    spellings: dict[str, list[str]] = collections.defaultdict(list)
+    _, class_dirs, _ = next(_walk(root))  # root's files are ignored
+    for class_dir in class_dirs:
+        spellings[nfc(class_dir)].append(class_dir)
+        found = per_class.setdefault(nfc(class_dir), [])  # a class, with images or not
+        for relative, _, files in _walk(root / class_dir):
+            prefix = f"{class_dir}/{relative}".rstrip("/")
+            found.extend(f"{prefix}/{f}" for f in files if _is_image(f))
+    return per_class, dict(spellings)
+
+
+def _warn_merged(root: str, spellings: dict[str, list[str]]) -> None:
+    for name, dirs in spellings.items():
+        if len(dirs) > 1:
+            logging.warning(
+                "Image folder %s: folders %s are one class name in Unicode NFC (%r, code points "
+                "%s); their images are merged into that class.",
+                root,
+                " and ".join(f"{d!r} ({_code_points(d)})" for d in sorted(dirs)),
+                name,
+                _code_points(name),
+            )
 
 
 def _check_class_names(class_names: Sequence[str], folder_classes: list[str], root: str):
@@ -91,7 +137,7 @@ def _check_class_names(class_names: Sequence[str], folder_classes: list[str], ro
         raise TypeError(f"class_names must be a sequence of names, not the string {class_names!r}.")
     duplicates = sorted(c for c, n in collections.Counter(class_names).items() if n > 1)
     if duplicates:
-        raise ValueError(f"class_names has duplicates: {preview(duplicates)}.")
+        raise ValueError(f"class_names has duplicates (after NFC): {preview(duplicates)}.")
     unknown = sorted(set(folder_classes) - set(class_names))
     if unknown:
         raise ValueError(
@@ -101,100 +147,19 @@ def _check_class_names(class_names: Sequence[str], folder_classes: list[str], ro
         )
 
 
-def check_image_size(image_size) -> int:
-    """`image_size` as an int; ValueError unless it is a positive int (not a bool)."""
-    is_int = isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool)
-    if not is_int or image_size <= 0:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
-    return int(image_size)
-
-
-def load_image(path: str, image_size: int, box=None) -> np.ndarray:
-    """Decodes `path` to uint8 RGB, shorter side resized to `image_size`, centre-cropped square.
-
-    `box` (x1, y1, x2, y2 in pixels, clipped to the image), when given, is cut out first and then
-    treated as the whole image (Revisited Oxford/Paris query crops).
-
-    Raises:
-      CorruptImageError: the file cannot be opened or decoded.
-      ValueError: `box` is empty inside the image.
-    """
-    try:
-        with Image.open(path) as img:
-            if box is None:  # A box is in full-resolution pixels: no reduced-scale decode then.
-                img.draft("RGB", (image_size, image_size))  # JPEG only: decode at a reduced scale.
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")  # Avoids PIL's warning about palette transparency.
-            img = img.convert("RGB")
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files.
-        raise CorruptImageError(
-            f"Cannot decode image {path!r} ({type(e).__name__}: {e}). Fix or delete the file, "
-            "or set data.skip_corrupt=True to skip unreadable images."
-        ) from e
-    width, height = img.size
-    x1, y1, x2, y2 = (0.0, 0.0, width, height) if box is None else (float(v) for v in box)
-    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"Bounding box {list(box)} is empty inside {path!r} ({width}x{height}).")
-    # Resizing the central square == resizing the shorter side, then centre-cropping.
-    side = min(x2 - x1, y2 - y1)
-    left, top = (x1 + x2 - side) / 2, (y1 + y2 - side) / 2
-    img = img.resize(
-        (image_size, image_size),
-        Image.Resampling.BILINEAR,
-        box=(left, top, left + side, top + side),
-    )
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _find_corrupt(paths: list[str], image_size: int) -> list[str]:
-    """The paths that fail to decode, checked in a thread pool (PIL releases the GIL)."""
-
-    def is_corrupt(path: str) -> bool:
-        try:
-            load_image(path, image_size)
-        except CorruptImageError:
-            return True
-        return False
-
-    with concurrent.futures.ThreadPoolExecutor() as pool:
-        flags = list(pool.map(is_corrupt, paths))
-    return [p for p, bad in zip(paths, flags) if bad]
-
-
-class ImageList:
-    """Random-access source (grain protocol) over image files `paths` with int32 `labels`.
-
-    ``ds[i]`` is ``{'image': uint8 (image_size, image_size, 3), 'label': int32}``, decoded by
-    `load_image`. The dataset sources (folders, GLDv2, In-shop) set the three attributes.
-    """
-
-    paths: list[str]
-    labels: np.ndarray
-    image_size: int
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        return {
-            "image": load_image(self.paths[index], self.image_size),
-            "label": np.int32(self.labels[index]),
-        }
-
-
 class ImageFolder(ImageList):
     """Random-access source (grain protocol) over `root/<class_name>/<image>`.
 
     Attributes:
       root: the folder, as a string.
       image_size: side of the square images returned.
-      classes: class names; a label is an index into this list.
+      classes: class names (NFC); a label is an index into this list.
       num_classes: len(classes).
       paths: image paths, sorted.
+      ids: each image's path relative to root ('/'-separated, NFC): what it is, wherever the
+        folder lives.
       labels: int32 array, the label of each path.
-      skipped: undecodable paths dropped at construction (only with skip_corrupt=True).
+      skipped: unreadable paths dropped by the scan (only with skip_corrupt=True).
       num_skipped: len(skipped).
     """
 
@@ -205,30 +170,54 @@ class ImageFolder(ImageList):
         image_size: int,
         class_names: Sequence[str] | None = None,
         skip_corrupt: bool = False,
+        scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
+        path = epath.Path(root)
         self.root = os.fspath(root)
         self.image_size = int(image_size)
-        folder_classes = list_class_dirs(self.root)
+        _check_root(path)
+        per_class, spellings = _list_images(path)
+        folder_classes = sorted(per_class)
+        if not folder_classes:
+            raise ValueError(
+                f"Image folder {self.root!r} has no class subfolders; put each class's images "
+                f"in a folder named after the class. {_LAYOUT}"
+            )
+        _warn_merged(self.root, spellings)
         if class_names is not None:
+            class_names = [nfc(c) for c in class_names]
             _check_class_names(class_names, folder_classes, self.root)
         self.classes = list(folder_classes if class_names is None else class_names)
         self.num_classes = len(self.classes)
-
-        per_class = {c: _list_images(os.path.join(self.root, c)) for c in folder_classes}
         if not any(per_class.values()):
             raise ValueError(
                 f"Image folder {self.root!r} has {len(folder_classes)} class folder(s) but no "
                 f"images in them (only .jpg, .jpeg and .png files are read). {_LAYOUT}"
             )
         self._check_no_empty_class(per_class, "has no images")
-        self.skipped = self._drop_corrupt(per_class) if skip_corrupt else []
-        self.num_skipped = len(self.skipped)
 
         label_of = {c: i for i, c in enumerate(self.classes)}
-        pairs = sorted((p, label_of[c]) for c, ps in per_class.items() for p in ps)
-        self.paths = [p for p, _ in pairs]
-        self.labels = np.array([label for _, label in pairs], dtype=np.int32)
+        # Sorted by id (the NFC relative path): the order of the full paths for NFC names, and
+        # one order whichever way a name is spelled on disk.
+        triples = sorted(
+            (nfc(rel), os.fspath(path / rel), label_of[c])
+            for c, rels in per_class.items()
+            for rel in rels
+        )
+        paths = [p for _, p, _ in triples]
+        keep, self.skipped = images.scan(
+            paths, what=f"Image folder {self.root}", skip_corrupt=skip_corrupt, mode=scan
+        )
+        self.paths = [paths[i] for i in keep]
+        self.ids = [triples[i][0] for i in keep]
+        self.labels = np.array([triples[i][2] for i in keep], dtype=np.int32)
+        self.num_skipped = len(self.skipped)
+        if self.skipped:
+            present = set(self.labels.tolist())
+            lost = [c for c in folder_classes if label_of[c] not in present]
+            self._check_no_empty_class({c: [] for c in lost}, "has only unreadable images")
         logging.info(
             "ImageFolder %s: %d images in %d class folders (%d classes in the mapping).",
             self.root,
@@ -246,30 +235,6 @@ class ImageFolder(ImageList):
                 + _LAYOUT
             )
 
-    def _drop_corrupt(self, per_class: dict[str, list[str]]) -> list[str]:
-        """Removes undecodable files from `per_class` in place; returns them, sorted."""
-        all_paths = sorted(p for ps in per_class.values() for p in ps)
-        bad = _find_corrupt(all_paths, self.image_size)
-        if not bad:
-            return []
-        logging.warning(
-            "ImageFolder %s: skipping %d unreadable image(s) of %d: %s",
-            self.root,
-            len(bad),
-            len(all_paths),
-            preview(bad),
-        )
-        if len(bad) == len(all_paths):
-            raise ValueError(
-                f"Image folder {self.root!r}: all {len(bad)} images are "
-                f"unreadable, e.g. {preview(bad)}."
-            )
-        bad_set = set(bad)
-        for c, ps in per_class.items():
-            per_class[c] = [p for p in ps if p not in bad_set]
-        self._check_no_empty_class(per_class, "has only unreadable images")
-        return bad
-
     def __repr__(self) -> str:
         return (
             f"ImageFolder(root={self.root!r}, images={len(self)}, "
@@ -284,16 +249,18 @@ def eval_folders(
     *,
     image_size: int,
     skip_corrupt: bool = False,
+    scan: str = "header",
+    preprocess: images.Preprocess | None = None,
 ) -> tuple[ImageFolder, ImageFolder]:
     """Query and gallery sources sharing one label mapping: the sorted union of class names.
 
     A query class without a gallery folder is allowed (its queries have no positives); a warning
     says how many there are.
     """
-    query_classes = list_class_dirs(query_dir)
-    gallery_classes = list_class_dirs(gallery_dir)
-    class_names = sorted(set(query_classes) | set(gallery_classes))
-    missing = sorted(set(query_classes) - set(gallery_classes))
+    query_classes = {nfc(c) for c in list_class_dirs(query_dir)}
+    gallery_classes = {nfc(c) for c in list_class_dirs(gallery_dir)}
+    class_names = sorted(query_classes | gallery_classes)
+    missing = sorted(query_classes - gallery_classes)
     if missing:
         logging.warning(
             "%d of %d query classes have no folder in gallery %s, so their queries have no "
@@ -303,10 +270,43 @@ def eval_folders(
             os.fspath(gallery_dir),
             preview(missing),
         )
-    query = ImageFolder(
-        query_dir, image_size=image_size, class_names=class_names, skip_corrupt=skip_corrupt
-    )
-    gallery = ImageFolder(
-        gallery_dir, image_size=image_size, class_names=class_names, skip_corrupt=skip_corrupt
-    )
+    options = {"image_size": image_size, "class_names": class_names, "skip_corrupt": skip_corrupt}
+    query = ImageFolder(query_dir, scan=scan, preprocess=preprocess, **options)
+    gallery = ImageFolder(gallery_dir, scan=scan, preprocess=preprocess, **options)
     return query, gallery
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring: data.name=folder.
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """data.name=folder: data.folder.train_dir to train on, query_dir against gallery_dir (one
+    shared label mapping) as the label mAP and Recall@K test; or all three from `data.prepared`
+    (written by `prepare --dataset=folder`, with the old split recorded there)."""
+    del workdir  # The old split is drawn from the config or read from the prepared data.
+    if cfg.prepared:
+        train, split = prepared.train_and_split(cfg)
+        query, gallery = (prepared.source(cfg, s) for s in ("query", "gallery"))
+        return DatasetParts(
+            train=train,
+            tests=[label_test("folder", query, gallery)],
+            description=f"folder (prepared {cfg.prepared})",
+            old_split=split,
+        )
+    f = cfg.folder
+    for key in ("train_dir", "query_dir", "gallery_dir"):
+        if not f[key]:
+            raise ValueError(
+                f"data.name=folder needs data.folder.{key}: a folder laid out "
+                "as <dir>/<class_name>/<image> (or data.prepared)"
+            )
+        require_dir(f[key], f"data.folder.{key}")
+    options = {**images.read_options(cfg), "preprocess": images.preprocess_from_config(cfg)}
+    train = ImageFolder(f.train_dir, image_size=cfg.image_size, **options)
+    query, gallery = eval_folders(f.query_dir, f.gallery_dir, image_size=cfg.image_size, **options)
+    return DatasetParts(
+        train=train,
+        tests=[label_test("folder", query, gallery)],
+        description=f"folder {f.train_dir}",
+    )

@@ -10,36 +10,39 @@ Files read::
 
 `read_train_csv` detects the CSV format from its header. Labels are dense 0..C-1 over the sorted
 landmark ids. `GLDv2Train` is a grain random-access source. The old model's share of the data
-(`splits.old_split`) is saved as a split file: JSON with the seed, mode and fraction, the old
-model's image ids and classes, and a sha256 checksum (`write_split`, `read_split`,
-`old_split_for`). `evaluate_retrieval` computes the challenge's mAP@100 with Public and Private
-queries reported apart.
+(`splits.old_split`) is saved as a checksummed split file (`split_file`: `write_split`,
+`read_split`; `old_split_for` draws one, `split_from_advbct` converts AdvBCT's published lists).
+`evaluate_retrieval` computes the challenge's mAP@100 with Public and Private queries reported
+apart. Paths may be local or on any etils.epath filesystem (gs://...). `build` wires
+data.name=gldv2: the training set, its recorded old split and the tests of data.gldv2.tests.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
+import io
 import os
-from collections.abc import Mapping, Sequence
+import posixpath
+from collections.abc import Collection, Mapping, Sequence
 
+import jax
 import numpy as np
+from absl import logging
+from etils import epath
 
 from bcl_jax import knn, metrics
-from bcl_jax.data.folder import (  # noqa: F401
-    CorruptImageError,
-    ImageList,
-    check_image_size,
-    load_image,
-    preview,
-)
+from bcl_jax.data import images, prepared, revisited, split_file
+from bcl_jax.data.dataset import DatasetParts, RetrievalTest, preview, require_dir, require_file
+from bcl_jax.data.images import CorruptImageError, ImageList, check_image_size  # noqa: F401
+from bcl_jax.data.split_file import read_split, read_split_file, write_split
 from bcl_jax.data.splits import OldSplit, old_split
 
 __all__ = [
+    "TESTS",
     "USAGES",
     "GLDv2Train",
     "TestImages",
+    "build",
     "evaluate_retrieval",
     "image_path",
     "old_split_for",
@@ -49,6 +52,7 @@ __all__ = [
     "read_split_file",
     "read_train_csv",
     "retrieval_queries",
+    "split_from_advbct",
     "write_split",
 ]
 
@@ -56,15 +60,16 @@ CLEAN_HEADER = ("landmark_id", "images")
 FULL_HEADER = ("id", "url", "landmark_id")
 SOLUTION_HEADER = ("id", "images", "Usage")
 USAGES = ("Public", "Private", "Ignored")
-SPLIT_FORMAT = "bcl_jax.gldv2.split/1"
 SOLUTION_FILE = "retrieval_solution_v2.1.csv"
 INDEX_FILE = "index.csv"
+TESTS = ("roxford5k", "rparis6k", "gldv2")  # data.gldv2.tests: Revisited Oxford/Paris, GLDv2's own
 
 
 def _rows(path: str):
     """Yields (1-based line number, row): first the stripped header (also for an empty file, as
     an empty tuple), then every non-blank row. Parse errors name the file and line."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+    text = epath.Path(path).read_bytes().decode("utf-8-sig")  # -sig: tolerate a byte-order mark
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         first = True
         while True:
@@ -174,7 +179,7 @@ def read_id_csv(path: str | os.PathLike) -> list[str]:
     an invalid or duplicate id, or a file without ids.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"GLDv2 id list {path!r} not found.")
     rows = _rows(path)
     _, header = next(rows)
@@ -199,7 +204,8 @@ def image_path(root: str | os.PathLike, image_id: str, folder: str = "train") ->
     """`<root>/<folder>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`; folder is train, index or test."""
     if len(image_id) < 3:
         raise ValueError(f"Image id {image_id!r} is shorter than 3 characters.")
-    return os.path.join(
+    # posixpath: joins gs://... roots too, and is fast for GLDv2's 1.6M ids.
+    return posixpath.join(
         os.fspath(root), folder, image_id[0], image_id[1], image_id[2], image_id + ".jpg"
     )
 
@@ -208,14 +214,15 @@ class GLDv2Train(ImageList):
     """Random-access source (grain protocol) over the GLDv2 training images.
 
     `ds[i]` -> {"image": uint8 (image_size, image_size, 3), "label": int32 scalar}; images are
-    decoded with `folder.load_image` (shorter side resized, centre-cropped), and an undecodable
+    decoded with `images.load_image` (shorter side resized, centre-cropped), and an undecodable
     file raises `CorruptImageError` when read.
 
-    Attributes: csv_path, root, folder, image_size, image_ids, labels (int32), landmark_ids
-    (label -> landmark id), num_classes, paths.
+    Attributes: csv_path, root, folder, image_size, image_ids (= ids), labels (int32),
+    landmark_ids (label -> landmark id), num_classes, paths, skipped.
 
-    Raises FileNotFoundError at construction, with the count and the first paths, when image
-    files are missing (`check_files=False` skips the check, e.g. for a lazily mounted bucket).
+    The files are scanned at construction (`images.scan`; `scan='off'` skips it, e.g. for a huge
+    bucket): missing or unreadable files stop with their paths, or with `skip_corrupt` are
+    dropped (a landmark left without images stops). `check_files=False` is `scan='off'`.
     """
 
     def __init__(
@@ -226,21 +233,26 @@ class GLDv2Train(ImageList):
         image_size: int,
         folder: str = "train",
         check_files: bool = True,
+        skip_corrupt: bool = False,
+        scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.csv_path, self.root, self.folder = os.fspath(csv_path), os.fspath(root), folder
         self.image_size = int(image_size)
-        self.image_ids, self.labels, self.landmark_ids = read_train_csv(self.csv_path)
+        image_ids, labels, self.landmark_ids = read_train_csv(self.csv_path)
         self.num_classes = len(self.landmark_ids)
-        self.paths = [image_path(self.root, i, folder) for i in self.image_ids]
-        if check_files:
-            missing = [p for p in self.paths if not os.path.isfile(p)]
-            if missing:
-                raise FileNotFoundError(
-                    f"GLDv2: {len(missing)} of {len(self.paths)} images listed in "
-                    f"{self.csv_path} are missing under {os.path.join(self.root, folder)}: "
-                    f"{preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
-                )
+        paths = [image_path(self.root, i, folder) for i in image_ids]
+        what = f"GLDv2 {folder} images of {self.csv_path} (<root>/{folder}/<a>/<b>/<c>/<id>.jpg)"
+        keep, self.skipped = images.scan(
+            paths, what=what, skip_corrupt=skip_corrupt, mode=scan if check_files else "off"
+        )
+        self.image_ids = [image_ids[i] for i in keep]
+        self.ids = self.image_ids
+        self.paths = [paths[i] for i in keep]
+        self.labels = labels[keep]
+        if self.skipped:
+            images.check_classes_kept(self.labels, self.landmark_ids.tolist(), f"GLDv2 {what}")
 
     def __repr__(self) -> str:
         return (
@@ -253,131 +265,42 @@ class TestImages(ImageList):
     """Random-access source over the retrieval test's `index/` or `test/` images, in `ids` order.
 
     `ds[i]['label']` is i (relevance comes from the solution file). Attributes: root, folder,
-    ids, paths, labels, num_classes, image_size. Raises FileNotFoundError naming the missing
-    images at construction.
+    ids, paths, labels, num_classes, image_size, skipped (ids dropped by the scan with
+    `skip_corrupt`: `skipped_ids`). Missing or unreadable files stop at construction with their
+    paths (see `images.scan`).
     """
 
     def __init__(
-        self, root: str | os.PathLike, folder: str, ids: Sequence[str], *, image_size: int
+        self,
+        root: str | os.PathLike,
+        folder: str,
+        ids: Sequence[str],
+        *,
+        image_size: int,
+        skip_corrupt: bool = False,
+        scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
-        self.root, self.folder, self.ids = os.fspath(root), folder, list(ids)
+        self.root, self.folder = os.fspath(root), folder
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.image_size = check_image_size(image_size)
-        self.paths = [image_path(self.root, i, folder) for i in self.ids]
+        ids = list(ids)
+        paths = [image_path(self.root, i, folder) for i in ids]
+        what = f"GLDv2 {folder} images (<root>/{folder}/<a>/<b>/<c>/<id>.jpg)"
+        keep, self.skipped = images.scan(paths, what=what, skip_corrupt=skip_corrupt, mode=scan)
+        kept = set(keep.tolist())
+        self.skipped_ids = [i for k, i in enumerate(ids) if k not in kept]
+        self.ids = [ids[k] for k in keep]
+        self.paths = [paths[k] for k in keep]
         self.labels = np.arange(len(self.ids), dtype=np.int32)
         self.num_classes = len(self.ids)
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(
-                f"GLDv2: {len(missing)} of {len(self.paths)} {folder} images are missing: "
-                f"{preview(missing)}. Expected <root>/{folder}/<a>/<b>/<c>/<id>.jpg."
-            )
 
     def __repr__(self) -> str:
         return f"TestImages(root={self.root!r}, folder={self.folder!r}, images={len(self)})"
 
 
 # ---------------------------------------------------------------------------------------------
-# Split files.
-
-
-def _canonical(payload: Mapping) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def write_split(
-    path: str | os.PathLike,
-    split: OldSplit,
-    *,
-    image_ids: Sequence[str],
-    seed: int,
-    mode: str,
-    fraction: float,
-) -> None:
-    """Writes the old model's share as JSON: metadata, old image ids and indices, old classes.
-
-    `old_classes` lists the (new) labels of the old classes in old-label order; `sha256` is the
-    hex digest of the canonical JSON (sorted keys, no spaces) of every other field. The same
-    inputs give byte-identical files.
-    """
-    indices = np.asarray(split.indices, dtype=np.int64)
-    old_label = np.asarray(split.old_label)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(image_ids)):
-        raise ValueError(f"split indices out of range for {len(image_ids)} image ids.")
-    old_classes = np.flatnonzero(old_label >= 0)
-    old_classes = old_classes[np.argsort(old_label[old_classes], kind="stable")]
-    if not np.array_equal(old_label[old_classes], np.arange(old_classes.size)):
-        raise ValueError("split.old_label does not number the old classes densely from 0.")
-    payload = {
-        "format": SPLIT_FORMAT,
-        "seed": int(seed),
-        "mode": str(mode),
-        "fraction": float(fraction),
-        "num_images": len(image_ids),
-        "num_classes": int(old_label.size),
-        "old_classes": old_classes.tolist(),
-        "indices": indices.tolist(),
-        "image_ids": [image_ids[i] for i in indices.tolist()],
-    }
-    payload["sha256"] = hashlib.sha256(_canonical(payload)).hexdigest()
-    text = json.dumps(payload, sort_keys=True, indent=1) + "\n"
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_split(path: str | os.PathLike, *, image_ids: Sequence[str] | None = None) -> OldSplit:
-    """Reads and verifies a split file; returns its OldSplit (see `read_split_file`)."""
-    return read_split_file(path, image_ids=image_ids)[0]
-
-
-def read_split_file(
-    path: str | os.PathLike, *, image_ids: Sequence[str] | None = None
-) -> tuple[OldSplit, dict]:
-    """Reads and verifies a split file; returns (OldSplit, metadata).
-
-    metadata holds seed, mode, fraction, num_images, num_classes and the old image ids. With
-    `image_ids` (the full training list), also checks that the file was drawn from that list.
-
-    Raises ValueError naming the file on a bad format, a checksum mismatch or an id mismatch.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a valid split file ({e}).") from e
-    if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"{path}: not a split file of format {SPLIT_FORMAT!r}.")
-    stored = payload.pop("sha256", None)
-    actual = hashlib.sha256(_canonical(payload)).hexdigest()
-    if stored != actual:
-        raise ValueError(
-            f"{path}: checksum mismatch (stored {stored}, computed {actual}); the split file was "
-            "modified or truncated. Regenerate it with old_split_for."
-        )
-    indices = np.asarray(payload["indices"], dtype=np.int64)
-    if len(payload["image_ids"]) != indices.size:
-        raise ValueError(f"{path}: {indices.size} indices but {len(payload['image_ids'])} ids.")
-    if image_ids is not None:
-        if len(image_ids) != payload["num_images"]:
-            raise ValueError(
-                f"{path}: drawn from {payload['num_images']} images, but the given list has "
-                f"{len(image_ids)}."
-            )
-        wrong = [i for i, s in zip(indices.tolist(), payload["image_ids"]) if image_ids[i] != s]
-        if wrong:
-            raise ValueError(
-                f"{path}: {len(wrong)} indices point at other image ids in the given list, e.g. "
-                f"index {wrong[0]}; the split was drawn from a different CSV."
-            )
-    old_label = np.full(payload["num_classes"], -1, np.int32)
-    old_label[np.asarray(payload["old_classes"], dtype=np.int64)] = np.arange(
-        len(payload["old_classes"]), dtype=np.int32
-    )
-    meta = {k: payload[k] for k in ("seed", "mode", "fraction", "num_images", "num_classes")}
-    meta["image_ids"] = list(payload["image_ids"])
-    return OldSplit(indices=indices, old_label=old_label), meta
+# Old splits of a training CSV.
 
 
 def old_split_for(
@@ -397,6 +320,32 @@ def old_split_for(
     split = old_split(labels, len(landmark_ids), fraction=fraction, mode=mode, seed=seed)
     if out is not None:
         write_split(out, split, image_ids=image_ids, seed=seed, mode=mode, fraction=fraction)
+    return split
+
+
+def split_from_advbct(
+    txt_path: str | os.PathLike,
+    csv_path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    mode: str = "classes",
+    fraction: float = 0.3,
+    seed: int = 666,
+) -> OldSplit:
+    """AdvBCT's published GLDv2 old split (`split_file.from_advbct`: its
+    gldv2_train_old_30percent_class.txt, mode 'classes', or ..._data.txt, mode 'images') over
+    the training CSV, written to `out` as a checksummed split file.
+
+    `fraction` and `seed` are recorded as AdvBCT drew them (30%, numpy seed 666): train with
+    data.gldv2.split_file=`out`, data.old_split=`mode`, data.old_fraction=`fraction` and
+    data.split_seed=`seed`.
+    """
+    image_ids, labels, _ = read_train_csv(csv_path)
+    split = split_file.from_advbct(txt_path, image_ids, labels, mode=mode)
+    source = f"AdvBCT split list {posixpath.basename(os.fspath(txt_path))}"
+    write_split(
+        out, split, image_ids=image_ids, seed=seed, mode=mode, fraction=fraction, source=source
+    )
     return split
 
 
@@ -463,6 +412,7 @@ def evaluate_retrieval(
     solution: Mapping[str, tuple[Sequence[str], str]],
     k: int = 100,
     block: int | tuple[int, int] = (1024, 32768),
+    unretrievable: Collection[str] = (),
 ) -> dict[str, float | int]:
     """GLDv2 retrieval mAP@k (dot-product ranking), Public and Private queries apart.
 
@@ -473,9 +423,12 @@ def evaluate_retrieval(
 
     Returns {'public', 'private': mAP@k (NaN when no such query), 'num_public', 'num_private'}.
 
+    `unretrievable`: solution index ids that have no embedding (images skipped as unreadable):
+    they stay relevant but are never retrieved, so they count as misses.
+
     Raises ValueError on embedding/id count mismatches, duplicate ids, scored solution query ids
     absent from `query_ids` (Ignored ones need not be embedded), or solution index ids absent
-    from `index_ids` (a few are named).
+    from `index_ids` and not in `unretrievable` (a few are named).
     """
     query_emb, index_emb = np.asarray(query_emb), np.asarray(index_emb)
     if query_emb.ndim != 2 or index_emb.ndim != 2:
@@ -494,6 +447,8 @@ def evaluate_retrieval(
             f"{len(absent_q)} scored (Public/Private) solution query ids are not in query_ids: "
             f"{preview(absent_q)}."
         )
+    # Never-retrieved positions for unembedded relevant images: distinct, below every index row.
+    i_pos = i_pos | {i: -1 - n for n, i in enumerate(sorted(set(unretrievable) - set(i_pos)))}
     absent_i = sorted({i for imgs, _ in solution.values() for i in imgs if i not in i_pos})
     if absent_i:
         raise ValueError(
@@ -522,3 +477,118 @@ def evaluate_retrieval(
         positives = [[i_pos[i] for i in imgs] for _, imgs in scored]
         result[name], _ = metrics.map_at_k(np.asarray(idx), positives, k=k)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring: data.name=gldv2.
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """The GLDv2 training set (raw files, or `data.prepared`), its recorded old split, and the
+    tests of data.gldv2.tests in that order."""
+    g = cfg.gldv2
+    unknown = set(g.tests) - set(TESTS)
+    if unknown:
+        raise ValueError(f"data.gldv2.tests has {sorted(unknown)}; use some of {TESTS}.")
+    if cfg.prepared:
+        train, split = prepared.train_and_split(cfg)
+    else:
+        if not g.root:
+            raise ValueError("data.name=gldv2 needs data.gldv2.root (or data.prepared).")
+        require_dir(g.root, "data.gldv2.root")
+        csv_path = os.path.join(g.root, g.csv)
+        require_file(csv_path, "data.gldv2.csv", "GLDv2 training CSV")
+        options = {**images.read_options(cfg), "preprocess": images.preprocess_from_config(cfg)}
+        train = GLDv2Train(csv_path, g.root, image_size=cfg.image_size, **options)
+        split = _recorded_split(cfg, train, workdir)
+    tests = [
+        retrieval_test(cfg) if name == "gldv2" else revisited.retrieval_test(cfg, name)
+        for name in g.tests
+    ]
+    description = f"GLDv2 {os.path.basename(g.csv)} ({g.root or cfg.prepared})"
+    return DatasetParts(train=train, tests=tests, description=description, old_split=split)
+
+
+def _recorded_split(cfg, train: GLDv2Train, workdir: str | None) -> OldSplit:
+    """The old split from data.gldv2.split_file, or drawn and saved there (default: the workdir)."""
+    path = cfg.gldv2.split_file or (workdir and os.path.join(workdir, "old_split.json"))
+    asked = {"fraction": cfg.old_fraction, "mode": cfg.old_split, "seed": cfg.split_seed}
+    if path and epath.Path(path).exists():
+        split, meta = read_split_file(path, image_ids=train.image_ids)
+        if any(meta[k] != v for k, v in asked.items()):
+            raise ValueError(
+                f"{path} holds the split fraction={meta['fraction']} mode={meta['mode']} "
+                f"seed={meta['seed']}, but the config asks for {asked}; point "
+                "data.gldv2.split_file elsewhere or match the config to the file."
+            )
+        return split
+    split = old_split(train.labels, train.num_classes, **asked)
+    if path and jax.process_index() == 0:
+        write_split(path, split, image_ids=train.image_ids, **asked)
+    return split
+
+
+def retrieval_test(cfg) -> RetrievalTest:
+    """GLDv2's retrieval test: the solution's scored queries against index.csv's images, from
+    the raw files or from `data.prepared` (which holds a copy of the solution file)."""
+    g = cfg.gldv2
+    solution_path = os.path.join(cfg.prepared or g.root, SOLUTION_FILE)
+    where = "data.prepared" if cfg.prepared else "data.gldv2.root"
+    require_file(solution_path, where, "GLDv2 retrieval solution (data.gldv2.tests has 'gldv2')")
+    solution = read_retrieval_solution(solution_path)
+    if cfg.prepared:
+        query, index = (prepared.source(cfg, split) for split in ("test", "index"))
+    else:
+        index_csv = os.path.join(g.root, INDEX_FILE)
+        require_file(
+            index_csv, "data.gldv2.root", "GLDv2 index list (data.gldv2.tests has 'gldv2')"
+        )
+        options = {
+            "image_size": cfg.image_size,
+            "preprocess": images.preprocess_from_config(cfg),
+            **images.read_options(cfg),
+        }
+        query = TestImages(g.root, "test", retrieval_queries(solution), **options)
+        index = TestImages(g.root, "index", read_id_csv(index_csv), **options)
+    solution = _scorable(solution, query, index)
+
+    def score(query_emb, gallery_emb, eval_cfg):
+        out = evaluate_retrieval(
+            query.ids,
+            query_emb,
+            index.ids,
+            gallery_emb,
+            solution,
+            unretrievable=set(getattr(index, "skipped_ids", ())),
+        )
+        return {
+            "mAP@100/private": out["private"],
+            "mAP@100/public": out["public"],
+            "num_private": out["num_private"],
+            "num_public": out["num_public"],
+        }
+
+    return RetrievalTest(
+        "gldv2",
+        query,
+        index,
+        score,
+        protocol="GLDv2 retrieval test: mAP@100, Private and Public queries apart",
+        columns=("mAP@100/private", "mAP@100/public"),
+    )
+
+
+def _scorable(solution: dict, query, index) -> dict:
+    """`solution` without the scored queries that were skipped as unreadable (they cannot be
+    embedded), with a warning; relevant index images that were skipped stay, as misses."""
+    skipped = set(getattr(query, "skipped_ids", ()))
+    if not skipped and not getattr(index, "skipped_ids", ()):
+        return solution
+    kept = {q: v for q, v in solution.items() if q not in skipped}
+    logging.warning(
+        "GLDv2 retrieval test: %d scored queries and %d index images were skipped as unreadable; "
+        "the queries are not scored, the index images count as never retrieved.",
+        len(solution) - len(kept),
+        len(getattr(index, "skipped_ids", ())),
+    )
+    return kept

@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 from bcl_jax import metrics
-from bcl_jax.data.folder import (  # noqa: F401
-    CorruptImageError,
-    ImageList,
-    check_image_size,
-    load_image,
-    preview,
-)
+from bcl_jax.data import images, prepared
+from bcl_jax.data.dataset import DatasetParts, label_test, require_dir
+from bcl_jax.data.images import CorruptImageError, ImageList, check_image_size  # noqa: F401
 
 PARTITION_FILE = "list_eval_partition.txt"
 SPLITS = ("train", "query", "gallery")
@@ -80,14 +78,14 @@ def read_partition(root: str | os.PathLike) -> dict[str, Partition]:
         the number of rows, a wrong header, a row without exactly 3 columns, an unknown status,
         an image listed twice, or an item id both in train and in query/gallery.
     """
-    path = os.path.join(os.fspath(root), PARTITION_FILE)
-    if not os.path.isfile(path):
+    path = posixpath.join(os.fspath(root), PARTITION_FILE)
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(
             f"In-shop partition file {path!r} not found; expected {PARTITION_FILE} and img/ "
             "in the dataset root (DeepFashion In-shop Clothes Retrieval layout)."
         )
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, line.split()) for n, line in enumerate(f, start=1)]
+    text = epath.Path(path).read_bytes().decode("utf-8")
+    lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), start=1)]
     lines = [(n, cols) for n, cols in lines if cols]  # blank lines carry nothing
 
     def error(line_no: int, msg: str) -> ValueError:
@@ -154,15 +152,19 @@ class InShopSource(ImageList):
     """Random-access source (grain protocol) over one In-shop split.
 
     `ds[i]` is `{"image": uint8 (image_size, image_size, 3), "label": int32 scalar}`, decoded by
-    `folder.load_image` (RGB, shorter side resized, centre crop); an undecodable file raises
-    `CorruptImageError` when read.
+    `images.load_image` (RGB, shorter side resized, centre crop); an undecodable file raises
+    `CorruptImageError` when read. The files are scanned at construction (`images.scan`):
+    missing or unreadable ones stop with their paths, or with `skip_corrupt` are dropped (a
+    training item left without images stops).
 
     Attributes:
       root, split, image_size: as given.
-      paths: absolute image paths, in partition-file order.
+      paths: image paths under root, in partition-file order.
+      ids: the paths as the partition file lists them (relative to root).
       item_ids: the item id of each image.
       labels: int32 array, the label of each image.
       classes: item ids of the label space; num_classes = len(classes).
+      skipped: paths dropped as unreadable.
     """
 
     def __init__(
@@ -172,25 +174,28 @@ class InShopSource(ImageList):
         *,
         image_size: int,
         partition: dict[str, Partition] | None = None,
+        skip_corrupt: bool = False,
+        scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.root, self.split, self.image_size = os.fspath(root), split, int(image_size)
         part = (read_partition(self.root) if partition is None else partition)[split]
         if not len(part):
             raise ValueError(f"In-shop {self.root!r}: {PARTITION_FILE} lists no {split!r} images.")
-        self.paths = [os.path.join(self.root, p) for p in part.paths]
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(
-                f"In-shop {self.root!r}: {len(missing)} of {len(self.paths)} {split!r} images "
-                f"listed in {PARTITION_FILE} are missing, e.g. {preview(missing)}."
-            )
-        self.item_ids = list(part.item_ids)
-        self.labels = part.labels
+        paths = [posixpath.join(self.root, p) for p in part.paths]
+        what = f"In-shop {self.root} {split} images (listed in {PARTITION_FILE})"
+        keep, self.skipped = images.scan(paths, what=what, skip_corrupt=skip_corrupt, mode=scan)
+        self.paths = [paths[i] for i in keep]
+        self.ids = [part.paths[i] for i in keep]
+        self.item_ids = [part.item_ids[i] for i in keep]
+        self.labels = part.labels[keep]
         self.classes = list(part.classes)
         self.num_classes = part.num_classes
+        if self.skipped and split == "train":
+            images.check_classes_kept(self.labels, self.classes, what)
         logging.info(
             "In-shop %s %s: %d images, %d items in the label space.",
             self.root,
@@ -227,4 +232,34 @@ def evaluate(
         ks=KS,
         query_block=query_block,
         exclude_self=False,
+    )
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """In-shop's training items, and its query/gallery test (Recall@{1,10,...,50} and mAP), from
+    data.inshop.root or from `data.prepared` (with the old split recorded there)."""
+    del workdir  # The old split is drawn from the config (or read from the prepared data).
+    split = None
+    if cfg.prepared:
+        train, split = prepared.train_and_split(cfg)
+        query, gallery = (prepared.source(cfg, s) for s in ("query", "gallery"))
+    else:
+        root = cfg.inshop.root
+        if not root:
+            raise ValueError("data.name=inshop needs data.inshop.root (or data.prepared).")
+        require_dir(root, "data.inshop.root")
+        partition = read_partition(root)
+        options = {
+            "image_size": cfg.image_size,
+            "partition": partition,
+            "preprocess": images.preprocess_from_config(cfg),
+            **images.read_options(cfg),
+        }
+        train, query, gallery = (InShopSource(root, s, **options) for s in SPLITS)
+    test = label_test("inshop", query, gallery, ks=KS, protocol="In-shop Recall@K and mAP")
+    return DatasetParts(
+        train=train,
+        tests=[test],
+        description=f"In-shop {cfg.inshop.root or cfg.prepared}",
+        old_split=split,
     )

@@ -15,12 +15,12 @@ Splits:
   folder  train from <src>/train; query and gallery from <src>/query and <src>/gallery when
           both exist (class folders, as `folder.ImageFolder`).
 
-Every image is decoded with `folder.load_image` (RGB, shorter side resized to image_size,
+Every image is decoded with `images.load_image` (RGB, shorter side resized to image_size,
 centre-cropped) in a thread pool and stored as JPEG bytes, one record per image, in
 `<split>-<k>-of-<n>.array_record` shards of `shard_size` images. Written to dst as well:
 `<split>.labels.npy` (int32), `<split>.ids.txt` (GLDv2 image ids, else paths relative to src),
 `unreadable.txt` (split<TAB>path<TAB>error), `old_split.json` (the old model's share of train,
-`gldv2.write_split`), `prepare_args.json`, and `manifest.json`, last.
+`split_file.write_split`), `prepare_args.json`, and `manifest.json`, last.
 
 Unreadable or missing images are dropped, listed and warned about; a train class left without
 images, or a split left empty, stops the run. Each finished shard is renamed into place and gets a
@@ -38,15 +38,18 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 
 import numpy as np
 import tqdm
 from absl import app, flags, logging
 from array_record.python import array_record_module
+from etils import epath
 from PIL import Image
 
-from bcl_jax.checkpoint import write_atomic
-from bcl_jax.data import folder, gldv2, inshop, prepared, splits
+from bcl_jax.data import folder, gldv2, images, inshop, prepared, split_file, splits
+from bcl_jax.data.dataset import preview
+from bcl_jax.data.storage import absolute, write_atomic
 
 DATASETS = ("gldv2", "inshop", "folder")
 ARGS_FILE = "prepare_args.json"
@@ -71,8 +74,10 @@ class SplitList:
     classes: list[str] | None
 
 
-def _relative(paths: list[str], src: str) -> list[str]:
-    return [os.path.relpath(p, src) for p in paths]
+def _in_src(source: folder.ImageFolder, src: str) -> list[str]:
+    """The source's ids (paths relative to its folder, NFC) as paths relative to `src`."""
+    prefix = posixpath.relpath(source.root, src)
+    return [f"{prefix}/{i}" for i in source.ids]
 
 
 def list_splits(
@@ -81,7 +86,7 @@ def list_splits(
     """The splits of the raw dataset in `src`, and extra files to copy: {name in dst: path}."""
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}.")
-    if not os.path.isdir(src):
+    if not epath.Path(src).is_dir():
         raise FileNotFoundError(f"Source directory {src!r} does not exist (--src).")
     if dataset == "gldv2":
         return _gldv2_splits(src, csv)
@@ -90,20 +95,20 @@ def list_splits(
         result = []
         for name in inshop.SPLITS:
             part = partition[name]
-            paths = [os.path.join(src, p) for p in part.paths]
+            paths = [posixpath.join(src, p) for p in part.paths]
             result.append(SplitList(name, paths, list(part.paths), part.labels, list(part.classes)))
         return result, {}
-    train = folder.ImageFolder(os.path.join(src, "train"), image_size=1)
-    result = [
-        SplitList("train", train.paths, _relative(train.paths, src), train.labels, train.classes)
-    ]
-    query_dir, gallery_dir = os.path.join(src, "query"), os.path.join(src, "gallery")
-    if os.path.isdir(query_dir) and os.path.isdir(gallery_dir):
-        for source in folder.eval_folders(query_dir, gallery_dir, image_size=1):
-            name = os.path.basename(source.root)
-            ids = _relative(source.paths, src)
+    # Unreadable files are found and listed while encoding: no scan here.
+    train = folder.ImageFolder(posixpath.join(src, "train"), image_size=1, scan="off")
+    result = [SplitList("train", train.paths, _in_src(train, src), train.labels, train.classes)]
+    query_dir, gallery_dir = posixpath.join(src, "query"), posixpath.join(src, "gallery")
+    has_query, has_gallery = epath.Path(query_dir).is_dir(), epath.Path(gallery_dir).is_dir()
+    if has_query and has_gallery:
+        for source in folder.eval_folders(query_dir, gallery_dir, image_size=1, scan="off"):
+            name = posixpath.basename(source.root)
+            ids = _in_src(source, src)
             result.append(SplitList(name, source.paths, ids, source.labels, source.classes))
-    elif os.path.isdir(query_dir) or os.path.isdir(gallery_dir):
+    elif has_query or has_gallery:
         logging.warning(
             "%s has only one of query/ and gallery/; both are needed, so neither is prepared.", src
         )
@@ -111,8 +116,8 @@ def list_splits(
 
 
 def _gldv2_splits(src: str, csv: str) -> tuple[list[SplitList], dict[str, str]]:
-    csv_path = os.path.join(src, csv)
-    if not os.path.isfile(csv_path):
+    csv_path = posixpath.join(src, csv)
+    if not epath.Path(csv_path).is_file():
         raise FileNotFoundError(
             f"GLDv2 training CSV {csv_path!r} not found; pass --csv=train_clean.csv or train.csv "
             "(a file in --src)."
@@ -121,9 +126,9 @@ def _gldv2_splits(src: str, csv: str) -> tuple[list[SplitList], dict[str, str]]:
     paths = [gldv2.image_path(src, i, "train") for i in image_ids]
     classes = [str(x) for x in landmark_ids.tolist()]
     result = [SplitList("train", paths, image_ids, labels, classes)]
-    index_csv = os.path.join(src, gldv2.INDEX_FILE)
-    solution_csv = os.path.join(src, gldv2.SOLUTION_FILE)
-    if not (os.path.isfile(index_csv) and os.path.isfile(solution_csv)):
+    index_csv = posixpath.join(src, gldv2.INDEX_FILE)
+    solution_csv = posixpath.join(src, gldv2.SOLUTION_FILE)
+    if not (epath.Path(index_csv).is_file() and epath.Path(solution_csv).is_file()):
         logging.warning(
             "GLDv2: %s and %s are not both in %s; only train is prepared (no retrieval test).",
             gldv2.INDEX_FILE,
@@ -150,13 +155,12 @@ def shard_name(split: str, k: int, n: int) -> str:
 
 def _encode(path: str, *, image_size: int, quality: int) -> tuple[bytes | None, str | None]:
     """(JPEG bytes, None), or (None, why) for a missing or undecodable file."""
-    if not os.path.isfile(path):
-        return None, "file not found"
     try:
-        image = folder.load_image(path, image_size)
-    except folder.CorruptImageError as e:
-        cause = e.__cause__
-        return None, (f"{type(cause).__name__}: {cause}" if cause else str(e)).replace("\n", " ")
+        image = images.load_image(path, image_size)
+    except FileNotFoundError:
+        return None, "file not found"
+    except images.CorruptImageError as e:
+        return None, e.reason
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue(), None
@@ -171,7 +175,7 @@ def _write_shard(path: str, records: list[bytes]) -> None:
             writer.write(record)
     finally:
         writer.close()
-    os.replace(tmp, path)
+    epath.Path(tmp).replace(path)
 
 
 def _list_digest(ids: list[str], labels: np.ndarray) -> str:
@@ -201,10 +205,9 @@ def _prepare_split(
             name = shard_name(part.name, k, num_shards)
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
             digest = _list_digest(part.ids[start:stop], part.labels[start:stop])
-            shard, sidecar = os.path.join(dst, name), os.path.join(dst, name + ".json")
-            if os.path.isfile(sidecar) and os.path.isfile(shard):
-                with open(sidecar, encoding="utf-8") as f:
-                    done = json.load(f)
+            shard, sidecar = posixpath.join(dst, name), posixpath.join(dst, name + ".json")
+            if epath.Path(sidecar).is_file() and epath.Path(shard).is_file():
+                done = json.loads(epath.Path(sidecar).read_text(encoding="utf-8"))
                 if done["list_sha256"] != digest:
                     raise ValueError(
                         f"{sidecar}: images {start}..{stop - 1} of {part.name!r} differ from "
@@ -234,7 +237,7 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
     if not kept:
         raise ValueError(
             f"All {len(part.paths)} {part.name!r} images are unreadable or missing, e.g. "
-            f"{folder.preview(u['path'] for u in unreadable)}; check --src."
+            f"{preview(u['path'] for u in unreadable)}; check --src."
         )
     if unreadable:
         logging.warning(
@@ -242,7 +245,7 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
             len(unreadable),
             len(part.paths),
             part.name,
-            folder.preview(f"{u['path']} ({u['error']})" for u in unreadable),
+            preview(f"{u['path']} ({u['error']})" for u in unreadable),
         )
     if part.name == "train":
         counts = np.bincount(part.labels[kept], minlength=len(part.classes))
@@ -250,7 +253,7 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
         if empty:
             raise ValueError(
                 f"{len(empty)} train class(es) have no readable image left: "
-                f"{folder.preview(empty)}. Fix or restore their files (see the unreadable list "
+                f"{preview(empty)}. Fix or restore their files (see the unreadable list "
                 "above), or remove the classes from the source list."
             )
 
@@ -261,10 +264,9 @@ def _check_kept(part: SplitList, kept: list[int], unreadable: list[dict]) -> Non
 
 def _check_args(dst: str, args: dict) -> None:
     """Records the arguments on a first run; stops a rerun with other arguments."""
-    path = os.path.join(dst, ARGS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+    path = posixpath.join(dst, ARGS_FILE)
+    if epath.Path(path).is_file():
+        saved = json.loads(epath.Path(path).read_text(encoding="utf-8"))
         diffs = [
             f"{k}: {saved.get(k)!r} there, {args.get(k)!r} now"
             for k in sorted(set(saved) | set(args))
@@ -276,13 +278,91 @@ def _check_args(dst: str, args: dict) -> None:
                 "--dst, delete this one, or rerun with the same arguments to resume it."
             )
         return
-    ours = [n for n in os.listdir(dst) if n == prepared.MANIFEST or n.endswith(".array_record")]
+    names = [p.name for p in epath.Path(dst).iterdir()]
+    ours = [n for n in names if n == prepared.MANIFEST or n.endswith(".array_record")]
     if ours:
         raise ValueError(
-            f"{dst} holds prepared files ({folder.preview(sorted(ours))}) but no {ARGS_FILE}; "
+            f"{dst} holds prepared files ({preview(sorted(ours))}) but no {ARGS_FILE}; "
             "use a fresh --dst."
         )
     write_atomic(path, _dumps(args))
+
+
+def _check_arguments(dataset, image_size, quality, shard_size, workers, old_fraction, old_split):
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}.")
+    for key, value, low, high in (
+        ("image_size", image_size, 1, None),
+        ("quality", quality, 1, 100),
+        ("shard_size", shard_size, 1, None),
+        ("workers", workers if workers is not None else 1, 1, None),
+    ):
+        if not isinstance(value, int) or value < low or (high is not None and value > high):
+            limit = f"in [{low}, {high}]" if high else f">= {low}"
+            raise ValueError(f"--{key}={value!r} must be an int {limit}.")
+    if old_split not in splits.MODES or not 0 < old_fraction <= 1:
+        raise ValueError(
+            f"--old_split={old_split!r} must be one of {splits.MODES} and --old_fraction="
+            f"{old_fraction} in (0, 1]."
+        )
+
+
+def _listed_parts(dataset: str, src: str, csv: str) -> tuple[list[SplitList], dict[str, str]]:
+    """The source's non-empty splits (train must have images) and its extra files."""
+    parts, extra_files = list_splits(dataset, src, csv=csv)
+    if not parts[0].paths:
+        raise ValueError(f"{src}: the {dataset} source lists no train images.")
+    for part in [p for p in parts if not p.paths]:
+        logging.warning(
+            "%s: the %s source lists no %s images; split skipped.", src, dataset, part.name
+        )
+    parts = [p for p in parts if p.paths]
+    for part in parts:
+        bad = [i for i in part.ids if "\n" in i or "\r" in i]
+        if bad:
+            raise ValueError(f"{part.name}: ids with line breaks cannot be stored: {bad[:3]}.")
+    return parts, extra_files
+
+
+def _write_lists(part: SplitList, dst: str, kept: list[int]) -> tuple[dict, tuple]:
+    """Writes the kept images' labels and ids -> (manifest entry without shards, (ids, labels,
+    num_classes))."""
+    ids = [part.ids[i] for i in kept]
+    if part.classes is None:  # Every image its own class: labels are positions.
+        labels, classes, num_classes = np.arange(len(kept), dtype=np.int32), None, len(kept)
+    else:
+        labels, classes = part.labels[kept].astype(np.int32), part.classes
+        num_classes = len(classes)
+    buffer = io.BytesIO()
+    np.save(buffer, labels, allow_pickle=False)
+    ids_text = "".join(i + "\n" for i in ids).encode("utf-8")
+    write_atomic(posixpath.join(dst, prepared.labels_file(part.name)), buffer.getvalue())
+    write_atomic(posixpath.join(dst, prepared.ids_file(part.name)), ids_text)
+    entry = {
+        "count": len(ids),
+        "num_classes": num_classes,
+        "classes": classes,
+        "ids_sha256": hashlib.sha256(ids_text).hexdigest(),
+        "labels_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+    }
+    return entry, (ids, labels, num_classes)
+
+
+def _write_old_split(dst: str, train: tuple, *, fraction: float, mode: str, seed: int) -> dict:
+    """Draws and writes the old split of the kept train images -> its manifest entry."""
+    ids, labels, num_classes = train
+    split = splits.old_split(labels, num_classes, fraction=fraction, mode=mode, seed=seed)
+    old_path = posixpath.join(dst, OLD_SPLIT_FILE)
+    split_file.write_split(old_path, split, image_ids=ids, seed=seed, mode=mode, fraction=fraction)
+    return {
+        "file": OLD_SPLIT_FILE,
+        "fraction": float(fraction),
+        "mode": mode,
+        "seed": int(seed),
+        "sha256": prepared.sha256_file(old_path),
+        "num_old_classes": split.num_old_classes,
+        "num_old_images": len(split.indices),
+    }
 
 
 def prepare(
@@ -300,37 +380,10 @@ def prepare(
     split_seed: int = 0,
 ) -> dict:
     """Prepares `dataset` from `src` into `dst` (see the module docstring); returns the manifest."""
-    if dataset not in DATASETS:
-        raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}.")
-    for key, value, low, high in (
-        ("image_size", image_size, 1, None),
-        ("quality", quality, 1, 100),
-        ("shard_size", shard_size, 1, None),
-        ("workers", workers if workers is not None else 1, 1, None),
-    ):
-        if not isinstance(value, int) or value < low or (high is not None and value > high):
-            limit = f"in [{low}, {high}]" if high else f">= {low}"
-            raise ValueError(f"--{key}={value!r} must be an int {limit}.")
-    if old_split not in splits.MODES or not 0 < old_fraction <= 1:
-        raise ValueError(
-            f"--old_split={old_split!r} must be one of {splits.MODES} and --old_fraction="
-            f"{old_fraction} in (0, 1]."
-        )
-    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
-    parts, extra_files = list_splits(dataset, src, csv=csv)
-    if not parts[0].paths:
-        raise ValueError(f"{src}: the {dataset} source lists no train images.")
-    for part in [p for p in parts if not p.paths]:
-        logging.warning(
-            "%s: the %s source lists no %s images; split skipped.", src, dataset, part.name
-        )
-    parts = [p for p in parts if p.paths]
-    for part in parts:
-        bad = [i for i in part.ids if "\n" in i or "\r" in i]
-        if bad:
-            raise ValueError(f"{part.name}: ids with line breaks cannot be stored: {bad[:3]}.")
-
-    os.makedirs(dst, exist_ok=True)
+    _check_arguments(dataset, image_size, quality, shard_size, workers, old_fraction, old_split)
+    src, dst = absolute(src), absolute(dst)
+    parts, extra_files = _listed_parts(dataset, src, csv)
+    epath.Path(dst).mkdir(parents=True, exist_ok=True)
     args = {
         "dataset": dataset,
         "src": src,
@@ -350,78 +403,37 @@ def prepare(
                 part, dst, shard_size=shard_size, encode=encode, pool=pool
             )
             _check_kept(part, kept, lost)
-            ids = [part.ids[i] for i in kept]
-            if part.classes is None:  # Every image its own class: labels are positions.
-                labels, classes, num_classes = np.arange(len(kept), dtype=np.int32), None, len(kept)
-            else:
-                labels, classes = part.labels[kept].astype(np.int32), part.classes
-                num_classes = len(classes)
-            buffer = io.BytesIO()
-            np.save(buffer, labels, allow_pickle=False)
-            ids_text = "".join(i + "\n" for i in ids).encode("utf-8")
-            write_atomic(os.path.join(dst, prepared.labels_file(part.name)), buffer.getvalue())
-            write_atomic(os.path.join(dst, prepared.ids_file(part.name)), ids_text)
-            split_entries[part.name] = {
-                "count": len(ids),
-                "num_classes": num_classes,
-                "classes": classes,
-                "shards": shards,
-                "ids_sha256": hashlib.sha256(ids_text).hexdigest(),
-                "labels_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-                "num_unreadable": len(lost),
-            }
+            entry, lists = _write_lists(part, dst, kept)
+            split_entries[part.name] = {**entry, "shards": shards, "num_unreadable": len(lost)}
             unreadable.extend(lost)
-            if part.name == "train":
-                train = (ids, labels, num_classes)
-
-    ids, labels, num_classes = train
-    split = splits.old_split(
-        labels, num_classes, fraction=old_fraction, mode=old_split, seed=split_seed
-    )
-    old_path = os.path.join(dst, OLD_SPLIT_FILE)
-    gldv2.write_split(
-        old_path, split, image_ids=ids, seed=split_seed, mode=old_split, fraction=old_fraction
-    )
+            train = lists if part.name == "train" else train
+    old = _write_old_split(dst, train, fraction=old_fraction, mode=old_split, seed=split_seed)
     files = {}
     for name, path in extra_files.items():
-        with open(path, "rb") as f:
-            data = f.read()
-        write_atomic(os.path.join(dst, name), data)
+        data = epath.Path(path).read_bytes()
+        write_atomic(posixpath.join(dst, name), data)
         files[name] = hashlib.sha256(data).hexdigest()
     write_atomic(
-        os.path.join(dst, UNREADABLE_FILE),
+        posixpath.join(dst, UNREADABLE_FILE),
         "".join(f"{u['split']}\t{u['path']}\t{u['error']}\n" for u in unreadable),
     )
     manifest = {
         "format": prepared.FORMAT,
-        "dataset": dataset,
-        "src": src,
-        "csv": args["csv"],
-        "image_size": image_size,
-        "quality": quality,
-        "shard_size": shard_size,
+        **{k: args[k] for k in ("dataset", "src", "csv", "image_size", "quality", "shard_size")},
         "splits": split_entries,
-        "old_split": {
-            "file": OLD_SPLIT_FILE,
-            "fraction": float(old_fraction),
-            "mode": old_split,
-            "seed": int(split_seed),
-            "sha256": prepared.sha256_file(old_path),
-            "num_old_classes": split.num_old_classes,
-            "num_old_images": len(split.indices),
-        },
+        "old_split": old,
         "files": files,
         "unreadable": unreadable,
     }
-    write_atomic(os.path.join(dst, prepared.MANIFEST), _dumps(manifest))
+    write_atomic(posixpath.join(dst, prepared.MANIFEST), _dumps(manifest))
     logging.info(
         "Prepared %s in %s: %s; %d unreadable images dropped; old split: %d classes, %d images.",
         dataset,
         dst,
         ", ".join(f"{k} {v['count']} images" for k, v in split_entries.items()),
         len(unreadable),
-        split.num_old_classes,
-        len(split.indices),
+        old["num_old_classes"],
+        old["num_old_images"],
     )
     return manifest
 

@@ -12,7 +12,7 @@ index lists ``easy``, ``hard`` and ``junk`` into ``imlist``. Only load pickles y
 runs code.
 
 `RevisitedSource` is a grain random-access source over the queries or the database. Every image
-is treated as `folder.load_image` treats one (RGB, shorter side resized to ``image_size``,
+is treated as `images.load_image` treats one (RGB, shorter side resized to ``image_size``,
 centre-cropped square); with ``crop_queries=True`` (the standard protocol) a query is first cropped
 to its bounding box, with ``crop_queries=False`` (as the BCL papers evaluate) it is taken whole.
 
@@ -25,11 +25,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import posixpath
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
+from etils import epath
 
-from bcl_jax.data.folder import check_image_size, load_image
+from bcl_jax import metrics
+from bcl_jax.data import images
+from bcl_jax.data.dataset import RetrievalTest, preview, require_dir
+from bcl_jax.data.images import load_image
 
 __all__ = [
     "DATASETS",
@@ -39,6 +45,7 @@ __all__ = [
     "load_gnd",
     "protocol_gnd",
     "rank_database",
+    "retrieval_test",
 ]
 
 DATASETS = ("roxford5k", "rparis6k")
@@ -75,7 +82,7 @@ def _check_dataset(dataset: str):
 def gnd_path(root: str | os.PathLike, dataset: str) -> str:
     """Where the ground-truth pickle of `dataset` lives under `root`."""
     _check_dataset(dataset)
-    return os.path.join(os.fspath(root), f"gnd_{dataset}.pkl")
+    return posixpath.join(os.fspath(root), f"gnd_{dataset}.pkl")
 
 
 def _guess_dataset(query_names: Sequence[str]) -> str:
@@ -95,14 +102,14 @@ def load_gnd(root: str | os.PathLike, dataset: str) -> dict:
         out-of-range lists, or belongs to the other dataset (judged by the query names).
     """
     path = gnd_path(root, dataset)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(
             f"Ground truth {path!r} not found. Download gnd_{dataset}.pkl and the images (into "
-            f"{os.path.join(os.fspath(root), 'jpg')!r}) from the revisitop page {DOWNLOAD_PAGE} "
+            f"{posixpath.join(os.fspath(root), 'jpg')!r}) from the revisitop page {DOWNLOAD_PAGE} "
             f"(its download scripts fetch both), or fix the data root."
         )
     try:
-        with open(path, "rb") as f:
+        with epath.Path(path).open("rb") as f:
             cfg = pickle.load(f)
     except Exception as e:  # A truncated or foreign file raises any of several errors.
         raise ValueError(f"Cannot unpickle {path!r} ({type(e).__name__}: {e}).") from e
@@ -173,14 +180,20 @@ class RevisitedSource:
     """Random-access source (grain protocol) over the queries or database of a revisited set.
 
     ``ds[i]`` is ``{'image': uint8 (image_size, image_size, 3), 'label': int32 i}``: the label is
-    the image's index into `names` (relevance comes from the ground truth, not from labels).
+    the image's position in the source (relevance comes from the ground truth, not from labels).
+
+    The files are scanned at construction (`images.scan`): missing or unreadable ones stop with
+    their paths, or with `skip_corrupt` are dropped; `kept` then maps the source's images to
+    their positions in the pickle's lists (`evaluate` scores a skipped query not at all and a
+    skipped database image as never retrieved).
 
     Attributes:
       root, dataset, split, image_size: as given.
       crop_queries: whether queries are cropped to their bounding box (database images never are).
       gnd: the checked pickle dict (see `load_gnd`).
-      names: image names of the split, in pickle order. paths: their jpg paths.
-      labels: np.arange(len(names)) as int32. num_classes: len(names).
+      names: image names of the source, in pickle order. paths: their jpg paths. ids: names.
+      kept: (len,) int64, each image's index in the pickle's list ('qimlist' or 'imlist').
+      labels: np.arange(len(names)) as int32. num_classes: len(names). skipped: paths dropped.
     """
 
     def __init__(
@@ -191,29 +204,33 @@ class RevisitedSource:
         *,
         image_size: int,
         crop_queries: bool = True,
+        skip_corrupt: bool = False,
+        scan: str = "header",
+        preprocess: images.Preprocess | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
-        check_image_size(image_size)
+        self.preprocess = images.Preprocess.of(image_size, preprocess)
         self.root = os.fspath(root)
         self.dataset = dataset
         self.split = split
         self.image_size = int(image_size)
         self.crop_queries = bool(crop_queries)
         self.gnd = load_gnd(self.root, dataset)
-        names = self.gnd["qimlist"] if split == "query" else self.gnd["imlist"]
-        self.names = [str(n) for n in names]
-        self.paths = [os.path.join(self.root, "jpg", n + ".jpg") for n in self.names]
+        names = [str(n) for n in (self.gnd["qimlist"] if split == "query" else self.gnd["imlist"])]
+        paths = [posixpath.join(self.root, "jpg", n + ".jpg") for n in names]
+        what = (
+            f"{dataset} {split} images (download them from {DOWNLOAD_PAGE} into "
+            f"{posixpath.join(self.root, 'jpg')!r})"
+        )
+        self.kept, self.skipped = images.scan(
+            paths, what=what, skip_corrupt=skip_corrupt, mode=scan
+        )
+        self.names = [names[i] for i in self.kept]
+        self.ids = self.names
+        self.paths = [paths[i] for i in self.kept]
         self.labels = np.arange(len(self.names), dtype=np.int32)
         self.num_classes = len(self.names)
-        missing = [p for p in self.paths if not os.path.isfile(p)]
-        if missing:
-            shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(self.paths)} {dataset} {split} images are missing: "
-                f"{shown}. Download the images from {DOWNLOAD_PAGE} into "
-                f"{os.path.join(self.root, 'jpg')!r}."
-            )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -221,12 +238,10 @@ class RevisitedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         path = self.paths[index]
-        if not os.path.isfile(path):  # Removed since construction.
-            raise FileNotFoundError(f"{self.dataset} {self.split} image {path!r} is missing.")
+        box = None
         if self.split == "query" and self.crop_queries:
-            image = load_image(path, self.image_size, box=self.gnd["gnd"][index]["bbx"])
-        else:
-            image = load_image(path, self.image_size)
+            box = self.gnd["gnd"][self.kept[index]]["bbx"]
+        image = load_image(path, self.image_size, box, **self.preprocess.eval_args())
         return {"image": image, "label": self.labels[index]}
 
     def __repr__(self) -> str:
@@ -251,6 +266,8 @@ def evaluate(
     protocols: Sequence[str] = PROTOCOLS,
     kappas: Sequence[int] = (1, 5, 10),
     crop_queries: bool,
+    query_kept=None,
+    database_kept=None,
 ) -> dict:
     """revisitop mAP and mP@k of each protocol, as fractions in [0, 1].
 
@@ -259,32 +276,92 @@ def evaluate(
       database_emb: (database_size, D) embeddings of `gnd['imlist']`, in order.
       gnd: the dict from `load_gnd` (or `RevisitedSource.gnd`).
       crop_queries: how the queries were embedded; recorded as 'query_crop' in the result.
+      query_kept, database_kept: when images were skipped as unreadable, the pickle positions
+        of the embedded ones (`RevisitedSource.kept`): a skipped query is not scored, a skipped
+        database image stays relevant but is never retrieved.
 
     Returns:
       ``{'query_crop': bool, '<protocol>': {'mAP': float, 'mP@<k>': float, ...}, ...}``.
     """
-    from bcl_jax import metrics  # Here, so that loading data does not import JAX.
-
     query_emb, database_emb = np.asarray(query_emb), np.asarray(database_emb)
-    for what, emb, names in (
-        ("query", query_emb, gnd["qimlist"]),
-        ("database", database_emb, gnd["imlist"]),
+    entries = list(gnd["gnd"])
+    query_kept = np.arange(len(entries)) if query_kept is None else np.asarray(query_kept)
+    database_kept = (
+        np.arange(len(gnd["imlist"])) if database_kept is None else np.asarray(database_kept)
+    )
+    for what, emb, count in (
+        ("query", query_emb, len(query_kept)),
+        ("database", database_emb, len(database_kept)),
     ):
-        if emb.ndim != 2 or emb.shape[0] != len(names):
+        if emb.ndim != 2 or emb.shape[0] != count:
+            names = gnd["qimlist"] if what == "query" else gnd["imlist"]
             raise ValueError(
                 f"{what} embeddings have shape {emb.shape}, but the ground truth lists "
-                f"{len(names)} {what} images: expected ({len(names)}, D), in pickle order."
+                f"{len(names)} {what} images ({count} kept): expected ({count}, D), in pickle "
+                "order."
             )
     if query_emb.shape[1] != database_emb.shape[1]:
         raise ValueError(
             f"Query and database embedding sizes differ: {query_emb.shape[1]} vs "
             f"{database_emb.shape[1]}."
         )
-    ranks = rank_database(query_emb, database_emb)
+    ranks = database_kept[rank_database(query_emb, database_emb)]  # pickle positions
+    scored = [entries[q] for q in query_kept]
     results: dict = {"query_crop": bool(crop_queries)}
     for protocol in protocols:
-        mean_ap, _, mean_pr, _ = metrics.compute_map(ranks, protocol_gnd(gnd, protocol), kappas)
+        mean_ap, _, mean_pr, _ = metrics.compute_map(ranks, protocol_gnd(scored, protocol), kappas)
         row = {"mAP": float(mean_ap)}
         row.update({f"mP@{k}": float(p) for k, p in zip(kappas, np.atleast_1d(mean_pr))})
         results[protocol] = row
     return results
+
+
+def retrieval_test(cfg, dataset: str) -> RetrievalTest:
+    """The `dataset` test (roxford5k or rparis6k) of data.revisited: its root holds <dataset>/,
+    scored with data.revisited.protocols, queries cropped to their box or not (crop_queries)."""
+    r = cfg.revisited
+    if not r.root:
+        raise ValueError(
+            f"data.gldv2.tests has {dataset!r}, which needs data.revisited.root: the folder "
+            f"holding {dataset}/gnd_{dataset}.pkl and {dataset}/jpg/."
+        )
+    require_dir(r.root, "data.revisited.root")
+    root = posixpath.join(r.root, dataset)
+    options = {
+        "image_size": cfg.image_size,
+        "crop_queries": r.crop_queries,
+        "preprocess": images.preprocess_from_config(cfg),
+    }
+    options.update(images.read_options(cfg))
+    query, database = (RevisitedSource(root, dataset, split, **options) for split in SPLITS)
+    if query.skipped or database.skipped:
+        logging.warning(
+            "%s: %d queries skipped (not scored), %d database images skipped (never retrieved): %s",
+            dataset,
+            len(query.skipped),
+            len(database.skipped),
+            preview(query.skipped + database.skipped),
+        )
+
+    def score(query_emb, gallery_emb, eval_cfg):
+        out = evaluate(
+            query_emb,
+            gallery_emb,
+            query.gnd,
+            protocols=tuple(r.protocols),
+            crop_queries=r.crop_queries,
+            query_kept=query.kept,
+            database_kept=database.kept,
+        )
+        out.pop("query_crop")
+        return {f"{p}/{k}": v for p, row in out.items() for k, v in row.items()}
+
+    queries = "cropped to their box" if r.crop_queries else "whole (no box crop)"
+    return RetrievalTest(
+        dataset,
+        query,
+        database,
+        score,
+        protocol=f"revisitop mAP and mP@k, {'/'.join(r.protocols)}; queries {queries}",
+        columns=tuple(f"{p}/mAP" for p in r.protocols),
+    )

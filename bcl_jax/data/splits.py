@@ -72,6 +72,14 @@ class Relabeled:
         return len(self._indices)
 
     def __getitem__(self, index: int) -> dict:
-        record = dict(self._source[int(self._indices[int(index)])])
+        return self._relabel(self._source[int(self._indices[int(index)])])
+
+    def train_item(self, index: int) -> dict:
+        """The source's training record (`train_item`, else its item), relabeled."""
+        item = getattr(self._source, 'train_item', self._source.__getitem__)
+        return self._relabel(item(int(self._indices[int(index)])))
+
+    def _relabel(self, record: dict) -> dict:
+        record = dict(record)
         record['label'] = np.int32(self._map[record['label']])
         return record

@@ -27,6 +27,8 @@ import dataclasses
 
 import numpy as np
 
+from bcl_jax.data.dataset import DatasetParts, label_test
+
 _TRAIN, _TEST = 0, 1
 
 
@@ -138,7 +140,7 @@ class SyntheticBenchmark:
         x = np.roll(x, tuple(shift), axis=(0, 1))
         return np.clip(128 + 40 * x, 0, 255).astype(np.uint8)
 
-    def split(self, name: str) -> 'SyntheticSource':
+    def split(self, name: str) -> SyntheticSource:
         """'train' (all training classes), 'query' or 'gallery' (disjoint test classes)."""
         s = self.spec
         if name == 'train':
@@ -178,3 +180,17 @@ class SyntheticSource:
         return (
             f'SyntheticSource(split={self._split}, classes={self.num_classes}, images={len(self)})'
         )
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """The built-in benchmark of data.synthetic at data.image_size: its training classes, and
+    its unseen sibling classes as query and gallery (label mAP and Recall@K)."""
+    del workdir  # Nothing is stored: every image is made from the spec.
+    bench = SyntheticBenchmark(SyntheticSpec(image_size=cfg.image_size, **cfg.synthetic.to_dict()))
+    test = label_test('synthetic', bench.split('query'), bench.split('gallery'))
+    return DatasetParts(
+        train=bench.split('train'),
+        tests=[test],
+        description=f'synthetic (seed {cfg.synthetic.seed})',
+        identity={'synthetic': dataclasses.asdict(bench.spec)},
+    )

@@ -27,7 +27,7 @@ The test split is both query set and gallery, each query excluded from its own r
 gives Recall@K (K = 1, 10, 100, 1000 for SOP; 1, 2, 4, 8 for CUB and Cars) and mAP.
 
 Labels are read at construction without decoding any image (tfds' `SkipDecoding` on the image
-features); `ds[i]` decodes the stored image bytes with `folder.load_image` (RGB, shorter side
+features); `ds[i]` decodes the stored image bytes with `images.load_image` (RGB, shorter side
 resized, centre crop), as every bcl_jax source does.
 """
 
@@ -40,9 +40,17 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from bcl_jax import metrics
-from bcl_jax.data.folder import CorruptImageError, check_image_size, load_image
+from bcl_jax.data.dataset import DatasetParts, label_test
+from bcl_jax.data.images import (
+    CorruptImageError,
+    Preprocess,
+    load_image,
+    load_train_image,
+    preprocess_from_config,
+)
 
 SPLITS = ("train", "test")
 _READ_CHUNK = 4096  # Records deserialised per batched read while collecting labels.
@@ -119,13 +127,10 @@ def _prepare_hint(spec: DatasetSpec, data_dir: str) -> str:
 
 def _is_prepared(spec: DatasetSpec, data_dir: str) -> bool:
     """Whether some version of the dataset has a dataset_info.json under `data_dir`."""
-    root = os.path.join(data_dir, spec.tfds_name)
-    if not os.path.isdir(root):
+    root = epath.Path(data_dir) / spec.tfds_name
+    if not root.is_dir():
         return False
-    return any(
-        os.path.isfile(os.path.join(root, version, "dataset_info.json"))
-        for version in os.listdir(root)
-    )
+    return any((version / "dataset_info.json").is_file() for version in root.iterdir())
 
 
 def _open(spec: DatasetSpec, tfds_split: str, data_dir: str):
@@ -148,8 +153,8 @@ def _open(spec: DatasetSpec, tfds_split: str, data_dir: str):
         raise RuntimeError(
             f"Cannot open {spec.tfds_name} split {tfds_split!r} in {data_dir!r} as a random-access "
             f"tfds data source ({type(e).__name__}: {e}). It must be prepared in the array_record "
-            f"format; delete {os.path.join(data_dir, spec.tfds_name)!r} and prepare it again. "
-            + _prepare_hint(spec, data_dir)
+            f"format; delete {os.fspath(epath.Path(data_dir) / spec.tfds_name)!r} and prepare it "
+            "again. " + _prepare_hint(spec, data_dir)
         ) from e
 
 
@@ -177,20 +182,29 @@ class TfdsSource:
         SOP's train split, `test` for its test split, `train+test` for CUB and Cars).
     """
 
-    def __init__(self, dataset: str, split: str, *, data_dir: str | os.PathLike, image_size: int):
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        *,
+        data_dir: str | os.PathLike,
+        image_size: int,
+        preprocess: Preprocess | None = None,
+    ):
         spec = get_spec(dataset)
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-        check_image_size(image_size)
+        self.preprocess = Preprocess.of(image_size, preprocess)
         if not data_dir:
             raise ValueError(
                 f"data_dir is not set; point it to the tfds data_dir holding {spec.tfds_name}. "
                 + _prepare_hint(spec, "DATA_DIR")
             )
         data_dir = os.fspath(data_dir)
-        if not os.path.isdir(data_dir):
+        if not epath.Path(data_dir).is_dir():
             raise FileNotFoundError(
-                f"tfds data_dir {data_dir!r} does not exist. " + _prepare_hint(spec, data_dir)
+                f"tfds data_dir {data_dir!r} (data.tfds.data_dir) does not exist. "
+                + _prepare_hint(spec, data_dir)
             )
         self.dataset, self.split, self.spec = dataset, split, spec
         self.data_dir, self.image_size = data_dir, int(image_size)
@@ -232,19 +246,38 @@ class TfdsSource:
             self.num_classes,
         )
 
+    @property
+    def ids(self) -> list[str]:
+        """Each example's record index in the tfds data source, as text."""
+        return [str(i) for i in self.record_indices.tolist()]
+
+    @property
+    def identity(self) -> dict:
+        return {"tfds": self.spec.tfds_name, "split": self.split}
+
     def __len__(self) -> int:
         return len(self.record_indices)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._item(index, train=False)
+
+    def train_item(self, index: int) -> dict[str, np.ndarray]:
+        """The image with its shorter side at `train_resize_size`, for random crops."""
+        return self._item(index, train=True)
+
+    def _item(self, index: int, *, train: bool) -> dict[str, np.ndarray]:
         index = int(index)
         record_index = int(self.record_indices[index])
-        data = self._source[record_index]["image"]
+        data = io.BytesIO(self._source[record_index]["image"])
         try:
-            image = load_image(io.BytesIO(data), self.image_size)
+            if train:
+                image = load_train_image(data, self.preprocess.train_size)
+            else:
+                image = load_image(data, self.image_size, **self.preprocess.eval_args())
         except CorruptImageError as e:
             raise CorruptImageError(
                 f"{self.dataset} {self.split} example {index} (tfds {self.spec.tfds_name} record "
-                f"{record_index} in {self.data_dir!r}): cannot decode the image ({e.__cause__!r})."
+                f"{record_index} in {self.data_dir!r}): cannot decode the image ({e.reason})."
             ) from e
         return {"image": image, "label": np.int32(self.labels[index])}
 
@@ -267,4 +300,20 @@ def evaluate(embeddings, labels, *, dataset: str, query_block: int = 256) -> dic
         ks=spec.ks,
         query_block=query_block,
         exclude_self=True,
+    )
+
+
+def build(cfg, workdir: str | None) -> DatasetParts:
+    """data.name = sop, cub or cars: the DML train split, and the test split searched against
+    itself (each query excluded) with the dataset's Recall@K."""
+    del workdir  # Nothing is written: the old split is drawn from the config.
+    spec = get_spec(cfg.name)
+    options = {"image_size": cfg.image_size, "preprocess": preprocess_from_config(cfg)}
+    train, test = (
+        TfdsSource(cfg.name, split, data_dir=cfg.tfds.data_dir, **options) for split in SPLITS
+    )
+    return DatasetParts(
+        train=train,
+        tests=[label_test(cfg.name, test, ks=spec.ks)],
+        description=f"{cfg.name} (tfds)",
     )

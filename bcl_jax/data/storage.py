@@ -1,0 +1,46 @@
+"""Writing files on any filesystem etils.epath opens: local disks, gs://, s3://, ...
+
+Reading needs nothing of its own (`epath.Path(p).read_bytes()`, `.open()`); writing a file
+that a crash must not leave half-written does: `write_atomic` writes a temporary file next to
+the target and renames it into place. On a local disk the rename is atomic (readers see the old
+content or the new) and the data is synced first; on an object store an object only becomes
+visible once its upload completes, and the rename is a copy, so readers never see a torn file
+there either.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from etils import epath
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether `path` is on the local filesystem (no scheme such as gs://)."""
+    return '://' not in os.fspath(path)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """`path` as an absolute path string; URIs (gs://...) are absolute already."""
+    path = os.fspath(path)
+    return os.path.abspath(path) if is_local(path) else path
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes `data` (text as UTF-8) to `path` through a temporary file renamed into place;
+    creates the parent folders."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f'.tmp-{uuid.uuid4().hex}-{path.name}'
+    payload = data.encode('utf-8') if isinstance(data, str) else data
+    try:
+        with tmp.open('wb') as f:
+            f.write(payload)
+            if is_local(path):
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
