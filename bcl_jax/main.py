@@ -108,6 +108,7 @@ def run_one(config, workdir: str) -> dict:
     results = evaluate.evaluate(old, new_models, data, mesh=mesh, eval_cfg=config.eval)
     results.update(
         benchmark=data.description,
+        data=dict(fingerprint=data.fingerprint, skipped=list(data.skipped)),
         old_model=evaluate.describe_model(old, config.old.checkpoint),
         machine=evaluate.machine(),
         wall_seconds=time.time() - start,

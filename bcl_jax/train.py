@@ -158,14 +158,13 @@ def train(
         method=method.name,
         fingerprint=stage.fingerprint,
     )
-    d = config.data
     stream = pipeline.train_stream(
         stage.source,
         global_batch=batch,
         seed=stage.seed,
-        crop_padding=d.crop_padding,
-        flip=d.flip,
-        num_threads=d.num_threads,
+        augment=pipeline.Augment.from_config(config.data),
+        num_threads=config.data.num_threads,
+        workers=config.data.workers,
     )
     start, seconds = 0, 0.0
     if ckpt.latest_step() is not None:
@@ -196,6 +195,7 @@ def train(
 
     if start >= steps:
         ckpt.close()
+        stream.close()
         return product(state, seconds)
     logging.info(
         '[%s] method=%s params=%s steps=%d (%.1f epochs of %d images) global batch=%d '
@@ -260,6 +260,7 @@ def train(
         method.finish(state, hooks)
     log.close()
     ckpt.close()
+    stream.close()
     return product(state, seconds)
 
 

@@ -11,7 +11,7 @@ import jax
 from absl import logging
 
 from bcl_jax import losses, methods
-from bcl_jax.data import splits
+from bcl_jax.data import pipeline, splits
 
 ARCHS = ('cifar_resnet', 'resnet18', 'resnet50')
 ON_CHANGE = ('error', 'retrain')
@@ -93,6 +93,16 @@ def check_config(config):
     _require(d.old_split in splits.MODES, 'data.old_split', d.old_split, f'one of {splits.MODES}')
     _require(0 < d.old_fraction <= 1, 'data.old_fraction', d.old_fraction, 'in (0, 1]')
     _require(d.image_size > 0, 'data.image_size', d.image_size, '> 0')
+    try:
+        pipeline.Augment.from_config(d)
+    except ValueError as e:
+        raise ConfigError('data.augment', d.augment, str(e)) from None
+    for field, allowed in (
+        ('eval_preprocess', ('center_crop', 'resize')),
+        ('scan_images', ('header', 'decode', 'off')),
+    ):
+        _require(d[field] in allowed, f'data.{field}', d[field], f'one of {allowed}')
+    _require(d.workers >= 0, 'data.workers', d.workers, '>= 0')
     _require(config.on_change in ON_CHANGE, 'on_change', config.on_change, f'one of {ON_CHANGE}')
     _require(
         all(isinstance(s, int) for s in config.seeds),

@@ -53,15 +53,33 @@ def base_config():
             old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
             old_fraction=0.3,
             split_seed=0,
+            # Training augmentation: pad_crop (reflect-pad by crop_padding, crop back; today's
+            # default), random_crop (from a shorter side of train_resize_size, default 8/7 of
+            # image_size), random_resized_crop (rrc_scale, rrc_ratio; from 2 x image_size);
+            # then a horizontal flip when `flip`.
+            augment='pad_crop',
             crop_padding=2,
             flip=True,
+            rrc_scale=(0.08, 1.0),
+            rrc_ratio=(3 / 4, 4 / 3),
+            train_resize_size=0,  # 0: automatic (see augment)
+            # Evaluation: center_crop (shorter side to eval_resize_size, 0 = image_size, then a
+            # centre square) or resize (the whole image to a square, as AdvBCT evaluates).
+            eval_preprocess='center_crop',
+            eval_resize_size=0,
             num_threads=2,
+            workers=0,  # grain processes decoding images (0: num_threads threads in-process)
+            # Image files are checked before any training: 'header' (fast), 'decode' (also
+            # truncated files) or 'off'; skip_corrupt drops unreadable files instead of stopping
+            # (listed in results.json under data.skipped).
+            scan_images='header',
+            skip_corrupt=False,
             # The built-in benchmark's spec: bcl_jax/data/synthetic.py explains every field.
             synthetic=config_dict.ConfigDict(
                 {k: v for k, v in dataclasses.asdict(SyntheticSpec()).items() if k != 'image_size'}
             ),
             folder=config_dict.ConfigDict(
-                dict(train_dir='', query_dir='', gallery_dir='', skip_corrupt=False)
+                dict(train_dir='', query_dir='', gallery_dir='')
             ),
             # A folder written by `python -m bcl_jax.data.prepare` (ArrayRecord shards and a
             # manifest whose old split must match old_split/old_fraction/split_seed); '' reads
