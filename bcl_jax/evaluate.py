@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from bcl_jax import checkpoint
@@ -32,13 +34,29 @@ def embed_batches(model, source, *, mesh, batch_size: int):
         )
 
 
-def embed(model, source, *, mesh, batch_size: int) -> np.ndarray:
-    """(N, D) float32 embeddings of the whole source, in order, on every host."""
-    chunks = []
+def embed(model, source, *, mesh, batch_size: int, what: str = '') -> np.ndarray:
+    """(N, D) float32 embeddings of the whole source, in order, on every host. With `what`, a
+    progress line with the rate and the ETA about every 30 s (a GLDv2 index takes a while)."""
+    chunks, done, start, shown = [], 0, time.time(), time.time()
     for emb, _, valid in embed_batches(model, source, mesh=mesh, batch_size=batch_size):
         emb, valid = multihost_utils.process_allgather((emb, valid), tiled=True)
         chunks.append(np.asarray(emb)[np.asarray(valid)])
+        done += len(chunks[-1])
+        if what and time.time() - shown > 30:
+            shown, rate = time.time(), done / (time.time() - start)
+            eta = (len(source) - done) / max(rate, 1e-9)
+            logging.info('embedding %s: %d/%d images, %.0f/s, ETA %ds', what, done, len(source), rate, eta)
     return np.concatenate(chunks)
+
+
+def embed_tests(model, tests, *, mesh, batch_size: int, name: str = '') -> list:
+    """A model's (query, gallery or None) embeddings for each test (None: the query set is the
+    gallery)."""
+    emb = lambda s, what: embed(model, s, mesh=mesh, batch_size=batch_size, what=f'{name} {what}')
+    return [
+        (emb(t.query, f'{t.name} queries'), None if t.gallery is None else emb(t.gallery, f'{t.name} gallery'))
+        for t in tests
+    ]
 
 
 def update_gain(new_old: float, old_old: float, reference_new_new: float) -> float | None:
@@ -58,23 +76,30 @@ def _flat_metrics(tests, embeddings_per_test, eval_cfg) -> dict:
     return out
 
 
-def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
-    """Metrics of old/old and, per method, new/new and new/old, plus update gains.
+def cross(new, old):
+    """New queries against the old gallery (or the old embeddings of a self-searching set)."""
+    return [(nq, og if og is not None else oq) for (nq, _), (oq, og) in zip(new, old)]
+
+
+def evaluate(
+    old, new_models: dict, data, *, mesh, eval_cfg, predecessors=None, orders=None
+) -> dict:
+    """Metrics of old/old and, per new model, new/new and new/old, plus update gains; with
+    `eval_cfg.matrix`, the compatibility matrix of every pair of models, and with
+    `eval_cfg.backfill`, the backfill curve of every compatible new model against its
+    predecessor (`predecessors`: name -> the model it was trained against; default: the old
+    model; `orders`: see `backfill_curves`). Each model embeds the test sets once.
 
     The primary metric, which decides `compatible` and the update gain, is the first column of
     the first test (e.g. mAP on the built-in benchmark, Medium mAP on ROxford for GLDv2).
     """
     tests = data.tests
-
-    def embeddings(model):
-        emb = lambda s: embed(model, s, mesh=mesh, batch_size=eval_cfg.batch_size)
-        return [(emb(t.query), None if t.gallery is None else emb(t.gallery)) for t in tests]
-
-    def cross(new, old_):  # new queries against the old gallery (or old query set)
-        return [(nq, og if og is not None else oq) for (nq, _), (oq, og) in zip(new, old_)]
-
-    old_emb = embeddings(old)
-    old_old = _flat_metrics(tests, old_emb, eval_cfg)
+    models = {'old': old, **new_models}
+    embeddings = {
+        name: embed_tests(m, tests, mesh=mesh, batch_size=eval_cfg.batch_size, name=name)
+        for name, m in models.items()
+    }
+    old_old = _flat_metrics(tests, embeddings['old'], eval_cfg)
     columns = []
     for t in tests:  # a test's own columns, else all its metrics but the counts
         prefix = f'{t.name}/' if len(tests) > 1 else ''
@@ -89,10 +114,9 @@ def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
         methods={},
     )
     for name, model in new_models.items():
-        new_emb = embeddings(model)
         results['methods'][name] = dict(
-            new_new=_flat_metrics(tests, new_emb, eval_cfg),
-            new_old=_flat_metrics(tests, cross(new_emb, old_emb), eval_cfg),
+            new_new=_flat_metrics(tests, embeddings[name], eval_cfg),
+            new_old=_flat_metrics(tests, cross(embeddings[name], embeddings['old']), eval_cfg),
             train_seconds=model.seconds,
         )
     reference = results['methods'].get('independent')
@@ -105,7 +129,46 @@ def evaluate(old, new_models: dict, data, *, mesh, eval_cfg) -> dict:
             if defined and reference and reference['new_new'][primary] is not None
             else None
         )
+    if len(models) > 1 and eval_cfg.matrix:
+        from bcl_jax import lifecycle
+
+        results['matrix'] = lifecycle.compatibility_matrix(tests, embeddings, eval_cfg)
+    if new_models and eval_cfg.backfill:
+        results['backfill'] = backfill_curves(
+            models, embeddings, tests, eval_cfg, predecessors or {}, orders or {}
+        )
     return results
+
+
+def backfill_curves(models, embeddings, tests, eval_cfg, predecessors, orders) -> dict:
+    """The backfill curve (bcl_jax.lifecycle) on the first test of each new model whose
+    queries search its predecessor's gallery better than the predecessor's own (it is
+    compatible: a deployment would backfill from it), in a random order
+    (`eval_cfg.backfill_seed`), and in the order its method gives (`orders`: name ->
+    `(old model, old gallery embeddings) -> order`, e.g. Hot-refresh's most uncertain first)."""
+    from bcl_jax import lifecycle
+
+    test, curves = tests[0], {}
+    for name in models:
+        if name == 'old':
+            continue
+        before = predecessors.get(name, 'old')
+        (new_q, new_g), (old_q, old_g) = embeddings[name][0], embeddings[before][0]
+        gallery = old_q if old_g is None else old_g
+        self_test = test.score(old_q, gallery, eval_cfg)
+        metric = lifecycle.primary_metric(test, self_test)
+        if not test.score(new_q, gallery, eval_cfg)[metric] > self_test[metric]:
+            continue
+        kw = dict(fractions=tuple(eval_cfg.backfill_fractions), seed=eval_cfg.backfill_seed)
+        label = f'{name} vs {before}'
+        curves[label] = lifecycle.backfill_curve(test, new_q, gallery, new_g, eval_cfg, **kw)
+        order = orders.get(name)
+        given = None if order is None else order(models[before], gallery)
+        if given is not None:
+            curves[f'{label}, {order.__name__}'] = lifecycle.backfill_curve(
+                test, new_q, gallery, new_g, eval_cfg, order=given, **kw
+            )
+    return dict(test=test.name, curves=curves)
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -130,6 +193,28 @@ def aggregate(per_seed: list[dict]) -> dict:
         seeds=[r['config']['seed'] for r in per_seed],
         machine=per_seed[0]['machine'],
     )
+
+
+def lifecycle_markdown(results: dict) -> str:
+    """The compatibility matrix on the headline metric and the backfill curves' areas."""
+    out, matrix = '', results.get('matrix')
+    if matrix:
+        test, metric = matrix['primary']['test'], matrix['primary']['metric']
+        values, names = matrix['tests'][test]['metrics'][metric], matrix['models']
+        cell = lambda v: '' if v is None else f'{100 * v:.2f}'
+        out += f'\nCompatibility matrix, {test} {metric} (row: query model, column: gallery):\n\n'
+        out += '| query \\ gallery | ' + ' | '.join(names) + ' |\n'
+        out += '|' + '---|' * (len(names) + 1) + '\n'
+        out += ''.join(f'| {n} | ' + ' | '.join(map(cell, row)) + ' |\n' for n, row in zip(names, values))
+    curves = (results.get('backfill') or {}).get('curves')
+    if curves:
+        out += f'\nBackfill curves ({results["backfill"]["test"]}): area under the curve, and the '
+        out += 'largest dip below the chord from new/old to new/new (points):\n\n'
+        out += '| model | area | dip |\n|---|---|---|\n'
+        pct = lambda v: '' if v is None else f'{100 * v:.2f}'
+        for label, c in curves.items():
+            out += f'| {label} | {pct(c["area"])} | {pct(c["max_dip_below_chord"])} |\n'
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -208,9 +293,45 @@ def machine() -> str:
     )
 
 
+def write_figures(results: dict, workdir: str):
+    """compatibility_<test>.png (each test's headline metric), backfill.png and, with upgrades,
+    upgrades.png (the update gain of each upgrade, the cross-test over earlier galleries)."""
+    from bcl_jax import lifecycle, plots
+
+    matrix = results.get('matrix')
+    if matrix:
+        for test, cell in matrix['tests'].items():
+            metric = next(iter(cell['metrics']))
+            if test == matrix['primary']['test']:
+                metric = matrix['primary']['metric']
+            plots.matrix_heatmap(
+                cell['metrics'][metric],
+                os.path.join(workdir, f'compatibility_{test}.png'),
+                models=matrix['models'],
+                metric=metric,
+                title=f'{test}: query model (row) against gallery model (column)',
+            )
+        chain = ['old', *results.get('upgrades', [])]
+        if len(chain) > 2:
+            sub = lifecycle.submatrix(matrix, chain)
+            summary = lifecycle.upgrade_summary(sub, **matrix['primary'])
+            results['upgrade_summary'] = summary
+            plots.upgrade_summary_figure(
+                {'chain': summary}, os.path.join(workdir, 'upgrades.png'), title=' → '.join(chain)
+            )
+    curves = (results.get('backfill') or {}).get('curves')
+    if curves:
+        plots.backfill_figure(
+            curves, os.path.join(workdir, 'backfill.png'), title=results['backfill']['test']
+        )
+
+
 def write_results(results: dict, workdir: str):
-    """results.json and results.md in `workdir` (process 0, atomically); prints the tables."""
-    table = markdown(results)
+    """results.json, results.md and the figures in `workdir` (process 0, atomically); prints
+    the tables."""
+    if jax.process_index() == 0:
+        write_figures(results, workdir)
+    table = markdown(results) + lifecycle_markdown(results)
     if results.get('paired'):
         from bcl_jax import stats
 

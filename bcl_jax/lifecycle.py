@@ -323,3 +323,18 @@ def backfill_curve(
         'max_dip_below_chord': dip,
         'max_dip_at': dip_at,
     }
+
+
+def submatrix(matrix: dict, names: list) -> dict:
+    """The compatibility matrix of the models `names` (in that order) only."""
+    index = [matrix['models'].index(n) for n in names]
+    tests = {
+        test: dict(
+            cell,
+            metrics={
+                m: [[rows[i][j] for j in index] for i in index] for m, rows in cell['metrics'].items()
+            },
+        )
+        for test, cell in matrix['tests'].items()
+    }
+    return dict(matrix, models=list(names), tests=tests)

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, sharding, stats, train, validate
+from bcl_jax import checkpoint, evaluate, sharding, stats, train, upgrades, validate
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 
@@ -98,18 +98,30 @@ def run_one(config, workdir: str) -> dict:
     # 2. Old prototypes of every class of the new training set: what new models align to.
     reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)
 
-    # 3. New models, one per method, all from the same initialisation and data order.
-    new_models = {}
+    # 3. New models, one per method, all from the same initialisation and data order; then the
+    # sequential upgrades (config.upgrades), each trained against the model before it.
+    new_models, orders = {}, {}
     for name in config.methods:
         stage = stage_lib.new_stage(config, name, data, reference)
         new_models[name] = train.train(stage, reference, config=config, mesh=mesh, workdir=workdir)
+        orders[name] = stage.method.backfill_order
+    chain = upgrades.run(config, data, old, mesh=mesh, workdir=workdir)
 
-    # 4. Retrieval tests and the results files.
-    results = evaluate.evaluate(old, new_models, data, mesh=mesh, eval_cfg=config.eval)
+    # 4. Retrieval tests, the compatibility matrix, backfill curves and the results files.
+    results = evaluate.evaluate(
+        old,
+        {**new_models, **chain},
+        data,
+        mesh=mesh,
+        eval_cfg=config.eval,
+        predecessors=dict(zip(chain, ['old', *chain])),
+        orders={k: v for k, v in orders.items() if v is not None},
+    )
     results.update(
         benchmark=data.description,
         data=dict(fingerprint=data.fingerprint, skipped=list(data.skipped)),
         old_model=evaluate.describe_model(old, config.old.checkpoint),
+        upgrades=list(chain),
         machine=evaluate.machine(),
         wall_seconds=time.time() - start,
         config=json.loads(config.to_json()),

@@ -120,14 +120,23 @@ def _cached(path: str, identity: dict, compute, valid):
 
 
 def old_bank(
-    old, source, *, num_classes: int, workdir: str, mesh, batch_size: int, data_identity: str
+    old,
+    source,
+    *,
+    num_classes: int,
+    workdir: str,
+    mesh,
+    batch_size: int,
+    data_identity: str,
+    name: str = 'old',
 ):
-    """The old prototypes over the new training set, from the work directory when current.
+    """The old prototypes over the new training set, from the work directory when current
+    (`prototypes/<name>.npy`).
 
     The bank is stored with the old model's weight digest and `data_identity` (what the
     training data is): another old model or other data recomputes it, and so does a damaged file.
     """
-    path = os.path.join(workdir, 'prototypes', 'old.npy')
+    path = os.path.join(workdir, 'prototypes', f'{name}.npy')
     identity = dict(
         old_model=old.identity(),
         data=data_identity,

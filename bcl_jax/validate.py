@@ -147,6 +147,14 @@ def check_run(config, data):
             f'gives 0 steps for the {name} model ({len(source)} images at batch '
             f'{train_cfg.batch_size}): raise epochs (or set steps) or lower the batch size',
         )
+    from bcl_jax import upgrades  # trains models: imported where the data is known
+
+    try:
+        planned = upgrades.plan(config, data.old_label)
+    except ValueError as e:
+        raise ConfigError('upgrades', tuple(config.upgrades), str(e)) from None
+    for up in planned:
+        _stage(up.config, 'new', jax.device_count())
     if data.old_train.num_classes < 2 and not config.old.checkpoint:
         logging.warning(
             'the old split has %d class (%d images): a classifier of one class learns nothing '

@@ -176,7 +176,20 @@ def base_config():
     c.advbct = config_dict.ConfigDict(
         dict(hidden=100, threshold=1.0, boundary_weight=1.0, adversarial_weight=1.0)
     )
-    c.eval = config_dict.ConfigDict(dict(batch_size=256, ks=(1, 5, 10), query_block=256))
+    c.eval = config_dict.ConfigDict(
+        dict(
+            batch_size=256,
+            ks=(1, 5, 10),
+            query_block=256,
+            matrix=True,  # the compatibility matrix of every pair of models (METHOD.md §10)
+            backfill=True,  # backfill curves of the compatible new models, on the first test
+            backfill_fractions=tuple(i / 10 for i in range(11)),
+            backfill_seed=0,  # the random order of re-embedding the gallery
+        )
+    )
+    # Sequential upgrades after the old model, in order (bcl_jax.upgrades): name ->
+    # dict(fraction=..., method='bct', model=dict(...), train=dict(...)).
+    c.upgrades = config_dict.ConfigDict()
     c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))
     c.log_every_steps = 50
     c.mesh = config_dict.ConfigDict(

@@ -25,7 +25,7 @@ class OldSplit:
         return int((self.old_label >= 0).sum())
 
 
-def _share(fraction: float, count: int) -> int:
+def share(fraction: float, count: int) -> int:
     """floor(fraction · count), at least 1: 30% of GLDv2's 81,313 classes is 24,393, as published.
     The epsilon keeps products such as 0.29 · 100 = 28.999… at 29."""
     return max(1, math.floor(fraction * count + 1e-9))
@@ -42,7 +42,7 @@ def old_split(
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     if mode == 'classes':
-        n_old = _share(fraction, num_classes)
+        n_old = share(fraction, num_classes)
         old_classes = np.sort(rng.choice(num_classes, size=n_old, replace=False))
         indices = np.flatnonzero(np.isin(labels, old_classes))
         old_label = np.full(num_classes, -1, np.int32)
@@ -51,7 +51,7 @@ def old_split(
         chosen = []
         for c in range(num_classes):
             members = np.flatnonzero(labels == c)
-            n = _share(fraction, len(members))
+            n = share(fraction, len(members))
             chosen.append(rng.choice(members, size=n, replace=False))
         indices = np.sort(np.concatenate(chosen))
         old_label = np.arange(num_classes, dtype=np.int32)

@@ -90,6 +90,10 @@ class Method:
     def finish(self, state: dict, ctx: HookContext):
         pass
 
+    # `(old model, old gallery embeddings) -> row order` in which to re-embed the gallery, for
+    # methods that supply one (bcl_jax.evaluate.backfill_curves); None: random order only.
+    backfill_order = None
+
     def optimizer(self, model_tx):
         """The optax optimizer of `state['params']`: by default the model's own (`model_tx`)."""
         return model_tx

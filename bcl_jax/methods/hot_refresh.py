@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bcl_jax import losses
@@ -135,3 +136,19 @@ class HotRefresh(Method):
             topk_negatives=c.topk_negatives,
         )
         return {'ract': term}, state
+
+    def uncertainty(self, old_model, old_gallery, block: int = 4096) -> np.ndarray:
+        """The gallery rows most uncertain under the old classifier first (`gallery_uncertainty`,
+        the old classifier's entropy), in blocks of rows: (N, C_old) logits are never held."""
+        from bcl_jax import sharding
+
+        cfg, c = old_model.model_cfg, old_model.num_classes
+        weights = sharding.unpad((old_model.params, old_model.batch_stats), c)  # on the host
+        classifier = old_model.model(*weights).classifier
+        scale = cfg.scale if cfg.head != 'softmax' else 1.0
+        score = jax.jit(lambda x: gallery_uncertainty(classifier(x), scale=scale))
+        rows = range(0, len(old_gallery), block)
+        u = np.concatenate([np.asarray(score(old_gallery[i : i + block])) for i in rows])
+        return np.asarray(backfill_order(u))
+
+    backfill_order = uncertainty
