@@ -46,6 +46,10 @@ class MismatchError(ValueError):
     """A checkpoint of another model than the config describes (not a damaged one)."""
 
 
+# Model fields that checkpoints of older bcl_jax versions do not record, and their value then.
+MODEL_DEFAULTS = {'pool': 'avg'}
+
+
 def _check_meta(saved: dict, expected: dict, directory: str):
     """A checkpoint of another architecture, size or class count stops with what differs."""
     diffs = []
@@ -54,6 +58,7 @@ def _check_meta(saved: dict, expected: dict, directory: str):
             continue
         want, got = expected[key], saved.get(key)
         if isinstance(want, dict):
+            got = dict(MODEL_DEFAULTS, **(got or {}))
             diffs += [
                 f'{key}.{k}: checkpoint has {got.get(k)!r}, config says {v!r}'
                 for k, v in want.items()
@@ -72,16 +77,26 @@ def _check_meta(saved: dict, expected: dict, directory: str):
 class Checkpointer:
     """Thin wrapper over orbax's CheckpointManager for one training stage."""
 
-    def __init__(self, directory: str, *, max_to_keep: int | None, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int | None,
+        read_only: bool = False,
+        async_save: bool = False,
+    ):
+        """`async_save`: `save` returns once the arrays are copied off the devices and writes in
+        the background while training goes on; the next save, a restore and `close` wait for it."""
         self.directory = os.path.abspath(directory)
         self._read_only = read_only
+        self._async = async_save
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=not read_only,
             read_only=read_only,
-            enable_async_checkpointing=False,
+            enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=('weights', 'train', 'data', 'meta')
@@ -102,7 +117,8 @@ class Checkpointer:
                 meta=ocp.args.JsonSave(meta),
             ),
         )
-        self._manager.wait_until_finished()
+        if not self._async:
+            self._manager.wait_until_finished()
 
     def _meta(self, step: int, expected: dict) -> dict:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -112,27 +128,35 @@ class Checkpointer:
         return meta
 
     def _latest_readable(self, read):
-        """`read(step)` at the latest step that can be read, after warning about later ones
-        (moved aside, unless the directory is read-only). A config mismatch (ValueError from
-        `_check_meta`) is not damage: it stops at once."""
+        """`read(step)` at the latest step that can be read. Later steps that fail while an
+        earlier one reads fine are damaged: warned about and moved aside (unless the directory
+        is read-only). When no step reads, nothing is moved and the latest step's error is
+        raised (code that cannot read any step is no sign of damage). A config mismatch
+        (`MismatchError`) stops at once."""
+        failed = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                return read(step)
+                value = read(step)
             except MismatchError:
                 raise
             except Exception as e:  # orbax raises many kinds on a damaged step  # noqa: BLE001
-                where = os.path.join(self.directory, str(step))
-                if not self._read_only:
-                    where = self._move_aside(step)
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                where = 'skipped it' if self._read_only else f'moved it to {self._move_aside(bad)}'
                 logging.warning(
-                    'checkpoint step %d in %s cannot be read (%s: %s); %s, using the step before',
-                    step,
+                    'checkpoint step %d in %s cannot be read (%s: %s); %s and used step %d',
+                    bad,
                     self.directory,
                     type(e).__name__,
                     e,
-                    f'moved it to {where}' if not self._read_only else 'skipped it',
+                    where,
+                    step,
                 )
-        raise FileNotFoundError(f'no readable checkpoint step in {self.directory}')
+            return value
+        if failed:
+            raise failed[0][1]
+        raise FileNotFoundError(f'no checkpoint step in {self.directory}')
 
     def _move_aside(self, step: int) -> str:
         aside = os.path.join(self.directory + '-damaged', str(step))
@@ -194,4 +218,6 @@ class Checkpointer:
         )
 
     def close(self):
+        """Waits for a save still being written, then releases the manager."""
+        self._manager.wait_until_finished()
         self._manager.close()

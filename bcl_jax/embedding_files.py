@@ -194,7 +194,9 @@ def _load_array(path: epath.Path, where: str) -> np.ndarray:
 
 
 def _unit_rows(emb: np.ndarray, ids: list[str], where: str, tolerance: float) -> np.ndarray:
-    """Rows divided by their L2 norm; zero rows stop, rows far from unit norm are reported."""
+    """Rows divided by their L2 norm; zero rows stop, rows far from unit norm are reported.
+    Rows already unit to float32 rounding (|norm − 1| < 1e-6, as a model that normalises
+    writes them) are kept bit for bit, so scores from files equal those of the embeddings."""
     norms = np.linalg.norm(emb, axis=1)
     zero = np.flatnonzero(norms == 0)
     if zero.size:
@@ -209,7 +211,8 @@ def _unit_rows(emb: np.ndarray, ids: list[str], where: str, tolerance: float) ->
             float(norms.min()),
             float(norms.max()),
         )
-    return emb / norms[:, None]
+    rescale = np.abs(norms - 1.0) >= 1e-6
+    return np.where(rescale[:, None], emb / norms[:, None], emb).astype(emb.dtype)
 
 
 def read_embeddings(

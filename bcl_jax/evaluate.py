@@ -84,22 +84,39 @@ def cross(new, old):
 def evaluate(
     old, new_models: dict, data, *, mesh, eval_cfg, predecessors=None, orders=None
 ) -> dict:
+    """Each model embeds the test sets once; then `score`."""
+    models = {'old': old, **new_models}
+    embeddings = {
+        name: embed_tests(m, data.tests, mesh=mesh, batch_size=eval_cfg.batch_size, name=name)
+        for name, m in models.items()
+    }
+    kw = dict(eval_cfg=eval_cfg, predecessors=predecessors, orders=orders, models=models)
+    return score(embeddings, new_models, data, **kw)
+
+
+def score(
+    embeddings: dict,
+    new_models: dict,
+    data,
+    *,
+    eval_cfg,
+    old_name: str = 'old',
+    predecessors=None,
+    orders=None,
+    models=None,
+) -> dict:
     """Metrics of old/old and, per new model, new/new and new/old, plus update gains; with
     `eval_cfg.matrix`, the compatibility matrix of every pair of models, and with
     `eval_cfg.backfill`, the backfill curve of every compatible new model against its
     predecessor (`predecessors`: name -> the model it was trained against; default: the old
-    model; `orders`: see `backfill_curves`). Each model embeds the test sets once.
+    model; `orders`: see `backfill_curves`).
 
-    The primary metric, which decides `compatible` and the update gain, is the first column of
-    the first test (e.g. mAP on the built-in benchmark, Medium mAP on ROxford for GLDv2).
+    `embeddings`: name -> `embed_tests` output, the old model (`old_name`) first. The primary
+    metric, which decides `compatible` and the update gain, is the first column of the first
+    test (e.g. mAP on the built-in benchmark, Medium mAP on ROxford for GLDv2).
     """
     tests = data.tests
-    models = {'old': old, **new_models}
-    embeddings = {
-        name: embed_tests(m, tests, mesh=mesh, batch_size=eval_cfg.batch_size, name=name)
-        for name, m in models.items()
-    }
-    old_old = _flat_metrics(tests, embeddings['old'], eval_cfg)
+    old_old = _flat_metrics(tests, embeddings[old_name], eval_cfg)
     columns = []
     for t in tests:  # a test's own columns, else all its metrics but the counts
         prefix = f'{t.name}/' if len(tests) > 1 else ''
@@ -116,7 +133,7 @@ def evaluate(
     for name, model in new_models.items():
         results['methods'][name] = dict(
             new_new=_flat_metrics(tests, embeddings[name], eval_cfg),
-            new_old=_flat_metrics(tests, cross(embeddings[name], embeddings['old']), eval_cfg),
+            new_old=_flat_metrics(tests, cross(embeddings[name], embeddings[old_name]), eval_cfg),
             train_seconds=model.seconds,
         )
     reference = results['methods'].get('independent')
@@ -129,30 +146,29 @@ def evaluate(
             if defined and reference and reference['new_new'][primary] is not None
             else None
         )
-    if len(models) > 1 and eval_cfg.matrix:
+    if len(embeddings) > 1 and eval_cfg.matrix:
         from bcl_jax import lifecycle
 
         results['matrix'] = lifecycle.compatibility_matrix(tests, embeddings, eval_cfg)
     if new_models and eval_cfg.backfill:
+        predecessors = {n: (predecessors or {}).get(n, old_name) for n in new_models}
         results['backfill'] = backfill_curves(
-            models, embeddings, tests, eval_cfg, predecessors or {}, orders or {}
+            embeddings, tests, eval_cfg, predecessors, orders or {}, models or {}
         )
     return results
 
 
-def backfill_curves(models, embeddings, tests, eval_cfg, predecessors, orders) -> dict:
+def backfill_curves(embeddings, tests, eval_cfg, predecessors, orders, models) -> dict:
     """The backfill curve (bcl_jax.lifecycle) on the first test of each new model whose
     queries search its predecessor's gallery better than the predecessor's own (it is
     compatible: a deployment would backfill from it), in a random order
     (`eval_cfg.backfill_seed`), and in the order its method gives (`orders`: name ->
-    `(old model, old gallery embeddings) -> order`, e.g. Hot-refresh's most uncertain first)."""
+    `(old model, old gallery embeddings) -> order`, e.g. Hot-refresh's most uncertain first;
+    `models`: name -> model, for those orders)."""
     from bcl_jax import lifecycle
 
     test, curves = tests[0], {}
-    for name in models:
-        if name == 'old':
-            continue
-        before = predecessors.get(name, 'old')
+    for name, before in predecessors.items():
         (new_q, new_g), (old_q, old_g) = embeddings[name][0], embeddings[before][0]
         gallery = old_q if old_g is None else old_g
         self_test = test.score(old_q, gallery, eval_cfg)

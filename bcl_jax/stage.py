@@ -113,8 +113,12 @@ class Trained:
         return describe(self.model_cfg)
 
 
+MODEL_FIELDS = ('arch', 'width', 'depth', 'embedding_dim', 'head', 'pool')
+
+
 def describe(model_cfg) -> dict:
-    return {k: model_cfg[k] for k in ('arch', 'width', 'depth', 'embedding_dim', 'head')}
+    """The model fields that make the weights' shapes: stored in checkpoints, checked on load."""
+    return {k: model_cfg.get(k, 'avg') if k == 'pool' else model_cfg[k] for k in MODEL_FIELDS}
 
 
 @jax.tree_util.register_pytree_with_keys_class

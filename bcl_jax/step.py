@@ -36,34 +36,59 @@ def total_steps(train_cfg, num_examples: int) -> tuple[int, float]:
     return steps, per_epoch
 
 
-def make_optimizer(train_cfg, steps_per_epoch: float):
-    """SGD with momentum, L2 weight decay added to the gradient (as torch SGD), step schedule.
+def make_optimizer(train_cfg, steps_per_epoch: float, *, decay_mask=None):
+    """SGD with momentum and L2 weight decay added to the gradient (as torch SGD), on a step or
+    cosine schedule after an optional linear warm-up.
 
-    Drops count absolute steps (a warmup does not delay them); drops that fall on one step
-    compound.
+    'step': the rate drops by `lr_drop_factor` at `lr_drop_epochs`, counted in absolute steps (a
+    warm-up does not delay them); drops that fall on one step compound. 'cosine': from the full
+    rate at the end of the warm-up to 0 at the stage's last step (cosine annealing, as in the
+    field's recipes). `decay_mask`: params -> bool tree of the leaves weight decay applies to
+    (default all; GeM's p is left out).
     """
-    boundaries = {}
-    for epoch in train_cfg.lr_drop_epochs:
-        at = int(round(epoch * steps_per_epoch))
-        boundaries[at] = boundaries.get(at, 1.0) * train_cfg.lr_drop_factor
-    drops = optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
     warmup = train_cfg.warmup_steps
+    if train_cfg.get('schedule', 'step') == 'cosine':
+        steps = train_cfg.steps or int(round(train_cfg.epochs * steps_per_epoch))
+        decay = optax.cosine_decay_schedule(train_cfg.learning_rate, max(1, steps - warmup))
+        main = lambda count: decay(jnp.maximum(count - warmup, 0))
+    else:
+        boundaries = {}
+        for epoch in train_cfg.lr_drop_epochs:
+            at = int(round(epoch * steps_per_epoch))
+            boundaries[at] = boundaries.get(at, 1.0) * train_cfg.lr_drop_factor
+        main = optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
 
     def schedule(count):
-        return drops(count) * (jnp.minimum(1.0, count / warmup) if warmup else 1.0)
+        return main(count) * (jnp.minimum(1.0, count / warmup) if warmup else 1.0)
 
     tx = optax.chain(
-        optax.add_decayed_weights(train_cfg.weight_decay),
+        optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=train_cfg.momentum),
     )
     return tx, schedule
 
 
-def init_model(model_cfg, num_classes: int, seed: int):
-    """(graphdef, params, batch_stats) of a freshly initialised model, as pure dicts."""
+def init_model(model_cfg, num_classes: int, seed: int, *, pretrained: bool = True):
+    """(graphdef, params, batch_stats) of a freshly initialised model, as pure dicts; the
+    backbone from `model_cfg.pretrained` (torchvision or timm ImageNet weights) when given
+    (and `pretrained`: a model about to be restored from a checkpoint needs no weights)."""
     model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(seed))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    if pretrained and model_cfg.get('pretrained'):
+        from bcl_jax.models import convert
+
+        params, stats = convert.load_pretrained(
+            model_cfg.pretrained, params, stats, arch=model_cfg.arch
+        )
+    return graphdef, params, stats
+
+
+def no_decay_on_gem(params):
+    """Weight decay on every leaf but GeM's p (the landmark-retrieval references leave it out)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'pool' not in jax.tree_util.keystr(path), params
+    )
 
 
 def initial_state(params, batch_stats, tx, method_state=None) -> dict:
@@ -178,7 +203,8 @@ def build(stage, reference, *, mesh, shard_classes: bool) -> Setup:
         raise ValueError(f'method {method.name!r} needs the old model and its prototypes')
     graphdef, params, stats = init_model(stage.model_cfg, stage.num_classes, stage.seed)
     _, per_epoch = total_steps(stage.train_cfg, len(stage.source))
-    tx, schedule = make_optimizer(stage.train_cfg, per_epoch)
+    mask = no_decay_on_gem if stage.model_cfg.get('pool', 'avg') == 'gem' else None
+    tx, schedule = make_optimizer(stage.train_cfg, per_epoch, decay_mask=mask)
     state = initial_state(params, stats, tx, method.init_state(stage, reference))
     if 'params' in state['method']:
         state['method']['opt_state'] = method.optimizer(tx).init(state['method']['params'])

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from bcl_jax import checkpoint, sharding
+from bcl_jax.checkpoint import MODEL_DEFAULTS
 from bcl_jax import step as step_lib
 from bcl_jax.data import pipeline
 from bcl_jax.methods import HookContext
@@ -103,7 +104,9 @@ def _open_checkpoints(stage: Stage, directory: str, config) -> checkpoint.Checkp
     With `config.on_change='retrain'` a stage made with other settings is moved aside first.
     """
     ckpt = checkpoint.Checkpointer(
-        os.path.join(directory, 'ckpt'), max_to_keep=config.ckpt.max_to_keep
+        os.path.join(directory, 'ckpt'),
+        max_to_keep=config.ckpt.max_to_keep,
+        async_save=config.ckpt.async_save,
     )
     if ckpt.latest_step() is None:
         return ckpt
@@ -279,7 +282,7 @@ def load(
     A checkpoint short of its stage's last step stops unless `allow_unfinished`; the step and the
     total are on the returned model (`step`, `total_steps`).
     """
-    graphdef, params, stats = step_lib.init_model(model_cfg, num_classes, seed=0)
+    graphdef, params, stats = step_lib.init_model(model_cfg, num_classes, 0, pretrained=False)
     ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(
@@ -309,3 +312,21 @@ def load(
         meta.get('seconds', 0.0),
         total_steps=total,
     )
+
+
+def load_checkpoint(directory: str, mesh) -> Trained:
+    """A model from any bcl_jax stage's checkpoint, its architecture and class count read from
+    the checkpoint itself (for the commands that take checkpoints, not configs)."""
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
+    meta = ckpt.read_meta() if ckpt.latest_step() is not None else {}
+    ckpt.close()
+    if 'model' not in meta or 'num_classes' not in meta:
+        raise ValueError(
+            f'{directory} is not a bcl_jax checkpoint folder (no model description in its '
+            'meta): give a stage\'s ckpt/ folder, e.g. runs/x/new_bct/ckpt'
+        )
+    from ml_collections import config_dict
+
+    model_cfg = config_dict.ConfigDict(dict(scale=30.0, margin=0.3, dtype='float32', pretrained=''))
+    model_cfg.update(dict(MODEL_DEFAULTS, **meta['model']))
+    return load(directory, model_cfg, meta['num_classes'], mesh)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 from absl import logging
+from etils import epath
 
 from bcl_jax import losses, methods
 from bcl_jax.data import pipeline, splits
@@ -45,6 +46,24 @@ def _stage(config, prefix: str, devices: int):
     _require(model.arch in ARCHS, f'{prefix}.model.arch', model.arch, f'one of {ARCHS}')
     _require(model.head in losses.HEADS, f'{prefix}.model.head', model.head, f'one of {losses.HEADS}')
     _require(model.embedding_dim > 0, f'{prefix}.model.embedding_dim', model.embedding_dim, '> 0')
+    _require(model.pool in ('avg', 'gem'), f'{prefix}.model.pool', model.pool, "'avg' or 'gem'")
+    dtypes = ('float32', 'bfloat16', 'float16')
+    _require(model.dtype in dtypes, f'{prefix}.model.dtype', model.dtype, f'one of {dtypes}')
+    if model.pretrained:
+        _require(
+            model.arch in ('resnet18', 'resnet50'),
+            f'{prefix}.model.arch',
+            model.arch,
+            "resnet18 or resnet50 with model.pretrained (ImageNet weights)",
+        )
+        _require(
+            epath.Path(model.pretrained).exists(),
+            f'{prefix}.model.pretrained',
+            model.pretrained,
+            'an existing .pth (torchvision) or .safetensors (timm) file',
+        )
+    schedules = ('step', 'cosine')
+    _require(train.schedule in schedules, f'{prefix}.train.schedule', train.schedule, f'one of {schedules}')
     _require(train.epochs >= 0, f'{prefix}.train.epochs', train.epochs, '>= 0')
     _require(train.steps >= 0, f'{prefix}.train.steps', train.steps, '>= 0 (0: use epochs)')
     _require(

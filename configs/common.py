@@ -22,6 +22,11 @@ def model(arch='cifar_resnet', width=16, depth=20, embedding_dim=128, head='cosf
             head=head,  # softmax | cosface | arcface
             scale=30.0,
             margin=0.3,
+            pool='avg',  # avg | gem (generalized mean, learnable p; no weight decay on p)
+            dtype='float32',  # the backbone's compute dtype, e.g. bfloat16 (weights stay float32)
+            # ImageNet weights for the backbone (resnet18/50): a torchvision .pth state dict or
+            # a timm .safetensors file (bcl_jax.models.convert); head and classifier start fresh.
+            pretrained='',
         )
     )
 
@@ -35,7 +40,8 @@ def train(epochs=30.0, batch_size=128, learning_rate=0.1, lr_drop_epochs=(15.0, 
             learning_rate=learning_rate,
             momentum=0.9,
             weight_decay=5e-4,
-            warmup_steps=0,
+            schedule='step',  # step (drops at lr_drop_epochs) | cosine (to 0 over the stage)
+            warmup_steps=0,  # linear warm-up from 0, before either schedule
             lr_drop_epochs=lr_drop_epochs,
             lr_drop_factor=0.1,
         )
@@ -190,7 +196,9 @@ def base_config():
     # Sequential upgrades after the old model, in order (bcl_jax.upgrades): name ->
     # dict(fraction=..., method='bct', model=dict(...), train=dict(...)).
     c.upgrades = config_dict.ConfigDict()
-    c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2))
+    # async_save: checkpoints are written in the background while training goes on (the last
+    # one completes before the stage returns).
+    c.ckpt = config_dict.ConfigDict(dict(every_steps=500, max_to_keep=2, async_save=True))
     c.log_every_steps = 50
     c.mesh = config_dict.ConfigDict(
         dict(

@@ -6,7 +6,10 @@ new models (independent, BCT, NDPP, ODPP), tested by Recall@{1,10,20,30,40,50} a
     python -m bcl_jax.main --config=configs/inshop.py --workdir=$RUN \
         --config.data.inshop.root=$INSHOP [--config.data.prepared=$PREPARED]
 
-$INSHOP holds list_eval_partition.txt and img/. Schedule: 200 epochs, lr ×0.1 at 50/100/150.
+$INSHOP holds list_eval_partition.txt and img/. The recipe is GLDv2's (configs/gldv2.py: ImageNet
+backbones through `model.pretrained`, shorter side 256 then a random 224 crop and flip, centre
+crop for evaluation) with In-shop's schedule: 200 epochs, lr ×0.1 at 50/100/150 (PrunNet's
+In-shop config; METHOD.md §6).
 
 Meant for one GPU or a TPU v4-8 / v5e-8: 25,882 training images × 200 epochs is about 5.2M
 images per model, a few hours at 224 px. Expect BCT new/old Recall@1 above old/old; the published
@@ -20,7 +23,8 @@ def get_config(arg=None):
     c = common.base_config()
     c.data.name = 'inshop'
     c.data.image_size = 224
-    c.data.crop_padding = 16
+    c.data.augment, c.data.train_resize_size = 'random_crop', 256
+    c.data.eval_resize_size = 256
     c.data.num_threads = 16
     c.old.model = common.model(arch='resnet18', width=64, embedding_dim=256, head='cosface')
     c.new.model = common.model(arch='resnet50', width=64, embedding_dim=256, head='cosface')

@@ -231,3 +231,64 @@ def test_cub_end_to_end_query_set_is_its_own_gallery(tmp_path):
     got = results['methods']['bct']['new_old']
     assert got['mAP'] == pytest.approx(want['mAP'], abs=1e-6)
     assert got['num_queries'] == 30
+
+
+def test_gldv2_odpp_smoke_from_pretrained_weights_with_the_field_recipe(gldv2_files, tmp_path):
+    """The user's command with ImageNet-style weights (a torchvision ResNet-18 state dict saved
+    by PyTorch, random weights), GeM, a cosine schedule and bf16 switched on from the command
+    line: it runs end to end, and the new model started from the file's backbone."""
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision
+
+    weights = str(tmp_path / 'resnet18.pth')
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    root, revisitop = gldv2_files
+    workdir = str(tmp_path / 'run')
+    flags = [
+        f'--config.data.gldv2.root={root}',
+        f'--config.data.revisited.root={revisitop}',
+        '--config.new.model.arch=resnet18',
+        '--config.new.model.width=64',
+        f'--config.new.model.pretrained={weights}',
+        '--config.new.model.pool=gem',
+        '--config.new.model.dtype=bfloat16',
+        '--config.new.train.schedule=cosine',
+        '--config.new.train.warmup_steps=2',
+    ]
+    out = subprocess.run(
+        [sys.executable, '-m', 'bcl_jax.main', '--config=configs/gldv2_odpp.py:smoke',
+         f'--workdir={workdir}', *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = read_json(os.path.join(workdir, 'results.json'))
+    assert set(results['methods']) == {'odpp'}
+    model = results['config']['new']['model']
+    assert (model['pool'], model['dtype'], model['pretrained']) == ('gem', 'bfloat16', weights)
+    with open(os.path.join(workdir, 'new_odpp', 'metrics.jsonl')) as f:
+        lrs = [json.loads(l)['lr'] for l in f if 'lr' in l]
+    assert lrs[-1] < lrs[1]  # the cosine schedule decays
+
+
+@pytest.mark.parametrize('dataset', ['gldv2', 'inshop'])
+def test_the_field_baselines_configs_run_end_to_end(dataset, gldv2_files, tmp_path):
+    """configs/<dataset>_{lce,unibct,hot_refresh,advbct}.py: each one method; their :smoke
+    variants together in one run on the fake files (the same settings)."""
+    names = ('lce', 'unibct', 'hot_refresh', 'advbct')
+    cfgs = [config(f'{dataset}_{m}', 'smoke') for m in names]
+    assert [tuple(c.methods) for c in cfgs] == [(m,) for m in names]
+    cfg = cfgs[0]
+    cfg.methods = names
+    if dataset == 'gldv2':
+        cfg.data.gldv2.root, cfg.data.revisited.root = gldv2_files
+        cfg.data.gldv2.tests = ('roxford5k',)
+    else:
+        cfg.data.inshop.root = fake_datasets.inshop_root(tmp_path / 'inshop')
+    results = main.run(cfg, str(tmp_path / 'run'))
+    assert set(results['methods']) == set(names)
+    for m in names:
+        assert all(v is None or np.isfinite(v) for v in results['methods'][m]['new_new'].values())

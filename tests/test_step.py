@@ -274,3 +274,26 @@ def test_optimizer_uses_the_schedule():
         u, opt = tx.update(g, opt, params)
         steps.append(np.asarray(u['w']))
     np.testing.assert_allclose(steps, [-g['w'], -g['w'], -0.1 * g['w'], -0.1 * g['w']], rtol=1e-6)
+
+
+def test_cosine_schedule_after_a_linear_warmup():
+    """lr(s) = s/w · lr for s < w, then lr · (1 + cos(π (s − w) / (S − w))) / 2 to 0 at S."""
+    cfg = stages.train_cfg(learning_rate=0.4, warmup_steps=2, schedule='cosine', epochs=1.0)
+    _, schedule = step_lib.make_optimizer(cfg, steps_per_epoch=10.0)  # S = 10 steps
+    want = [0.0, 0.2] + [0.4 * (1 + np.cos(np.pi * (s - 2) / 8)) / 2 for s in range(2, 11)]
+    np.testing.assert_allclose([float(schedule(s)) for s in range(11)], want, atol=1e-7)
+
+
+def test_gem_p_gets_no_weight_decay():
+    """With a zero gradient, one SGD step moves a weight by −lr·wd·w, but GeM's p not at all."""
+    model_cfg = stages.model_cfg()
+    model_cfg.pool = 'gem'
+    _, params, _ = step_lib.init_model(model_cfg, NUM_CLASSES, seed=1)
+    assert float(params['backbone']['pool']['p'][0]) == 3.0
+    cfg = stages.train_cfg(learning_rate=0.5, weight_decay=0.1, momentum=0.0)
+    tx, _ = step_lib.make_optimizer(cfg, 10.0, decay_mask=step_lib.no_decay_on_gem)
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(updates['backbone']['pool']['p'][0]) == 0.0
+    kernel = params['classifier']['kernel']
+    np.testing.assert_allclose(updates['classifier']['kernel'], -0.5 * 0.1 * kernel, rtol=1e-6)

@@ -1,0 +1,117 @@
+"""Cross-test given models, trained here or anywhere: nothing is trained.
+
+    python -m bcl_jax.crosstest --config=configs/synthetic.py --workdir=runs/cross \
+        --model=old=runs/x/old/ckpt --model=bct=runs/x/new_bct/ckpt \
+        --model=theirs=runs/embeddings/theirs
+
+Each --model is NAME=PATH, in upgrade order (the first is the old model whose gallery the others
+search): PATH is a bcl_jax checkpoint folder (a stage's ckpt/) or a folder of embedding files
+(bcl_jax.export's format; a gallery embedded by any framework). On the config's dataset, writes
+results.json/md in the work directory as a run does: old/old, new/new and new/old against the
+first model, the compatibility matrix of every pair, backfill curves and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+from etils import epath
+from ml_collections import config_flags
+
+from bcl_jax import embedding_files, evaluate, export, sharding, train
+from bcl_jax import data as data_lib
+
+
+def define_flags():
+    """The command's flags (defined when it runs: other commands define --config too)."""
+    config_flags.DEFINE_config_file('config', None, 'the experiment config (its dataset)')
+    flags.DEFINE_string('workdir', None, 'where results.json, results.md and figures go')
+    flags.DEFINE_multi_string('model', [], 'NAME=PATH: a checkpoint or embeddings folder')
+    flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class FileModel:
+    """A model known only by its embeddings of the dataset's test sets (read from files)."""
+
+    def __init__(self, directory: str, data):
+        self.directory, self.seconds, self.step = directory, 0.0, None
+        self.sets = {}
+        for name, source in export.sets(data):
+            found = embedding_files.read_embeddings(
+                directory, name, expected_ids=export.source_ids(source)
+            )
+            self.sets[name] = found.emb
+        first = found.manifest
+        self.dim, self.identity_of = found.emb.shape[1], first.get('identity', {})
+
+    def identity(self) -> str:
+        return str(self.identity_of.get('weights', self.directory))
+
+    def embeddings(self, tests) -> list:
+        g = lambda t: self.sets.get(f'{t.name}.gallery')
+        return [(self.sets[f'{t.name}.query'], g(t)) for t in tests]
+
+
+def parse(specs: list[str]) -> dict[str, str]:
+    """{name: path} of NAME=PATH specs, in order; at least two models, names once each."""
+    models = {}
+    for spec in specs:
+        name, sep, path = spec.partition('=')
+        if not sep or not name or not path:
+            raise ValueError(f'--model={spec!r}: give NAME=PATH')
+        if name in models:
+            raise ValueError(f'--model: the name {name!r} is given twice')
+        models[name] = path
+    if len(models) < 2:
+        raise ValueError('crosstest needs at least two --model=NAME=PATH (the first is the old)')
+    return models
+
+
+def load(paths: dict, data, mesh):
+    """Every model: a checkpoint (loaded) or embedding files (read and checked), by what the
+    folder holds; the embedding dimensions must agree before anything is embedded."""
+    models = {}
+    for name, path in paths.items():
+        is_files = any(epath.Path(path).glob('*.json')) and not any(epath.Path(path).glob('[0-9]*'))
+        models[name] = FileModel(path, data) if is_files else train.load_checkpoint(path, mesh)
+    dims = {n: m.dim if isinstance(m, FileModel) else m.model_cfg.embedding_dim for n, m in models.items()}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f'the models embed in different dimensions {dims}: they cannot search each other')
+    return models
+
+
+def run(config, paths: dict, workdir: str) -> dict:
+    start = time.time()
+    mesh = sharding.make_mesh(config.mesh)
+    data = data_lib.build(config.data)
+    models = load(paths, data, mesh)
+    (first, old), *new = models.items()
+    embeddings = {
+        name: m.embeddings(data.tests) if isinstance(m, FileModel)
+        else evaluate.embed_tests(m, data.tests, mesh=mesh, batch_size=config.eval.batch_size, name=name)
+        for name, m in models.items()
+    }
+    results = evaluate.score(embeddings, dict(new), data, eval_cfg=config.eval, old_name=first)
+    results.update(
+        benchmark=data.description,
+        models={n: (m.identity() if isinstance(m, FileModel) else evaluate.describe_model(m, paths[n])) for n, m in models.items()},
+        machine=evaluate.machine(),
+        wall_seconds=time.time() - start,
+        config=json.loads(config.to_json()),
+    )
+    evaluate.write_results(results, workdir)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    f = flags.FLAGS
+    run(f.config, parse(f.model), f.workdir)
+
+
+if __name__ == '__main__':
+    define_flags()
+    app.run(main)
