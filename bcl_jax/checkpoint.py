@@ -10,32 +10,19 @@ to `<directory>-damaged/<step>` with a warning, and the previous step is used.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from bcl_jax.data import storage
 
 
 def write_atomic(path: str, text: str | bytes):
-    """Writes a file so that readers see the old content or the new, never a torn one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    mode = 'wb' if isinstance(text, bytes) else 'w'
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-')
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # the mode of a plain open(); mkstemp's is 0600
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Writes a file so that readers see the old content or the new, never a torn one; any
+    path etils.epath opens (local, gs://, ...). One home: `bcl_jax.data.storage.write_atomic`."""
+    storage.write_atomic(path, text)
 
 
 def _abstract(tree):
@@ -87,10 +74,10 @@ class Checkpointer:
     ):
         """`async_save`: `save` returns once the arrays are copied off the devices and writes in
         the background while training goes on; the next save, a restore and `close` wait for it."""
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self._read_only = read_only
         self._async = async_save
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not epath.Path(self.directory).is_dir():
             raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -159,14 +146,14 @@ class Checkpointer:
         raise FileNotFoundError(f'no checkpoint step in {self.directory}')
 
     def _move_aside(self, step: int) -> str:
-        aside = os.path.join(self.directory + '-damaged', str(step))
+        aside = epath.Path(self.directory + '-damaged') / str(step)
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            if os.path.exists(aside):
-                shutil.rmtree(aside)
-            os.replace(os.path.join(self.directory, str(step)), aside)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                aside.rmtree()
+            (epath.Path(self.directory) / str(step)).rename(aside)
         self._manager.reload()
-        return aside
+        return str(aside)
 
     def read_meta(self) -> dict:
         """The meta item of the latest readable step (e.g. its settings' fingerprint)."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,8 +82,7 @@ def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
     """What `path` holds if its sidecar names `identity`, the file is whole and `valid(value)`;
     else None (a damaged file is reported, then recomputed)."""
     try:
-        with open(path + '.json') as f:
-            saved = json.load(f)
+        saved = json.loads(epath.Path(path + '.json').read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -92,7 +92,7 @@ def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
         logging.info('%s was made by another old model or data; recomputing', path)
         return None
     try:
-        value = np.load(path)
+        value = np.load(io.BytesIO(epath.Path(path).read_bytes()))
         value = dict(value) if isinstance(value, np.lib.npyio.NpzFile) else value
     except (OSError, ValueError, EOFError) as e:
         logging.warning('%s is damaged (%s); recomputing', path, e)

@@ -16,11 +16,12 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from bcl_jax import checkpoint, sharding
 from bcl_jax.checkpoint import MODEL_DEFAULTS
 from bcl_jax import step as step_lib
-from bcl_jax.data import pipeline
+from bcl_jax.data import pipeline, storage
 from bcl_jax.methods import HookContext
 from bcl_jax.stage import (
     ChangedConfigError,
@@ -37,18 +38,17 @@ class _Log:
 
     def __init__(self, directory: str, stage: str, resume_step: int):
         self.stage, self.writer = stage, None
-        self.path = os.path.join(directory, 'metrics.jsonl')
+        self.path = epath.Path(directory) / 'metrics.jsonl'
         if jax.process_index() != 0:
             return
         # Drop lines a killed run wrote after its last checkpoint: they are about to be redone.
-        if os.path.exists(self.path):
+        if self.path.exists():
             records = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # the last line, torn by a kill
+            for line in self.path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # the last line, torn by a kill
             # A refresh logged at the resume step is redone too (it precedes that step's update).
             kept = [
                 json.dumps(r) + '\n'
@@ -56,15 +56,23 @@ class _Log:
                 if r['step'] < resume_step or (r['step'] == resume_step and 'event' not in r)
             ]
             checkpoint.write_atomic(self.path, ''.join(kept))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         from tensorboardX import SummaryWriter  # TF-free event writer
 
-        self.writer = SummaryWriter(os.path.join(directory, 'tb'))
+        import importlib.util
+
+        # tensorboardX writes gs:// events through google-cloud-storage, when it is installed.
+        if storage.is_local(directory) or importlib.util.find_spec('google.cloud.storage'):
+            self.writer = SummaryWriter(os.path.join(directory, 'tb'))
+        else:
+            logging.warning('[%s] no TensorBoard events: pip install google-cloud-storage', stage)
 
     def write(self, record: dict):
+        if jax.process_index() != 0:
+            return
+        storage.append(self.path, json.dumps(record) + '\n')
         if self.writer is None:
             return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
         for k, v in record.items():
             if isinstance(v, float):
                 self.writer.add_scalar(f'{self.stage}/{k}', v, record['step'])
@@ -92,9 +100,9 @@ def _hms(seconds: float) -> str:
 def _move_aside(directory: str) -> str:
     """Renames a stage's folder to the first free `<folder>.replaced-<n>` (nothing is deleted)."""
     n = 1
-    while os.path.exists(f'{directory}.replaced-{n}'):
+    while epath.Path(f'{directory}.replaced-{n}').exists():
         n += 1
-    os.replace(directory, f'{directory}.replaced-{n}')
+    epath.Path(directory).rename(f'{directory}.replaced-{n}')
     return f'{directory}.replaced-{n}'
 
 

@@ -202,3 +202,39 @@ def test_cli_config_errors_are_one_clear_line(tmp_path, flag, says):
 def test_config_json_is_the_resolved_config(finished):
     with open(os.path.join(finished[0], 'config.json')) as f:
         assert json.load(f)['methods'] == ['bct']
+
+
+def test_results_banks_and_logs_on_a_non_local_filesystem(monkeypatch):
+    """A gs:// work directory (served from memory, no network): results files, the prototype
+    bank (reused on a rerun) and metrics.jsonl (trimmed on resume) go through etils.epath.
+    Orbax writes the checkpoints through its own gs:// client, which needs the real service."""
+    import numpy as np
+    from etils import epath
+
+    import fake_datasets
+    from bcl_jax import evaluate, prototypes
+    from tests import stages
+
+    with fake_datasets.fake_gcs():
+        run = 'gs://bucket/run'
+        evaluate.write_results(
+            dict(columns=['mAP'], old_old={'mAP': 0.5}, methods={}, primary_metric='mAP'), run
+        )
+        assert json.loads(epath.Path(f'{run}/results.json').read_text())['old_old'] == {'mAP': 0.5}
+        assert '| old | old/old | 50.00 |' in epath.Path(f'{run}/results.md').read_text()
+
+        source = stages.RandomSource(n=16, num_classes=4)
+        reference = stages.reference(num_classes=4, old_classes=2)
+        kw = dict(num_classes=4, workdir=run, mesh=stages.mesh_of(8), batch_size=8)
+        bank = prototypes.old_bank(reference.old, source, data_identity='d', **kw)
+        monkeypatch.setattr(prototypes, 'compute', lambda *a, **k: 1 / 0)  # must not run
+        again = prototypes.old_bank(reference.old, source, data_identity='d', **kw)
+        np.testing.assert_array_equal(again, bank)
+
+        log = train._Log(f'{run}/old', 'old', resume_step=0)
+        for step in (1, 2, 3):
+            log.write(dict(stage='old', step=step, loss=float(step)))
+        log.close()
+        train._Log(f'{run}/old', 'old', resume_step=2).close()  # resumed from checkpoint 2
+        lines = epath.Path(f'{run}/old/metrics.jsonl').read_text().splitlines()
+        assert [json.loads(l)['step'] for l in lines] == [1, 2]

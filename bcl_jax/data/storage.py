@@ -44,3 +44,14 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def append(path: str | os.PathLike, text: str) -> None:
+    """Appends `text` to a log file: in place on a local disk; on an object store, where
+    objects cannot grow, by rewriting the object (logs are small)."""
+    if is_local(path):
+        with open(path, 'a') as f:
+            f.write(text)
+        return
+    path = epath.Path(path)
+    write_atomic(path, (path.read_text() if path.exists() else '') + text)
