@@ -76,9 +76,14 @@ def load(paths: dict, data, mesh):
     for name, path in paths.items():
         is_files = any(epath.Path(path).glob('*.json')) and not any(epath.Path(path).glob('[0-9]*'))
         models[name] = FileModel(path, data) if is_files else train.load_checkpoint(path, mesh)
-    dims = {n: m.dim if isinstance(m, FileModel) else m.model_cfg.embedding_dim for n, m in models.items()}
+    dims = {
+        n: m.dim if isinstance(m, FileModel) else m.model_cfg.embedding_dim
+        for n, m in models.items()
+    }
     if len(set(dims.values())) > 1:
-        raise ValueError(f'the models embed in different dimensions {dims}: they cannot search each other')
+        raise ValueError(
+            f'the models embed in different dimensions {dims}: they cannot search each other'
+        )
     return models
 
 
@@ -89,14 +94,20 @@ def run(config, paths: dict, workdir: str) -> dict:
     models = load(paths, data, mesh)
     (first, old), *new = models.items()
     embeddings = {
-        name: m.embeddings(data.tests) if isinstance(m, FileModel)
-        else evaluate.embed_tests(m, data.tests, mesh=mesh, batch_size=config.eval.batch_size, name=name)
+        name: m.embeddings(data.tests)
+        if isinstance(m, FileModel)
+        else evaluate.embed_tests(
+            m, data.tests, mesh=mesh, batch_size=config.eval.batch_size, name=name
+        )
         for name, m in models.items()
     }
     results = evaluate.score(embeddings, dict(new), data, eval_cfg=config.eval, old_name=first)
     results.update(
         benchmark=data.description,
-        models={n: (m.identity() if isinstance(m, FileModel) else evaluate.describe_model(m, paths[n])) for n, m in models.items()},
+        models={
+            n: (m.identity() if isinstance(m, FileModel) else evaluate.describe_model(m, paths[n]))
+            for n, m in models.items()
+        },
         machine=evaluate.machine(),
         wall_seconds=time.time() - start,
         config=json.loads(config.to_json()),

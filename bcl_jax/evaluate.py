@@ -45,7 +45,9 @@ def embed(model, source, *, mesh, batch_size: int, what: str = '') -> np.ndarray
         if what and time.time() - shown > 30:
             shown, rate = time.time(), done / (time.time() - start)
             eta = (len(source) - done) / max(rate, 1e-9)
-            logging.info('embedding %s: %d/%d images, %.0f/s, ETA %ds', what, done, len(source), rate, eta)
+            logging.info(
+                'embedding %s: %d/%d images, %.0f/s, ETA %ds', what, done, len(source), rate, eta
+            )
     return np.concatenate(chunks)
 
 
@@ -54,7 +56,10 @@ def embed_tests(model, tests, *, mesh, batch_size: int, name: str = '') -> list:
     gallery)."""
     emb = lambda s, what: embed(model, s, mesh=mesh, batch_size=batch_size, what=f'{name} {what}')
     return [
-        (emb(t.query, f'{t.name} queries'), None if t.gallery is None else emb(t.gallery, f'{t.name} gallery'))
+        (
+            emb(t.query, f'{t.name} queries'),
+            None if t.gallery is None else emb(t.gallery, f'{t.name} gallery'),
+        )
         for t in tests
     ]
 
@@ -188,8 +193,10 @@ def backfill_curves(embeddings, tests, eval_cfg, predecessors, orders, models) -
 
 
 def aggregate(per_seed: list[dict]) -> dict:
-    """Mean and standard deviation (ddof=1) over seeds of every number in the results, with the
-    seeds, the benchmark and the machine."""
+    """Mean and standard deviation (ddof=1) over seeds of every number in the results, the
+    paired comparisons of the methods (bcl_jax.stats), the seeds, the benchmark and the
+    machine."""
+    from bcl_jax import stats
 
     def combine(values, reducer):
         first = values[0]
@@ -205,6 +212,7 @@ def aggregate(per_seed: list[dict]) -> dict:
         **{k: per_seed[0][k] for k in ('primary_metric', 'columns', 'tests')},
         **{k: combine([r[k] for r in per_seed], np.mean) for k in keys},
         std={k: combine([r[k] for r in per_seed], std) for k in keys},
+        paired=stats.paired_analysis(per_seed, per_seed[0]['primary_metric']),
         benchmark=per_seed[0]['benchmark'],
         seeds=[r['config']['seed'] for r in per_seed],
         machine=per_seed[0]['machine'],
@@ -221,7 +229,9 @@ def lifecycle_markdown(results: dict) -> str:
         out += f'\nCompatibility matrix, {test} {metric} (row: query model, column: gallery):\n\n'
         out += '| query \\ gallery | ' + ' | '.join(names) + ' |\n'
         out += '|' + '---|' * (len(names) + 1) + '\n'
-        out += ''.join(f'| {n} | ' + ' | '.join(map(cell, row)) + ' |\n' for n, row in zip(names, values))
+        out += ''.join(
+            f'| {n} | ' + ' | '.join(map(cell, row)) + ' |\n' for n, row in zip(names, values)
+        )
     curves = (results.get('backfill') or {}).get('curves')
     if curves:
         out += f'\nBackfill curves ({results["backfill"]["test"]}): area under the curve, and the '

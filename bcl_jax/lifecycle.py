@@ -332,7 +332,8 @@ def submatrix(matrix: dict, names: list) -> dict:
         test: dict(
             cell,
             metrics={
-                m: [[rows[i][j] for j in index] for i in index] for m, rows in cell['metrics'].items()
+                m: [[rows[i][j] for j in index] for i in index]
+                for m, rows in cell['metrics'].items()
             },
         )
         for test, cell in matrix['tests'].items()

@@ -17,11 +17,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, sharding, stats, train, upgrades, validate
+from bcl_jax import checkpoint, evaluate, sharding, train, upgrades, validate
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'experiment config file', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the run writes')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed',
@@ -29,19 +31,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'multi-host: call jax.distributed.initialize() first (Cloud TPU slices and SLURM are '
     'detected; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)',
 )
-
-
-def initialize_distributed():
-    """Joins the hosts of a multi-host run, or says what is missing."""
-    env = {k: os.environ.get(f'JAX_{k.upper()}') for k in ('num_processes', 'process_id')}
-    try:
-        jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v is not None})
-    except ValueError as e:  # jax found no cluster and no coordinator address
-        raise SystemExit(
-            f'--distributed: no multi-host coordinator found ({e}). Launch on a Cloud TPU slice '
-            'or under SLURM (see launch/), or set JAX_COORDINATOR_ADDRESS=host:port, '
-            'JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host; drop --distributed on one host.'
-        ) from e
 
 
 def run(config, workdir: str) -> dict:
@@ -55,37 +44,15 @@ def run(config, workdir: str) -> dict:
         seeded.seed, seeded.seeds = seed, ()
         per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
     results = evaluate.aggregate(per_seed)
-    results['paired'] = stats.paired_analysis(per_seed, results['primary_metric'])
     results.update(wall_seconds=time.time() - start, config=json.loads(config.to_json()))
     evaluate.write_results(results, workdir)
     return results
 
 
-def old_model(config, data, mesh, workdir: str) -> stage_lib.Trained:
-    """The old model: loaded from `config.old.checkpoint`, or trained on the old split."""
-    if config.old.checkpoint:
-        return train.load(
-            config.old.checkpoint,
-            config.old.model,
-            data.old_train.num_classes,
-            mesh,
-            shard_classes=config.mesh.shard_classes,
-            allow_unfinished=config.old.allow_unfinished,
-        )
-    stage = stage_lib.old_stage(config, data)
-    return train.train(stage, config=config, mesh=mesh, workdir=workdir)
-
-
 def run_one(config, workdir: str) -> dict:
     start = time.time()
     mesh = sharding.make_mesh(config.mesh)
-    logging.info(
-        'bcl_jax: %d process(es), %d device(s) (%s), mesh %s',
-        jax.process_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-        dict(mesh.shape),
-    )
+    logging.info('bcl_jax: %s', sharding.describe(mesh))
     data = data_lib.build(config.data, workdir=workdir)
     logging.info('data: %s', evaluate.describe_data(data))
     validate.check_run(config, data)
@@ -93,7 +60,7 @@ def run_one(config, workdir: str) -> dict:
         checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
 
     # 1. The old model: given, or trained on the old split.
-    old = old_model(config, data, mesh, workdir)
+    old = train.old_model(config, data, mesh=mesh, workdir=workdir)
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
     reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)
@@ -108,15 +75,10 @@ def run_one(config, workdir: str) -> dict:
     chain = upgrades.run(config, data, old, mesh=mesh, workdir=workdir)
 
     # 4. Retrieval tests, the compatibility matrix, backfill curves and the results files.
-    results = evaluate.evaluate(
-        old,
-        {**new_models, **chain},
-        data,
-        mesh=mesh,
-        eval_cfg=config.eval,
-        predecessors=dict(zip(chain, ['old', *chain])),
-        orders={k: v for k, v in orders.items() if v is not None},
-    )
+    orders = {k: v for k, v in orders.items() if v is not None}
+    predecessors = dict(zip(chain, ['old', *chain]))
+    kw = dict(mesh=mesh, eval_cfg=config.eval, predecessors=predecessors, orders=orders)
+    results = evaluate.evaluate(old, {**new_models, **chain}, data, **kw)
     results.update(
         benchmark=data.description,
         data=dict(fingerprint=data.fingerprint, skipped=list(data.skipped)),
@@ -150,7 +112,7 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
     if _DISTRIBUTED.value:
-        initialize_distributed()
+        sharding.initialize_distributed()
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (validate.ConfigError, stage_lib.ChangedConfigError) as e:

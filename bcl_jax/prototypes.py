@@ -98,7 +98,9 @@ def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
         logging.warning('%s is damaged (%s); recomputing', path, e)
         return None
     if not valid(value):
-        logging.warning('%s holds arrays of the wrong shape or non-finite values; recomputing', path)
+        logging.warning(
+            '%s holds arrays of the wrong shape or non-finite values; recomputing', path
+        )
         return None
     logging.info('reusing %s', path)
     return value

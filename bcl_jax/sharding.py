@@ -21,6 +21,8 @@ of the mesh that wrote them; a restore pads or truncates to the current one.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,24 @@ def unpad(tree, num_classes: int):
         return x if axis is None else np.take(x, np.arange(num_classes), axis=axis)
 
     return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+def describe(mesh) -> str:
+    """Processes, devices and the mesh, for the log."""
+    return (
+        f'{jax.process_count()} process(es), {jax.device_count()} device(s) '
+        f'({jax.devices()[0].platform}), mesh {dict(mesh.shape)}'
+    )
+
+
+def initialize_distributed():
+    """Joins the hosts of a multi-host run, or says what is missing."""
+    env = {k: os.environ.get(f'JAX_{k.upper()}') for k in ('num_processes', 'process_id')}
+    try:
+        jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v is not None})
+    except ValueError as e:  # jax found no cluster and no coordinator address
+        raise SystemExit(
+            f'--distributed: no multi-host coordinator found ({e}). Launch on a Cloud TPU slice '
+            'or under SLURM (see launch/), or set JAX_COORDINATOR_ADDRESS=host:port, '
+            'JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host; drop --distributed on one host.'
+        ) from e

@@ -329,6 +329,8 @@ def make_reference(config, old: Trained, data, *, mesh, workdir: str) -> Referen
     kw['data_identity'] = data_identity(data)
     bank = prototypes.old_bank(old, data.train, num_classes=data.num_classes, **kw)
     stats = {}
-    if any(methods.REGISTRY[methods.resolve(config, m)[0]].needs_class_stats for m in config.methods):
+    if any(
+        methods.REGISTRY[methods.resolve(config, m)[0]].needs_class_stats for m in config.methods
+    ):
         stats = prototypes.old_class_statistics(old, data.train, bank, data.old_label, **kw)
     return Reference(old, bank, data.old_label, stats)

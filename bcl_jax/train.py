@@ -30,6 +30,7 @@ from bcl_jax.stage import (
     Trained,
     check_fingerprint,
     describe,
+    old_stage,
 )
 
 
@@ -338,3 +339,17 @@ def load_checkpoint(directory: str, mesh) -> Trained:
     model_cfg = config_dict.ConfigDict(dict(scale=30.0, margin=0.3, dtype='float32', pretrained=''))
     model_cfg.update(dict(MODEL_DEFAULTS, **meta['model']))
     return load(directory, model_cfg, meta['num_classes'], mesh)
+
+
+def old_model(config, data, *, mesh, workdir: str) -> Trained:
+    """The old model: loaded from `config.old.checkpoint`, or trained on the old split."""
+    if config.old.checkpoint:
+        return load(
+            config.old.checkpoint,
+            config.old.model,
+            data.old_train.num_classes,
+            mesh,
+            shard_classes=config.mesh.shard_classes,
+            allow_unfinished=config.old.allow_unfinished,
+        )
+    return train(old_stage(config, data), config=config, mesh=mesh, workdir=workdir)

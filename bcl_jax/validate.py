@@ -44,7 +44,9 @@ def _stage(config, prefix: str, devices: int):
     """A model and its schedule: config.old or config.new (of a method's resolved config)."""
     model, train = config[prefix].model, config[prefix].train
     _require(model.arch in ARCHS, f'{prefix}.model.arch', model.arch, f'one of {ARCHS}')
-    _require(model.head in losses.HEADS, f'{prefix}.model.head', model.head, f'one of {losses.HEADS}')
+    _require(
+        model.head in losses.HEADS, f'{prefix}.model.head', model.head, f'one of {losses.HEADS}'
+    )
     _require(model.embedding_dim > 0, f'{prefix}.model.embedding_dim', model.embedding_dim, '> 0')
     _require(model.pool in ('avg', 'gem'), f'{prefix}.model.pool', model.pool, "'avg' or 'gem'")
     dtypes = ('float32', 'bfloat16', 'float16')
@@ -63,7 +65,12 @@ def _stage(config, prefix: str, devices: int):
             'an existing .pth (torchvision) or .safetensors (timm) file',
         )
     schedules = ('step', 'cosine')
-    _require(train.schedule in schedules, f'{prefix}.train.schedule', train.schedule, f'one of {schedules}')
+    _require(
+        train.schedule in schedules,
+        f'{prefix}.train.schedule',
+        train.schedule,
+        f'one of {schedules}',
+    )
     _require(train.epochs >= 0, f'{prefix}.train.epochs', train.epochs, '>= 0')
     _require(train.steps >= 0, f'{prefix}.train.steps', train.steps, '>= 0 (0: use epochs)')
     _require(

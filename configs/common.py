@@ -11,7 +11,6 @@ from ml_collections import config_dict
 from bcl_jax.data.synthetic import SyntheticSpec
 
 
-
 def model(arch='cifar_resnet', width=16, depth=20, embedding_dim=128, head='cosface'):
     return config_dict.ConfigDict(
         dict(
@@ -84,9 +83,7 @@ def base_config():
             synthetic=config_dict.ConfigDict(
                 {k: v for k, v in dataclasses.asdict(SyntheticSpec()).items() if k != 'image_size'}
             ),
-            folder=config_dict.ConfigDict(
-                dict(train_dir='', query_dir='', gallery_dir='')
-            ),
+            folder=config_dict.ConfigDict(dict(train_dir='', query_dir='', gallery_dir='')),
             # A folder written by `python -m bcl_jax.data.prepare` (ArrayRecord shards and a
             # manifest whose old split must match old_split/old_fraction/split_seed); '' reads
             # the raw files of the dataset's group below.

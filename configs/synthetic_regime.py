@@ -61,8 +61,9 @@ def get_config(arg=None):
     if arg == 'smoke':
         synthetic.shrink_to_smoke(c)
         s.test_siblings_per_family, s.test_images_per_class, s.queries_per_class = 2, 6, 2
-        c.perturb.ndpp.k = c.perturb.odpp.k = k_by_fraction(s.train_families * s.siblings_per_family)
+        c.perturb.ndpp.k = c.perturb.odpp.k = k_by_fraction(
+            s.train_families * s.siblings_per_family
+        )
     elif arg is not None:
         raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
     return c
-

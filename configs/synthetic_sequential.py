@@ -25,4 +25,3 @@ def get_config(arg=None):
     if arg == 'smoke':
         c.upgrades.v2.model.width = c.upgrades.v3.model.width = 4
     return c
-

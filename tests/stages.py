@@ -16,7 +16,9 @@ SIZE = 16
 
 
 def model_cfg(embedding_dim=16, head='cosface', width=4):
-    return common.model(arch='cifar_resnet', width=width, depth=8, embedding_dim=embedding_dim, head=head)
+    return common.model(
+        arch='cifar_resnet', width=width, depth=8, embedding_dim=embedding_dim, head=head
+    )
 
 
 def train_cfg(**overrides):

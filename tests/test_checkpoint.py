@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, step, train
+from bcl_jax import checkpoint, train
+from bcl_jax import step as step_lib
 from bcl_jax.data import pipeline
 from configs import common
 
@@ -126,8 +127,8 @@ def meta_of(cfg, num_classes=NUM_CLASSES, **extra):
 def trained_state(seed=0, steps=3):
     """A state as after `steps` optimizer steps with random gradients (no compilation)."""
     cfg = model_cfg()
-    _, params, stats = step.init_model(cfg, NUM_CLASSES, seed=seed)
-    tx, _ = step.make_optimizer(common.train(epochs=1.0, batch_size=16), 10.0)
+    _, params, stats = step_lib.init_model(cfg, NUM_CLASSES, seed=seed)
+    tx, _ = step_lib.make_optimizer(common.train(epochs=1.0, batch_size=16), 10.0)
     rng = np.random.default_rng(seed)
     # Running means and variances away from their init (variances stay positive).
     stats = jax.tree.map(

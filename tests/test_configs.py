@@ -259,9 +259,18 @@ def test_gldv2_odpp_smoke_from_pretrained_weights_with_the_field_recipe(gldv2_fi
         '--config.new.train.warmup_steps=2',
     ]
     out = subprocess.run(
-        [sys.executable, '-m', 'bcl_jax.main', '--config=configs/gldv2_odpp.py:smoke',
-         f'--workdir={workdir}', *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            '-m',
+            'bcl_jax.main',
+            '--config=configs/gldv2_odpp.py:smoke',
+            f'--workdir={workdir}',
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -61,7 +61,11 @@ def test_files_in_another_order_are_aligned_by_id(run, tmp_path):
         f = embedding_files.read_embeddings(str(tmp_path / 'old'), name)
         p = order if name.endswith('gallery') else np.arange(len(f.ids))
         embedding_files.write_embeddings(
-            shuffled, name, f.emb[p], ids=[f.ids[i] for i in p], labels=f.labels[p],
+            shuffled,
+            name,
+            f.emb[p],
+            ids=[f.ids[i] for i in p],
+            labels=f.labels[p],
             identity=dict(framework='elsewhere'),
         )
     scored = crosstest.run(
@@ -92,7 +96,9 @@ def test_bad_inputs_stop_before_any_work(run, tmp_path):
         crosstest.run(cfg, dict(old=broken, bct=ckpt(workdir, 'new_bct')), str(tmp_path / 'y'))
     # A folder that is neither a checkpoint nor embedding files.
     with pytest.raises(ValueError, match='not a bcl_jax checkpoint'):
-        crosstest.run(cfg, dict(old=str(tmp_path), bct=ckpt(workdir, 'new_bct')), str(tmp_path / 'z'))
+        crosstest.run(
+            cfg, dict(old=str(tmp_path), bct=ckpt(workdir, 'new_bct')), str(tmp_path / 'z')
+        )
     with pytest.raises(ValueError, match='at least two'):
         crosstest.parse(['old=x'])
     assert not os.path.exists(tmp_path / 'x')
@@ -101,8 +107,12 @@ def test_bad_inputs_stop_before_any_work(run, tmp_path):
 def test_commands_say_what_they_do():
     for module in ('bcl_jax.crosstest', 'bcl_jax.export'):
         out = subprocess.run(
-            [sys.executable, '-m', module, '--help'], cwd=REPO, capture_output=True, text=True,
-            env=dict(os.environ, XLA_FLAGS=''), timeout=120,
+            [sys.executable, '-m', module, '--help'],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, XLA_FLAGS=''),
+            timeout=120,
         )
         text = out.stdout + out.stderr
         assert '--config' in text and ('--model' in text or '--checkpoint' in text)
@@ -120,7 +130,9 @@ def test_sequential_upgrades_matrix_curves_and_resume(tmp_path):
     values = matrix['tests']['synthetic']['metrics']['mAP']
     assert len(values) == 3 and all(len(row) == 3 for row in values)
     assert values[0][0] == pytest.approx(first['old_old']['mAP'])
-    assert values[2][1] == pytest.approx(first['matrix']['tests']['synthetic']['metrics']['mAP'][2][1])
+    assert values[2][1] == pytest.approx(
+        first['matrix']['tests']['synthetic']['metrics']['mAP'][2][1]
+    )
     assert values[1][0] == pytest.approx(first['methods']['v2']['new_old']['mAP'])
     for png in ('compatibility_synthetic.png', 'upgrades.png'):
         assert os.path.getsize(os.path.join(workdir, png)) > 0
@@ -166,7 +178,11 @@ def test_backfill_curves_of_the_compatible_models_in_their_orders():
         return np.arange(60)[::-1]
 
     out = evaluate.backfill_curves(
-        embeddings, [test], eval_cfg, {'new': 'old', 'alien': 'old'}, {'new': reversed_rows},
+        embeddings,
+        [test],
+        eval_cfg,
+        {'new': 'old', 'alien': 'old'},
+        {'new': reversed_rows},
         {'old': 'the old model'},
     )
     assert set(out['curves']) == {'new vs old', 'new vs old, reversed_rows'}

@@ -284,9 +284,7 @@ def test_interrupted_odpp_training_resumes_to_the_same_params_and_bank(e2e, data
     stage = stage_lib.new_stage(cfg, 'odpp', data, reference)
 
     def run(**kw):
-        return train.train(
-            stage, reference, config=cfg, mesh=mesh(), workdir=str(tmp_path), **kw
-        )
+        return train.train(stage, reference, config=cfg, mesh=mesh(), workdir=str(tmp_path), **kw)
 
     assert run(stop_after_steps=9).step == 9  # killed after checkpoint 8, past refresh 4
     final = run()

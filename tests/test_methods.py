@@ -1,6 +1,5 @@
 """Tests for bcl_jax.methods: variants, and the NDPP/ODPP refresh between steps."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,8 +47,6 @@ def test_unknown_method_names_the_known_ones():
 def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     """A refresh feeds the current new prototypes (an exact pass over the data, or the
     normalised EMA) to NDPP and stores its output as the positive bank; ODPP's Δ stays put."""
-    from bcl_jax import perturbation, prototypes
-    from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 
     spec = SyntheticSpec(
         image_size=stages.SIZE,

@@ -274,7 +274,9 @@ def test_gem_pool_matches_float64_formula():
         assert got.shape == (3, 6) and got.dtype == jnp.float32
         np.testing.assert_allclose(got, gem_np(x, p), rtol=1e-5, atol=1e-7)
     # All-negative input: every value is clamped to eps, so the pool is eps.
-    np.testing.assert_allclose(gem_pool(-jnp.ones((1, 2, 2, 1)), jnp.ones((1,)) * 3.0), 1e-6, rtol=1e-5)
+    np.testing.assert_allclose(
+        gem_pool(-jnp.ones((1, 2, 2, 1)), jnp.ones((1,)) * 3.0), 1e-6, rtol=1e-5
+    )
 
 
 def test_gem_p_gets_the_gradient_of_the_formula():

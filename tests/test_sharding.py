@@ -8,7 +8,6 @@ computation on a 1-device mesh. Run with `-s` to see the 1M-class memory numbers
 import re
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding

@@ -35,7 +35,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 LR, WD, MOMENTUM = 0.05, 1e-3, 0.9
 _STEPS = {}
-TERMS = dict(independent=(), bct=('comp',), bct_influence=('influence',), l2=('l2',), ndpp=('comp',))
+TERMS = dict(
+    independent=(), bct=('comp',), bct_influence=('influence',), l2=('l2',), ndpp=('comp',)
+)
 
 
 def perturbed_banks(reference):

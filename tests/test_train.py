@@ -7,7 +7,6 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -148,7 +147,9 @@ def test_compatible_method_without_old_model_is_refused(smoke, tmp_path):
     cfg, data = smoke
     stage = stage_lib.new_stage(cfg, 'bct', data, None)
     with pytest.raises(ValueError, match="'bct' needs the old model"):
-        train.train(stage, None, config=cfg, mesh=sharding.make_mesh(cfg.mesh), workdir=str(tmp_path))
+        train.train(
+            stage, None, config=cfg, mesh=sharding.make_mesh(cfg.mesh), workdir=str(tmp_path)
+        )
     assert not os.path.exists(os.path.join(tmp_path, 'new_bct'))
 
 
@@ -175,7 +176,10 @@ def test_class_sharded_run_resumes_on_another_mesh(smoke, tmp_path):
     """Stopped after 2 steps with the classifier sharded by class over 8 devices (4 classes,
     padded to 8), then resumed replicated on 1 device: the weights of a 1-device run."""
     cfg, data = smoke
-    eight, one = sharding.make_mesh(cfg.mesh), sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    eight, one = (
+        sharding.make_mesh(cfg.mesh),
+        sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]),
+    )
 
     def run(workdir, mesh, shard_classes, stop=None):
         c = cfg.copy_and_resolve_references()

@@ -132,7 +132,11 @@ def test_a_partly_trained_stage_never_resumes_under_another_schedule(tmp_path):
     'field, value, message',
     [
         ('new.train.epochs', -1.0, r'config.new.train.epochs=-1.0: >= 0'),
-        ('new.train.batch_size', 12, r'config.new.train.batch_size=12: a positive multiple of the 8'),
+        (
+            'new.train.batch_size',
+            12,
+            r'config.new.train.batch_size=12: a positive multiple of the 8',
+        ),
         ('eval.batch_size', 20, r'config.eval.batch_size=20: a positive multiple of the 8'),
         ('old.train.batch_size', 0, r'config.old.train.batch_size=0'),
         ('new.model.head', 'cosine', r"config.new.model.head='cosine': one of"),

@@ -79,7 +79,9 @@ def jax_train_step(model_cfg, method, spec, *, classes, mesh, prototypes, weight
     from bcl_jax import methods, sharding, step
     from bcl_jax.stage import Reference, Stage, Trained
 
-    train_cfg = ml_collections.ConfigDict(dict(spec.train.to_dict(), batch_size=1, epochs=1.0, steps=0))
+    train_cfg = ml_collections.ConfigDict(
+        dict(spec.train.to_dict(), batch_size=1, epochs=1.0, steps=0)
+    )
     stage = Stage(
         'bench', model_cfg, train_cfg, range(1000), classes, 0, methods.build(method, spec), {}
     )

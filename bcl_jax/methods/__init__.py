@@ -19,8 +19,7 @@ from bcl_jax.methods.perturbed import NDPP, ODPP
 from bcl_jax.methods.unibct import UniBCT
 
 REGISTRY = {
-    m.name: m
-    for m in (Method, BCT, BCTInfluence, L2, LCE, UniBCT, HotRefresh, AdvBCT, NDPP, ODPP)
+    m.name: m for m in (Method, BCT, BCTInfluence, L2, LCE, UniBCT, HotRefresh, AdvBCT, NDPP, ODPP)
 }
 NAMES = tuple(REGISTRY)
 

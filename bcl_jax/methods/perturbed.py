@@ -90,11 +90,17 @@ class Perturbed(BCT):
         key = jax.random.fold_in(jax.random.key(ctx.stage.seed), step)
         positive, own, stats = self.perturb(old, query, banks, key, c, search)
         positive = place(positive)
-        stats = dict(perturbation.perturbation_stats(old, positive, num_classes=c, **search), **stats)
+        stats = dict(
+            perturbation.perturbation_stats(old, positive, num_classes=c, **search), **stats
+        )
         # Each array back where its predecessor lived (sharded by class, or replicated).
-        own = jax.tree.map(lambda x, was: jax.device_put(x, was.sharding), own, {k: banks[k] for k in own})
+        own = jax.tree.map(
+            lambda x, was: jax.device_put(x, was.sharding), own, {k: banks[k] for k in own}
+        )
         banks = dict(banks, positive=positive, new=jax.device_put(new, layout), **own)
-        return dict(state, method=dict(state['method'], banks=banks)), dict(event='refresh', **stats)
+        return dict(state, method=dict(state['method'], banks=banks)), dict(
+            event='refresh', **stats
+        )
 
     def finish(self, state, ctx):
         if jax.process_index() != 0:

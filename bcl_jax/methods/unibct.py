@@ -169,8 +169,9 @@ class UniBCT(Method):
         old_label = None
         if c.old_classes_only:  # padded like the bank's class axis (new classes: -1)
             rows = reference.prototypes.shape[0]
-            old_label = jnp.pad(reference.old_label, (0, rows - reference.old_label.shape[0]),
-                                constant_values=-1)
+            old_label = jnp.pad(
+                reference.old_label, (0, rows - reference.old_label.shape[0]), constant_values=-1
+            )
         term = compatibility_loss(
             inputs.emb,
             inputs.labels,
