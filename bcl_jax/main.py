@@ -25,12 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the run writes')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed',
-    False,
-    'multi-host: call jax.distributed.initialize() first (Cloud TPU slices and SLURM are '
-    'detected; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)',
-)
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'multi-host: see launch/README.md')
 
 
 def run(config, workdir: str) -> dict:

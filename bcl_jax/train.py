@@ -79,9 +79,55 @@ class _Log:
                 self.writer.add_scalar(f'{self.stage}/{k}', v, record['step'])
         self.writer.flush()
 
+    def event(self, step: int, record: dict):
+        """Something a method did between steps (e.g. a refresh), logged with its numbers."""
+        self.write(dict(stage=self.stage, step=step, **record))
+        numbers = ' '.join(f'{k} {v:.4g}' for k, v in record.items() if isinstance(v, float))
+        logging.info('[%s] %s at step %d: %s', self.stage, record.get('event'), step, numbers)
+
+    def progress(self, done: int, steps: int, pending: list, *, lr: float, rate: float, eta: float):
+        """The mean of each metric over the steps since the last line, the rate (images/s) and
+        the ETA (seconds)."""
+        means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        self.write(dict(stage=self.stage, step=done, lr=lr, images_per_sec=rate, **means))
+        logging.info(
+            '[%s] %d/%d %s lr %.4g | %.0f img/s | ETA %s',
+            self.stage,
+            done,
+            steps,
+            ' '.join(f'{k} {v:.4f}' for k, v in means.items()),
+            lr,
+            rate,
+            _hms(eta),
+        )
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def _resume(ckpt, state, meta: dict, stream, name: str):
+    """(state, step, seconds trained) from the latest readable checkpoint, the input stream set
+    to its position; the initial state at step 0 when there is none."""
+    if ckpt.latest_step() is None:
+        return state, 0, 0.0
+    # Onto this mesh's shardings and class padding, whatever mesh wrote the checkpoint.
+    state, data_state, saved, _ = ckpt.restore_latest(state, meta, strict=False)
+    stream.set_state(data_state)
+    start, steps = int(state['step']), meta['total_steps']
+    verb = 'finished' if start >= steps else 'resuming'
+    logging.info('[%s] %s at step %d/%d from %s', name, verb, start, steps, ckpt.directory)
+    return state, start, saved.get('seconds', 0.0)
+
+
+def _banner(stage: Stage, setup, steps: int, per_epoch: float, mesh, config) -> str:
+    batch = stage.train_cfg.batch_size
+    return (
+        f'method={stage.method.name} params={setup.num_params:,} steps={steps} '
+        f'({steps / per_epoch:.1f} epochs of {len(stage.source)} images) global batch={batch} '
+        f'({batch // mesh.size} per device on {mesh.size} devices); {stage.num_classes} '
+        f'classes {"sharded by class" if config.mesh.shard_classes else "replicated"}'
+    )
 
 
 def _check_finite(state, stage: str, ckpt_dir: str):
@@ -178,52 +224,23 @@ def train(
         num_threads=config.data.num_threads,
         workers=config.data.workers,
     )
-    start, seconds = 0, 0.0
-    if ckpt.latest_step() is not None:
-        # Onto this mesh's shardings and class padding, whatever mesh wrote the checkpoint.
-        state, data_state, saved, _ = ckpt.restore_latest(state, meta, strict=False)
-        stream.set_state(data_state)
-        start, seconds = int(state['step']), saved.get('seconds', 0.0)
-        logging.info(
-            '[%s] %s at step %d/%d from %s',
-            stage.name,
-            'finished' if start >= steps else 'resuming',
-            start,
-            steps,
-            ckpt.directory,
-        )
-
-    def product(state, seconds):
-        return Trained(
-            setup.graphdef,
-            state['params'],
-            state['batch_stats'],
-            stage.model_cfg,
-            stage.num_classes,
-            int(state['step']),
-            seconds,
-            total_steps=steps,
-        )
+    state, start, seconds = _resume(ckpt, state, meta, stream, stage.name)
+    product = lambda state, seconds: Trained(
+        setup.graphdef,
+        state['params'],
+        state['batch_stats'],
+        stage.model_cfg,
+        stage.num_classes,
+        int(state['step']),
+        seconds,
+        total_steps=steps,
+    )
 
     if start >= steps:
         ckpt.close()
         stream.close()
         return product(state, seconds)
-    logging.info(
-        '[%s] method=%s params=%s steps=%d (%.1f epochs of %d images) global batch=%d '
-        '(%d per device on %d devices); %d classes %s',
-        stage.name,
-        method.name,
-        f'{setup.num_params:,}',
-        steps,
-        steps / per_epoch,
-        len(stage.source),
-        batch,
-        batch // mesh.size,
-        mesh.size,
-        stage.num_classes,
-        'sharded by class' if shard_classes else 'replicated',
-    )
+    logging.info('[%s] %s', stage.name, _banner(stage, setup, steps, per_epoch, mesh, config))
 
     # ---------------------------------------------------------------- loop
     log = _Log(directory, stage.name, start)
@@ -232,14 +249,7 @@ def train(
     for step in range(start, end):
         state, record = method.before_step(state, step, hooks)
         if record is not None:
-            log.write(dict(stage=stage.name, step=step, **record))
-            logging.info(
-                '[%s] %s at step %d: %s',
-                stage.name,
-                record.get('event', 'method'),
-                step,
-                ' '.join(f'{k} {v:.4g}' for k, v in record.items() if isinstance(v, float)),
-            )
+            log.event(step, record)
         images = pipeline.to_global(next(stream), mesh)
         state, metrics = setup.step_fn(state, images, setup.reference)
         pending.append(metrics)
@@ -248,19 +258,10 @@ def train(
             _check_finite(state, stage.name, ckpt.directory)
             now = time.time()
             seconds += now - t_log
-            means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
             rate = (done - step_log) * batch / (now - t_log)
-            lr = float(setup.schedule(done - 1))
-            log.write(dict(stage=stage.name, step=done, lr=lr, images_per_sec=rate, **means))
-            logging.info(
-                '[%s] %d/%d %s lr %.4g | %.0f img/s | ETA %s',
-                stage.name,
-                done,
-                steps,
-                ' '.join(f'{k} {v:.4f}' for k, v in means.items()),
-                lr,
-                rate,
-                _hms((steps - done) * batch / max(rate, 1e-9)),
+            eta = (steps - done) * batch / max(rate, 1e-9)
+            log.progress(
+                done, steps, pending, lr=float(setup.schedule(done - 1)), rate=rate, eta=eta
             )
             pending, t_log, step_log = [], now, done
         if done % config.ckpt.every_steps == 0 or done == steps:
