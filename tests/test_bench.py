@@ -2,7 +2,7 @@
 the PyTorch step that torch_step times is bcl_jax's step (same loss from the same weights).
 
 Only the plumbing and the agreements are tested; no timing is judged. torch and torchvision are
-required (requirements-bench.txt): the torch tests are not skipped.
+required (requirements-test.txt): the torch tests are not skipped.
 """
 
 import ast

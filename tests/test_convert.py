@@ -2,7 +2,7 @@
 
 The reference is PyTorch itself: torchvision's and timm's eval-mode forward up to the global
 average pool, on the same images, after loading the same file. Needs torch, torchvision, timm
-and safetensors (requirements-bench.txt); these tests are not skipped without them.
+and safetensors (requirements-test.txt); these tests are not skipped without them.
 """
 
 import functools

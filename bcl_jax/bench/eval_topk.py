@@ -1,7 +1,7 @@
 """eval_topk: the GLDv2 retrieval search, `knn.topk` against faiss.
 
 1,129 queries against 761,757 index embeddings, D = 512, top-100 by inner product of unit
-vectors: `knn.topk` and, when `import faiss` works (requirements-bench.txt), faiss-cpu
+vectors: `knn.topk` and, when `import faiss` works (requirements-test.txt), faiss-cpu
 `IndexFlatIP` (exact; all cores), timed in turn. faiss's search time is the one compared (its
 add, a copy of the index, is reported apart); ratio bcl_jax / faiss (target <= 1). Also: whether
 both found the same neighbours (`topk_agreement`) and knn's peak extra memory (XLA's temp

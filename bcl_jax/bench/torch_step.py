@@ -8,7 +8,7 @@ channels_last, cudnn.benchmark, and TF32 exactly when JAX's default matmul preci
 (the default does, on Ampere and newer GPUs). It runs in a child process, so that PyTorch and JAX
 share no CUDA libraries, memory pools or CPU threads. After `train_step` in the same run,
 `jax_to_torch` is JAX's BCT images/s per device over PyTorch's on one (target >= 1 on a GPU at
-224 px and batch 256). Needs torch and torchvision (requirements-bench.txt), else `available`
+224 px and batch 256). Needs torch and torchvision (requirements-test.txt), else `available`
 is false.
 """
 
