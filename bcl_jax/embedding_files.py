@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import uuid
 from collections import Counter
 
 import numpy as np
 from absl import logging
 from etils import epath
+
+from bcl_jax.data import storage
 
 FORMAT = 'bcl_jax.embeddings/1'
 # Rows further than this from unit norm are reported (they are normalised either way).
@@ -54,17 +55,6 @@ def file_paths(directory, name: str) -> dict[str, epath.Path]:
         'labels': d / f'{name}.labels.npy',
         'manifest': d / f'{name}.json',
     }
-
-
-def _write_atomic(path: epath.Path, data: bytes):
-    """Writes to a temporary name in the same directory, then renames it over `path`."""
-    tmp = path.parent / f'.tmp-{uuid.uuid4().hex}-{path.name}'
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -147,11 +137,11 @@ def write_embeddings(directory, name: str, emb, *, ids, labels=None, identity: d
 
     paths = file_paths(directory, name)
     paths['manifest'].parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(paths['emb'], _npy_bytes(emb))
-    _write_atomic(paths['ids'], ''.join(i + '\n' for i in ids).encode('utf-8'))
+    storage.write_atomic(paths['emb'], _npy_bytes(emb))
+    storage.write_atomic(paths['ids'], ''.join(i + '\n' for i in ids).encode('utf-8'))
     if labels is not None:
-        _write_atomic(paths['labels'], _npy_bytes(labels))
-    _write_atomic(paths['manifest'], manifest_text.encode('utf-8'))
+        storage.write_atomic(paths['labels'], _npy_bytes(labels))
+    storage.write_atomic(paths['manifest'], manifest_text.encode('utf-8'))
     if labels is None:  # a labels file left by an earlier write of this name is not this set's
         paths['labels'].unlink(missing_ok=True)
     return manifest

@@ -8,8 +8,6 @@ the old models' numbers under the new config); each checks the refusal and what 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -17,6 +15,7 @@ from bcl_jax import main, sharding, train, validate
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 from configs import synthetic
+from tests.test_main import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,18 +172,6 @@ def test_an_unfinished_old_checkpoint_is_refused_unless_allowed(finished, tmp_pa
     results = main.run(cfg, workdir)
     assert results['old_model']['step'] == 4 and results['old_model']['total_steps'] == 5
     assert results['old_model']['checkpoint'] == cfg.old.checkpoint
-
-
-def cli(*args):
-    env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-    return subprocess.run(
-        [sys.executable, '-m', 'bcl_jax.main', '--config=configs/synthetic.py:smoke', *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.parametrize(
