@@ -43,7 +43,6 @@ EXEMPT = (
     'methods',
     'variants',
     'on_change',
-    'analysis',
     'data.num_threads',
     'data.workers',
     'data.scan_images',
@@ -208,11 +207,6 @@ def config_fingerprint(config, sections) -> dict:
             value = value[part]
         out.update(_flatten(value, section + '.') if isinstance(value, dict) else {section: value})
     return {k: v for k, v in out.items() if not _exempt(k)}
-
-
-def digest(fingerprint: dict) -> str:
-    text = json.dumps(fingerprint, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:

@@ -8,7 +8,6 @@ allowed.
 from __future__ import annotations
 
 import jax
-from absl import logging
 from etils import epath
 
 from bcl_jax import losses, methods
@@ -181,10 +180,3 @@ def check_run(config, data):
         raise ConfigError('upgrades', tuple(config.upgrades), str(e)) from None
     for up in planned:
         _stage(up.config, 'new', jax.device_count())
-    if data.old_train.num_classes < 2 and not config.old.checkpoint:
-        logging.warning(
-            'the old split has %d class (%d images): a classifier of one class learns nothing '
-            '(its loss is 0 from the start); raise data.old_fraction',
-            data.old_train.num_classes,
-            len(data.old_train),
-        )
