@@ -135,14 +135,17 @@ def test_an_error_output_fails_the_run_even_when_tagged(tmp_path):
 def test_tpu_notebook_stops_on_a_failing_shell_command(tmp_path):
     """A `!` line alone carries on after a failing command; the notebook's own `check` (from
     its set-up cell) must stop it there."""
-    setup = next(c for c in read('tpu_gldv2').cells if 'def check(' in c.source)
+    code = [c for c in read('tpu_gldv2').cells if c.cell_type == 'code']
+    setup = code[: next(i for i, c in enumerate(code) if 'def check(' in c.source) + 1]
+    failing = "!python -c 'import sys; sys.exit(3)'\ncheck('the step')"
     nb = nbformat.v4.new_notebook(
-        cells=[
-            nbformat.v4.new_code_cell(setup.source),
-            nbformat.v4.new_code_cell("!python -c 'import sys; sys.exit(3)'\ncheck('the step')"),
-        ]
+        cells=[nbformat.v4.new_code_cell(c.source) for c in setup]
+        + [nbformat.v4.new_code_cell(failing)]
     )
-    with pytest.raises(NotebookError, match='cell 1: RuntimeError: the step exited with status 3'):
+    last = len(setup)
+    with pytest.raises(
+        NotebookError, match=f'cell {last}: RuntimeError: the step exited with status 3'
+    ):
         execute(nb, cwd=str(tmp_path), name='failing shell')
 
 
