@@ -8,6 +8,7 @@ that nothing they write lands in the checkout.
 
 import ast
 import os
+import sys
 import time
 
 import nbformat
@@ -27,11 +28,18 @@ class NotebookError(AssertionError):
 
 
 def kernel_env() -> dict:
-    """The kernel's environment: the smoke mode, one CPU device, the checkout importable."""
+    """The kernel's environment: the smoke mode, one CPU device, the checkout importable, and
+    this interpreter first on PATH (the notebooks' `!python -m ...` lines must find it)."""
     env = dict(os.environ)
     env.pop('XLA_FLAGS', None)
-    path = [REPO] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
-    env.update(BCL_JAX_SMOKE='1', JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(path))
+    python_path = [REPO] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
+    path = [os.path.dirname(sys.executable)] + env.get('PATH', '').split(os.pathsep)
+    env.update(
+        BCL_JAX_SMOKE='1',
+        JAX_PLATFORMS='cpu',
+        PYTHONPATH=os.pathsep.join(python_path),
+        PATH=os.pathsep.join(path),
+    )
     return env
 
 
