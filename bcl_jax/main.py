@@ -94,6 +94,12 @@ def _quiet_libraries(record) -> bool:
     )
 
 
+def quiet_logging():
+    """bcl_jax's own log lines at INFO, without orbax's and grain's (in a notebook too)."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_logger().addFilter(_quiet_libraries)
+
+
 def parse_flags(argv):
     """absl's flag parsing, with a config error (unknown field, wrong type) in one line."""
     try:
@@ -105,7 +111,7 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+    quiet_logging()
     if _DISTRIBUTED.value:
         sharding.initialize_distributed()
     try:
