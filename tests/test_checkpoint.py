@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcl_jax import checkpoint, train
+from bcl_jax.data import storage
 from bcl_jax import step as step_lib
 from bcl_jax.data import pipeline
 from configs import common
@@ -64,7 +65,7 @@ def test_failure_mid_write_keeps_the_old_content(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError('disk full')
 
-    monkeypatch.setattr(checkpoint.os, 'fsync', broken_fsync)
+    monkeypatch.setattr(storage.os, 'fsync', broken_fsync)
     with pytest.raises(OSError, match='disk full'):
         checkpoint.write_atomic(str(path), 'new content that never lands')
     monkeypatch.undo()
@@ -84,7 +85,7 @@ def test_failed_rename_keeps_the_old_content(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise PermissionError('no')
 
-    monkeypatch.setattr(checkpoint.os, 'replace', broken_replace)
+    monkeypatch.setattr(storage.os, 'replace', broken_replace)
     with pytest.raises(PermissionError):
         checkpoint.write_atomic(str(path), 'v2')
     monkeypatch.undo()

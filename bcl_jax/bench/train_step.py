@@ -44,6 +44,9 @@ def gldv2_spec() -> ml_collections.ConfigDict:
             'head': 'cosface',
             'scale': 30.0,
             'margin': 0.3,
+            'pool': 'avg',
+            'dtype': 'float32',
+            'pretrained': '',
         }
 
     return ml_collections.ConfigDict(
@@ -54,6 +57,7 @@ def gldv2_spec() -> ml_collections.ConfigDict:
                 'learning_rate': 0.1,
                 'momentum': 0.9,
                 'weight_decay': 5e-4,
+                'schedule': 'step',
                 'warmup_steps': 0,
                 'lr_drop_epochs': (5.0, 10.0, 20.0),
                 'lr_drop_factor': 0.1,
