@@ -246,34 +246,35 @@ def train(
     log = _Log(directory, stage.name, start)
     end = steps if stop_after_steps is None else min(steps, stop_after_steps)
     pending, t_log, step_log = [], time.time(), start
-    for step in range(start, end):
-        state, record = method.before_step(state, step, hooks)
-        if record is not None:
-            log.event(step, record)
-        images = pipeline.to_global(next(stream), mesh)
-        state, metrics = setup.step_fn(state, images, setup.reference)
-        pending.append(metrics)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == end:
-            _check_finite(state, stage.name, ckpt.directory)
-            now = time.time()
-            seconds += now - t_log
-            rate = (done - step_log) * batch / (now - t_log)
-            eta = (steps - done) * batch / max(rate, 1e-9)
-            log.progress(
-                done, steps, pending, lr=float(setup.schedule(done - 1)), rate=rate, eta=eta
-            )
-            pending, t_log, step_log = [], now, done
-        if done % config.ckpt.every_steps == 0 or done == steps:
-            _check_finite(state, stage.name, ckpt.directory)
-            ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
-
-    # ---------------------------------------------------------------- shutdown
-    if end == steps:
-        method.finish(state, hooks)
-    log.close()
-    ckpt.close()
-    stream.close()
+    # However the loop ends (a NaN, an error, Ctrl-C), a save still being written completes.
+    try:
+        for step in range(start, end):
+            state, record = method.before_step(state, step, hooks)
+            if record is not None:
+                log.event(step, record)
+            images = pipeline.to_global(next(stream), mesh)
+            state, metrics = setup.step_fn(state, images, setup.reference)
+            pending.append(metrics)
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == end:
+                _check_finite(state, stage.name, ckpt.directory)
+                now = time.time()
+                seconds += now - t_log
+                rate = (done - step_log) * batch / (now - t_log)
+                eta = (steps - done) * batch / max(rate, 1e-9)
+                log.progress(
+                    done, steps, pending, lr=float(setup.schedule(done - 1)), rate=rate, eta=eta
+                )
+                pending, t_log, step_log = [], now, done
+            if done % config.ckpt.every_steps == 0 or done == steps:
+                _check_finite(state, stage.name, ckpt.directory)
+                ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
+        if end == steps:
+            method.finish(state, hooks)
+    finally:
+        log.close()
+        ckpt.close()
+        stream.close()
     return product(state, seconds)
 
 
