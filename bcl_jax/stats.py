@@ -246,9 +246,9 @@ def paired_markdown(analysis: dict) -> str:
     for name, m in analysis['methods'].items():
         cells = [_cell(m['vs'].get(r, {}).get(t), scale, n_all) for r in refs for t in TESTS]
         lines.append('| ' + ' | '.join([name, *cells, _ratio_cell(m['recovered'], n_all)]) + ' |')
-    notes = [
-        f'{name}: R {m["recovered"]["note"]}'
-        for name, m in analysis['methods'].items()
-        if m['recovered'] and m['recovered']['note'] and m['recovered']['n'] > 1
-    ]
+    by_note = {}  # the methods that share one note (the same T) share one line
+    for name, m in analysis['methods'].items():
+        if m['recovered'] and m['recovered']['note'] and m['recovered']['n'] > 1:
+            by_note.setdefault(m['recovered']['note'], []).append(name)
+    notes = [f'{", ".join(names)}: R {note}' for note, names in by_note.items()]
     return '\n'.join(lines + ([''] + notes if notes else [])) + '\n'

@@ -382,6 +382,7 @@ def _torch_steps(spec, params, stats, bank, batch, classes):
     return np.array(losses), weights
 
 
+@pytest.mark.slow
 def test_torch_step_matches_bcl_jax_step():
     """The PyTorch step that torch_step times is bcl_jax's BCT step: from the same weights
     (bcl_jax's ResNet-50, converted) and batch, the loss and both terms agree at the first step;

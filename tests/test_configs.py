@@ -196,6 +196,7 @@ def test_inshop_smoke_end_to_end(tmp_path):
     assert set(results['methods']) == {'odpp'}
 
 
+@pytest.mark.slow
 def test_cub_end_to_end_query_set_is_its_own_gallery(tmp_path):
     """data.name=cub: CUB's DML split by class, and the test set searched against itself with
     each query left out, for old/old, new/new and new/old alike."""
@@ -233,6 +234,7 @@ def test_cub_end_to_end_query_set_is_its_own_gallery(tmp_path):
     assert got['num_queries'] == 30
 
 
+@pytest.mark.slow
 def test_gldv2_odpp_smoke_from_pretrained_weights_with_the_field_recipe(gldv2_files, tmp_path):
     """The user's command with ImageNet-style weights (a torchvision ResNet-18 state dict saved
     by PyTorch, random weights), GeM, a cosine schedule and bf16 switched on from the command
@@ -283,7 +285,7 @@ def test_gldv2_odpp_smoke_from_pretrained_weights_with_the_field_recipe(gldv2_fi
     assert lrs[-1] < lrs[1]  # the cosine schedule decays
 
 
-@pytest.mark.parametrize('dataset', ['gldv2', 'inshop'])
+@pytest.mark.parametrize('dataset', ['gldv2', pytest.param('inshop', marks=pytest.mark.slow)])
 def test_the_field_baselines_configs_run_end_to_end(dataset, gldv2_files, tmp_path):
     """configs/<dataset>_{lce,unibct,hot_refresh,advbct}.py: each one method; their :smoke
     variants together in one run on the fake files (the same settings)."""

@@ -119,6 +119,7 @@ def test_commands_say_what_they_do():
         assert len(text.splitlines()) < 60
 
 
+@pytest.mark.slow
 def test_sequential_upgrades_matrix_curves_and_resume(tmp_path):
     """Three models in sequence: the 3×3 matrix in results.json, the figures; a run whose last
     stage lost its final checkpoint (as a kill before it) resumes to the same numbers."""

@@ -45,7 +45,7 @@ def tiny_cfg(head="cosface"):
     [
         ("cifar_resnet", 4, 8, 16),  # 4 * width
         ("resnet18", 4, 32, 32),  # 8 * width
-        ("resnet50", 2, 32, 64),  # 8 * width * 4
+        pytest.param("resnet50", 2, 32, 64, marks=pytest.mark.slow),  # 8 * width * 4
     ],
 )
 def test_backbone_output_shape(name, width, size, expect):
@@ -297,6 +297,7 @@ def test_gem_p_gets_the_gradient_of_the_formula():
     np.testing.assert_allclose(grad, [expected], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gem_model_trains_p_and_p1_is_the_average():
     cfg = ml_collections.ConfigDict(
         {"arch": "resnet18", "width": 4, "depth": None, "embedding_dim": 8, "head": "cosface"}

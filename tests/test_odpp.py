@@ -296,6 +296,7 @@ def test_odpp_warm_start_continues_delta_and_adam_state(crowded):
     assert np.abs(np.asarray(other['delta']) - np.asarray(one['delta'])).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_odpp_warm_start_on_sharded_banks_equals_one_device(crowded):
     """Warm start on banks padded and sharded by class over 8 devices: the state stays
     sharded like the banks and equals the unsharded solve."""

@@ -212,14 +212,15 @@ TERMS['advbct'] = ('boundary', 'adv')
 
 # Replicated, the methods whose 8-device step tests/test_step.py already compares with 1 device
 # (one step) run only with `-m slow`, to keep this file near 90 s on 2 cores.
+_DEFAULT_CASES = {('bct', True), ('ndpp', True), ('odpp', True), ('advbct', True), ('odpp', False)}
 _CASES = [
     pytest.param(
         method,
         shard,
         id=f'{method}-{"sharded" if shard else "replicated"}',
-        marks=[pytest.mark.slow]
-        if not shard and method in ('independent', 'bct', 'l2', 'ndpp')
-        else [],
+        # Every method sharded and replicated runs with -m slow; by default the ones whose
+        # terms differ in kind (a prototype, a perturbed bank, Δ, a discriminator).
+        marks=[] if (method, shard) in _DEFAULT_CASES else [pytest.mark.slow],
     )
     for method in TERMS
     for shard in (True, False)
@@ -334,6 +335,7 @@ class AllTerms(methods.REGISTRY['ndpp']):
         return terms, state
 
 
+@pytest.mark.slow
 def test_one_million_classes_take_an_eighth_of_the_memory_per_device():
     """A step with every loss term at once (L_cls, NDPP/ODPP's L_comp with the EMA, BCT
     influence, L2) at C = 1,000,000 on 8 devices, so every class-sized array a step can hold:

@@ -254,3 +254,18 @@ def test_paired_analysis_errors():
         stats.paired_analysis([], 'mAP')
     with pytest.raises(ValueError, match=r"metric 'map@100' has no value.*'mAP', 'recall@1'"):
         stats.paired_analysis(_seeds(), 'map@100')
+
+
+def test_paired_markdown_one_line_for_a_shared_unbounded_r():
+    # A tax of mean 0.01 with sd 0.05 over 3 seeds is not significant: every method's R is
+    # unbounded for the same reason, said once for all of them.
+    tax = [0.06, -0.04, 0.01]
+    seeds = []
+    for s in range(3):
+        methods = {'bct': (BCT[s], 0.35), 'independent': (BCT[s] + tax[s], 0.02)}
+        methods['ndpp'] = (NDPP[s], 0.36)
+        methods['odpp'] = (NDPP[s] - 0.01, 0.34)
+        seeds.append(_results(s, methods))
+    table = stats.paired_markdown(stats.paired_analysis(seeds, 'mAP'))
+    notes = [line for line in table.splitlines() if 'unbounded:' in line]
+    assert len(notes) == 1 and notes[0].startswith('ndpp, odpp: R unbounded:'), table

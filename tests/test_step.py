@@ -21,12 +21,17 @@ NUM_CLASSES = 6
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    """Leaf by leaf; the absolute tolerance grows with the leaf's largest value, as float32
+    sums taken in another order (8 devices' partial sums, then a psum) differ by ~1e-6 of
+    their terms, not of their (possibly near-zero) result."""
     la, ta = jax.tree_util.tree_flatten_with_path(a)
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb
     for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        scale = float(np.abs(y).max()) if y.size else 0.0
         np.testing.assert_allclose(
-            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+            x, y, rtol=rtol, atol=max(atol, rtol * scale), err_msg=jax.tree_util.keystr(path)
         )
 
 
@@ -83,7 +88,11 @@ def one_step(method, devices):
     return _STEPS[method, devices]
 
 
-@pytest.mark.parametrize('method', ['independent', 'bct', 'bct_influence', 'l2', 'ndpp'])
+@pytest.mark.parametrize(
+    'method',
+    ['bct', 'ndpp']
+    + [pytest.param(m, marks=pytest.mark.slow) for m in ('independent', 'bct_influence', 'l2')],
+)
 def test_step_on_8_devices_equals_step_on_1_device(method):
     assert jax.device_count() == 8
     r8, r1 = one_step(method, 8), one_step(method, 1)

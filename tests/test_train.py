@@ -172,6 +172,7 @@ def test_batch_not_divisible_by_devices(smoke, tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, 'old', 'ckpt'))
 
 
+@pytest.mark.slow
 def test_class_sharded_run_resumes_on_another_mesh(smoke, tmp_path):
     """Stopped after 2 steps with the classifier sharded by class over 8 devices (4 classes,
     padded to 8), then resumed replicated on 1 device: the weights of a 1-device run."""

@@ -100,6 +100,7 @@ def test_changing_exempt_fields_reuses_the_finished_stages(finished, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_on_change_retrain_moves_the_stage_aside_and_trains_it_anew(finished, tmp_path):
     workdir = str(tmp_path / 'copy')
     shutil.copytree(finished[0], workdir)
