@@ -24,8 +24,9 @@ schedules):
 
 Every method of a seed starts from the same initialisation and reads the data in the same order;
 with `--config.seeds`, results.json holds the paired differences against bct and independent,
-their 95% CIs, T and the recovered fraction R (`paired`). Expected on a 2-core CPU: about 20 min
-per seed for all 17 new models (the README gives the measured time and the results).
+their 95% CIs, T and the recovered fraction R (`paired`). Measured on a 2-core CPU: about 2.2 min
+per new model, so about 40 min per seed for all 17 (the README gives the results and the
+methods it ran).
 """
 
 from configs import synthetic
