@@ -210,16 +210,14 @@ TERMS.update(odpp=('comp',), lce=('align', 'boundary'), unibct=('uni',), hot_ref
 TERMS['advbct'] = ('boundary', 'adv')
 
 
-# Replicated, the methods whose 8-device step tests/test_step.py already compares with 1 device
-# (one step) run only with `-m slow`, to keep this file near 90 s on 2 cores.
+# Every method, sharded and replicated, runs with `-m slow`; by default only the ones whose terms
+# differ in kind (a prototype, a perturbed bank, Δ, a discriminator), to keep the default run short.
 _DEFAULT_CASES = {('bct', True), ('ndpp', True), ('odpp', True), ('advbct', True), ('odpp', False)}
 _CASES = [
     pytest.param(
         method,
         shard,
         id=f'{method}-{"sharded" if shard else "replicated"}',
-        # Every method sharded and replicated runs with -m slow; by default the ones whose
-        # terms differ in kind (a prototype, a perturbed bank, Δ, a discriminator).
         marks=[] if (method, shard) in _DEFAULT_CASES else [pytest.mark.slow],
     )
     for method in TERMS
