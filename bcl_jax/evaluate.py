@@ -140,6 +140,7 @@ def score(
             new_new=_flat_metrics(tests, embeddings[name], eval_cfg),
             new_old=_flat_metrics(tests, cross(embeddings[name], embeddings[old_name]), eval_cfg),
             train_seconds=model.seconds,
+            **model.notes,
         )
     reference = results['methods'].get('independent')
     for r in results['methods'].values():
@@ -204,6 +205,8 @@ def aggregate(per_seed: list[dict]) -> dict:
             return {k: combine([v[k] for v in values], reducer) for k in first}
         if isinstance(first, bool) or first is None or isinstance(first, str):
             return first if all(v == first for v in values) else None
+        if any(v is None for v in values):  # undefined in some seed: undefined over seeds
+            return None
         return float(reducer(np.asarray(values, np.float64)))
 
     keys = ('old_old', 'methods')
@@ -345,6 +348,12 @@ def write_figures(results: dict, workdir: str):
             plots.upgrade_summary_figure(
                 {'chain': summary}, os.path.join(workdir, 'upgrades.png'), title=' → '.join(chain)
             )
+    selection = results.get('selection')
+    if selection:
+        fraction = results['paired']['fraction']
+        plots.dose_response_figure(
+            selection, os.path.join(workdir, 'dose_response.png'), fraction=fraction
+        )
     curves = (results.get('backfill') or {}).get('curves')
     if curves:
         plots.backfill_figure(
@@ -364,6 +373,10 @@ def write_results(results: dict, workdir: str):
         table += '\nPaired by seed (method − reference, 95% CI):\n\n' + stats.paired_markdown(
             results['paired']
         )
+        if results.get('selection'):
+            table += '\n' + stats.selection_markdown(
+                results['selection'], results['paired']['fraction']
+            )
     if jax.process_index() == 0:
         checkpoint.write_atomic(
             os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, allow_nan=False)

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, sharding, train, upgrades, validate
+from bcl_jax import checkpoint, evaluate, sharding, stats, train, upgrades, validate
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 
@@ -39,6 +39,8 @@ def run(config, workdir: str) -> dict:
         seeded.seed, seeded.seeds = seed, ()
         per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
     results = evaluate.aggregate(per_seed)
+    if stats.strength_arms(results['methods']):  # METHOD.md §11's selection phase
+        results['selection'] = stats.select_strength(per_seed, results['paired'])
     results.update(wall_seconds=time.time() - start, config=json.loads(config.to_json()))
     evaluate.write_results(results, workdir)
     return results
@@ -76,7 +78,11 @@ def run_one(config, workdir: str) -> dict:
     results = evaluate.evaluate(old, {**new_models, **chain}, data, **kw)
     results.update(
         benchmark=data.description,
-        data=dict(fingerprint=data.fingerprint, skipped=list(data.skipped)),
+        data=dict(
+            fingerprint=data.fingerprint,
+            skipped=list(data.skipped),
+            validation_classes=list(data.validation_classes),
+        ),
         old_model=evaluate.describe_model(old, config.old.checkpoint),
         upgrades=list(chain),
         machine=evaluate.machine(),

@@ -85,14 +85,13 @@ def _weighted_rows(weights, idx, bank, row_block):
     return lax.map(one, (w_blocks, i_blocks)).reshape(rows, -1)[:c]
 
 
-def _perturb(old, s, s_idx, t, t_idx, new, alpha, beta, row_block, clamp):
-    """p̃ = normalize(p + d), d_c = α Σ w (p_c − p_j) + β Σ v (p_c − q_j), from the neighbours."""
+def _offset(old, s, s_idx, t, t_idx, new, alpha, beta, row_block, clamp):
+    """d_c = α Σ w (p_c − p_j) + β Σ v (p_c − q_j), from the neighbours."""
     w, v = _weights(s, clamp), _weights(t, clamp)
     w_sum, v_sum = jnp.sum(w, axis=1, keepdims=True), jnp.sum(v, axis=1, keepdims=True)
-    d = alpha * (w_sum * old - _weighted_rows(w, s_idx, old, row_block)) + beta * (
+    return alpha * (w_sum * old - _weighted_rows(w, s_idx, old, row_block)) + beta * (
         v_sum * old - _weighted_rows(v, t_idx, new, row_block)
     )
-    return l2_normalize(old + d)
 
 
 @functools.partial(
@@ -105,17 +104,31 @@ def _perturb(old, s, s_idx, t, t_idx, new, alpha, beta, row_block, clamp):
         'gallery_block',
         'mesh',
         'axis',
+        'offset_only',
     ),
 )
 def _ndpp_jit(
-    old, new, alpha, beta, *, k, exclude_self, clamp_weights, query_block, gallery_block, mesh, axis
+    old,
+    new,
+    alpha,
+    beta,
+    *,
+    k,
+    exclude_self,
+    clamp_weights,
+    query_block,
+    gallery_block,
+    mesh,
+    axis,
+    offset_only=False,
 ):
     old, new = old.astype(jnp.float32), new.astype(jnp.float32)
     blocks = {'query_block': query_block, 'gallery_block': gallery_block}
     search = functools.partial(banks.search, k=k, mesh=mesh, axis=axis, **blocks)
     s, s_idx = search(old, old, exclude_self=True)
     t, t_idx = search(old, new, exclude_self=exclude_self)
-    return _perturb(old, s, s_idx, t, t_idx, new, alpha, beta, query_block, clamp_weights)
+    d = _offset(old, s, s_idx, t, t_idx, new, alpha, beta, query_block, clamp_weights)
+    return d if offset_only else l2_normalize(old + d)
 
 
 def ndpp(
@@ -132,6 +145,7 @@ def ndpp(
     query_block: int = banks.QUERY_BLOCK,
     gallery_block: int = banks.GALLERY_BLOCK,
     num_classes: int | None = None,
+    offset_only: bool = False,
 ):
     """Neighbour-driven prototype perturbation (METHOD.md §4): the perturbed old bank p̃.
 
@@ -168,6 +182,9 @@ def ndpp(
         added to shard the class axis evenly, bcl_jax.sharding); they are dropped. The banks
         may be sharded by class: they are gathered whole (on `mesh` when given) for the search.
 
+      offset_only: return the offset d instead of p̃ = normalize(p + d) (for calibration:
+        with β = 0, d is linear in α, so one search serves every α; bcl_jax.calibrate).
+
     Returns:
       (C, D) float32 perturbed old prototypes, L2-normalised (C = num_classes when given).
     """
@@ -189,6 +206,7 @@ def ndpp(
         gallery_block=gallery_block,
         mesh=mesh,
         axis=None if mesh is None else banks.mesh_axis(mesh, axis),
+        offset_only=bool(offset_only),
     )
 
 

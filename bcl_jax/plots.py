@@ -539,3 +539,36 @@ def upgrade_summary_figure(summaries: dict, path: str, *, title: str = ''):
         ax.margins(y=0.15)
     fig.suptitle(title or f'Upgrades on {test}: {metric}', fontsize=11)
     _save_png(fig, path)
+
+
+# ------------------------------------------------------------------------ dose-response figure
+
+
+def dose_response_figure(selection: dict, path: str, *, fraction: bool = True, title: str = ''):
+    """Writes the dose–response figure of a strength selection (`stats.select_strength`): per
+    method, the mean paired Δnew/new and Δnew/old against BCT with their CIs as a function of
+    the strength ρ (nearest-neighbour distances); the chosen ρ circled."""
+    methods = selection['methods']
+    if not methods:
+        raise ValueError('dose_response_figure needs at least one method with strength arms.')
+    scale = 100.0 if fraction else 1.0
+    fig = _figure((10, 4))
+    axes = fig.subplots(1, 2, sharex=True)
+    for ax, test, label in zip(axes, ('new_new', 'new_old'), ('new/new', 'new/old')):
+        for (method, s), colour in zip(methods.items(), _colours(len(methods))):
+            rho = np.array([r['rho'] for r in s['arms']])
+            diffs = [r[test] for r in s['arms']]
+            mean = scale * np.array([d['mean'] for d in diffs])
+            low = [d['ci_low'] if d['ci_low'] is not None else d['mean'] for d in diffs]
+            high = [d['ci_high'] if d['ci_high'] is not None else d['mean'] for d in diffs]
+            err = scale * np.abs(np.array([low, high]) - np.array([d['mean'] for d in diffs]))
+            ax.errorbar(rho, mean, yerr=err, marker='o', ms=4, capsize=3, color=colour, label=method)
+            chosen = [i for i, r in enumerate(s['arms']) if r['rho'] == s['chosen']]
+            ax.plot(rho[chosen], mean[chosen], 'o', ms=11, mfc='none', color=colour)
+        ax.axhline(0.0, color='grey', lw=1, ls='--')
+        ax.set_xlabel('strength ρ (nearest-neighbour distances)')
+        ax.set_ylabel(f'Δ{label} vs BCT ({"points" if fraction else "metric"}), 95% CI')
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or f'Dose–response: {selection["metric"]} against BCT', fontsize=10)
+    _save_png(fig, path)

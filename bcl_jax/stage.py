@@ -72,6 +72,7 @@ class Trained:
     step: int
     seconds: float = 0.0
     total_steps: int | None = None
+    notes: dict = dataclasses.field(default_factory=dict)  # the method's `notes()`, for results
     _embed_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def model(self, params=None, batch_stats=None):

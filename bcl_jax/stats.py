@@ -15,6 +15,8 @@ common to both methods cancels. Intervals are two-sided at `level` (default 95%)
   differences to the reference methods on new/new and new/old, the tax T = independent − BCT
   on new/new, and the recovered fraction R = mean(new/new − BCT new/new) / mean(T).
 - `paired_markdown`: that analysis as one table.
+- `select_strength`, `selection_markdown`: METHOD.md §11's rule choosing each method's
+  perturbation strength ρ from the paired comparisons with BCT of its arms `<method>_rho<100ρ>`.
 
 Undefined quantities are None (strict JSON, no NaN).
 """
@@ -22,11 +24,19 @@ Undefined quantities are None (strict JSON, no NaN).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ['fieller_ratio', 'paired_analysis', 'paired_difference', 'paired_markdown']
+__all__ = [
+    'fieller_ratio',
+    'paired_analysis',
+    'paired_difference',
+    'paired_markdown',
+    'select_strength',
+    'selection_markdown',
+]
 
 TESTS = ('new_new', 'new_old')  # the retrieval tests of a new model (evaluate.evaluate)
 _LABELS = {'new_new': 'new/new', 'new_old': 'new/old'}
@@ -252,3 +262,93 @@ def paired_markdown(analysis: dict) -> str:
             by_note.setdefault(m['recovered']['note'], []).append(name)
     notes = [f'{", ".join(names)}: R {note}' for note, names in by_note.items()]
     return '\n'.join(lines + ([''] + notes if notes else [])) + '\n'
+
+
+# ------------------------------------------------------------------------- strength selection
+
+STRENGTH_ARM = re.compile(r'^(?P<method>.+)_rho(?P<percent>\d+)$')  # e.g. 'ndpp_rho50'
+
+
+def strength_arms(names) -> dict:
+    """method -> {ρ: arm name} for the names of the form `<method>_rho<100ρ>`."""
+    groups = {}
+    for name in names:
+        if match := STRENGTH_ARM.match(name):
+            groups.setdefault(match['method'], {})[int(match['percent']) / 100] = name
+    return {m: dict(sorted(arms.items())) for m, arms in groups.items()}
+
+
+def select_strength(
+    per_seed_results: list[dict],
+    analysis: dict,
+    *,
+    min_new_old: float = -0.5,
+    tie: float = 0.2,
+    fallback: float = 0.5,
+) -> dict:
+    """METHOD.md §11's selection rule, per method with strength arms (`strength_arms`): the ρ
+    with the largest mean paired Δnew/new against BCT, among the arms with mean Δnew/old ≥
+    `min_new_old` and new/old > old/old (BCT's compatibility criterion) in every seed; the
+    smallest ρ within `tie` of that largest gain; `fallback` if no eligible arm gains.
+    `min_new_old` and `tie` are in percentage points when the metric is a fraction.
+
+    `analysis`: `paired_analysis` of the same results, with 'bct' among its references.
+    Returns dict(metric, rule, methods={method: dict(arms=[per-ρ rows], chosen, reason)}).
+    """
+    if 'bct' not in analysis['against']:
+        raise ValueError('select_strength needs BCT in the results: every arm is paired with it.')
+    scale = 100.0 if analysis['fraction'] else 1.0
+    out = {
+        'metric': analysis['metric'],
+        'rule': (
+            f'largest mean Δnew/new vs BCT with mean Δnew/old ≥ {min_new_old} and new/old > '
+            f'old/old in every seed; ties within {tie} to the smaller ρ; no gain: ρ = {fallback}'
+        ),
+        'methods': {},
+    }
+    for method, arms in strength_arms(analysis['methods']).items():
+        rows = []
+        for rho, name in arms.items():
+            vs = analysis['methods'][name]['vs']['bct']
+            compatible = [r['methods'][name]['compatible'] for r in per_seed_results]
+            every_seed = all(c is True for c in compatible)
+            eligible = vs['new_old']['mean'] * scale >= min_new_old and every_seed
+            rows.append(
+                dict(
+                    rho=rho,
+                    arm=name,
+                    new_new=vs['new_new'],
+                    new_old=vs['new_old'],
+                    compatible_every_seed=every_seed,
+                    eligible=eligible,
+                )
+            )
+        gains = [r for r in rows if r['eligible'] and r['new_new']['mean'] > 0]
+        if gains:
+            best = max(r['new_new']['mean'] for r in gains)
+            chosen = min(r['rho'] for r in gains if (best - r['new_new']['mean']) * scale <= tie)
+            reason = f'largest gain {scale * best:+.2f}; smallest ρ within {tie}'
+        else:
+            chosen, reason = fallback, 'no eligible ρ gains over BCT: the fallback'
+        out['methods'][method] = {'arms': rows, 'chosen': chosen, 'reason': reason}
+    return out
+
+
+def selection_markdown(selection: dict, fraction: bool = True) -> str:
+    """`select_strength` as a table: per method and ρ, the paired differences with BCT."""
+    scale = 100.0 if fraction else 1.0
+    lines = [
+        f'Strength selection ({selection["metric"]}, paired with BCT; rule: {selection["rule"]}).',
+        '',
+        '| method | ρ | Δnew/new vs bct | Δnew/old vs bct | compatible every seed | chosen |',
+        '|---|---|---|---|---|---|',
+    ]
+    for method, s in selection['methods'].items():
+        for r in s['arms']:
+            cells = [_cell(r[t], scale, r[t]['n']) for t in TESTS]
+            mark = '**chosen**' if r['rho'] == s['chosen'] else ''
+            ok = 'yes' if r['compatible_every_seed'] else 'no'
+            lines.append(f'| {method} | {r["rho"]:g} | {" | ".join(cells)} | {ok} | {mark} |')
+        if s['chosen'] not in [r['rho'] for r in s['arms']]:
+            lines.append(f'| {method} | {s["chosen"]:g} | | | | **chosen** ({s["reason"]}) |')
+    return '\n'.join(lines) + '\n'

@@ -234,6 +234,7 @@ def train(
         int(state['step']),
         seconds,
         total_steps=steps,
+        notes=method.notes(),
     )
 
     if start >= steps:

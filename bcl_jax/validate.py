@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from etils import epath
 
-from bcl_jax import losses, methods
+from bcl_jax import calibrate, losses, methods
 from bcl_jax.data import pipeline, splits
 
 ARCHS = ('cifar_resnet', 'resnet18', 'resnet50')
@@ -109,6 +109,22 @@ def _perturb(cfg):
         cfg.odpp.pairs,
         "'random' or 'neighbours'",
     )
+    for method in ('ndpp', 'odpp'):
+        rho = cfg[method].rho
+        _require(
+            rho is None or 0 < rho <= calibrate.RHO_MAX,
+            f'perturb.{method}.rho',
+            rho,
+            f'unset, or in (0, {calibrate.RHO_MAX}] nearest-neighbour distances',
+        )
+    if cfg.odpp.rho is not None:
+        for field, wanted in (('pairs', 'neighbours'), ('normalize_in_objective', True)):
+            _require(
+                cfg.odpp[field] == wanted,
+                f'perturb.odpp.{field}',
+                cfg.odpp[field],
+                f'{wanted!r} when perturb.odpp.rho is set (METHOD.md §11)',
+            )
 
 
 def check_config(config):
@@ -117,6 +133,12 @@ def check_config(config):
     d = config.data
     _require(d.old_split in splits.MODES, 'data.old_split', d.old_split, f'one of {splits.MODES}')
     _require(0 < d.old_fraction <= 1, 'data.old_fraction', d.old_fraction, 'in (0, 1]')
+    _require(
+        0 <= d.validation_fraction < 1,
+        'data.validation_fraction',
+        d.validation_fraction,
+        'in [0, 1) (0: no validation split)',
+    )
     _require(d.image_size > 0, 'data.image_size', d.image_size, '> 0')
     try:
         pipeline.Augment.from_config(d)

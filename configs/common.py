@@ -58,6 +58,11 @@ def base_config():
             old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
             old_fraction=0.3,
             split_seed=0,
+            # The validation split (METHOD.md §11), for choosing hyperparameters: this fraction
+            # of the training classes (of each family, on the built-in benchmark) is held out;
+            # both models train on the rest and retrieval runs within the held-out classes only.
+            validation_fraction=0.0,
+            validation_seed=0,
             # Training augmentation: pad_crop (reflect-pad by crop_padding, crop back; today's
             # default), random_crop (from a shorter side of train_resize_size, default 8/7 of
             # image_size), random_resized_crop (rrc_scale, rrc_ratio; from 2 x image_size);
@@ -140,8 +145,17 @@ def base_config():
             # K, α, β each applied once, weights clamped at 0, j = c left out of the new-space
             # neighbours. The reference code's own arithmetic (perturbation.ndpp_authors_mode):
             # alpha=0.16, beta=0.004, clamp_weights=False, exclude_self=False.
+            # rho (METHOD.md §11): a strength in nearest-neighbour distances; when set, α is
+            # found by bisection on the old bank before training (bcl_jax.calibrate).
             ndpp=config_dict.ConfigDict(
-                dict(k=100, alpha=0.16, beta=0.004, clamp_weights=True, exclude_self=True)
+                dict(
+                    k=100,
+                    alpha=0.16,
+                    beta=0.004,
+                    clamp_weights=True,
+                    exclude_self=True,
+                    rho=config_dict.placeholder(float),
+                )
             ),
             # METHOD.md §5 (bcl_jax.odpp.OdppOptions): J on p + Δ unnormalised, Δ solved afresh
             # at each refresh; normalize_in_objective and warm_start are the alternatives.
@@ -159,6 +173,9 @@ def base_config():
                     gamma=0.0,
                     normalize_in_objective=False,
                     warm_start=False,
+                    # METHOD.md §11: margin_old from a strength in nearest-neighbour distances
+                    # (needs pairs='neighbours' and normalize_in_objective=True).
+                    rho=config_dict.placeholder(float),
                 )
             ),
         )

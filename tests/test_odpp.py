@@ -344,7 +344,9 @@ def test_odpp_options_take_the_config_group():
     assert not options.warm_start and not options.normalize_in_objective
     from configs import common
 
-    assert od.OdppOptions(**common.base_config().perturb.odpp.to_dict()) == options
+    group = common.base_config().perturb.odpp.to_dict()
+    assert group.pop('rho') is None  # the strength, resolved to margin_old (bcl_jax.calibrate)
+    assert od.OdppOptions(**group) == options
     assert perturbation.odpp is od.odpp and perturbation.OdppOptions is od.OdppOptions
 
 

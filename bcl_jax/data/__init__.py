@@ -48,6 +48,8 @@ class Data:
     # preprocessing and old split (a rerun on other data must not reuse trained models).
     fingerprint: str = ''
     skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable files left out
+    # The training classes held out as the validation split (labels of the whole training set).
+    validation_classes: list[int] = dataclasses.field(default_factory=list)
 
 
 def build(cfg, workdir: str | None = None) -> Data:
@@ -59,6 +61,9 @@ def build(cfg, workdir: str | None = None) -> Data:
         raise ValueError(f'unknown data.name {cfg.name!r}; use one of {NAMES}')
     module = importlib.import_module(f'bcl_jax.data.{BUILDERS[cfg.name]}')
     parts: DatasetParts = module.build(cfg, workdir)
+    held_out = []
+    if cfg.validation_fraction:
+        parts, held_out = hold_out(parts, cfg.validation_fraction, cfg.validation_seed)
     train, split = parts.train, parts.old_split
     if split is None:
         split = splits.old_split(
@@ -79,7 +84,52 @@ def build(cfg, workdir: str | None = None) -> Data:
         description=parts.description + _describe_preprocessing(cfg),
         fingerprint=fingerprint(parts, split, preprocessing(cfg)),
         skipped=[p for source in parts.sources() for p in getattr(source, 'skipped', ())],
+        validation_classes=held_out,
     )
+
+
+def hold_out(parts: DatasetParts, fraction: float, seed: int) -> tuple[DatasetParts, list[int]]:
+    """The validation split (METHOD.md §11): `splits.validation_classes` of the training set
+    are held out; the old and new models train on the rest (labels re-numbered densely), and the
+    only retrieval test is within the held-out classes (each of their training images a query
+    against the others). The dataset's own tests, the test classes, are not used at all.
+    Returns the parts and the held-out classes (labels of the full training set)."""
+    train = parts.train
+    c, labels = train.num_classes, np.asarray(train.labels)
+    held = splits.validation_classes(c, fraction=fraction, seed=seed, groups=parts.class_groups)
+    keep = np.setdiff1d(np.arange(c), held)
+    to_train, to_validation = _dense_labels(keep, c), _dense_labels(held, c)
+    kept = np.flatnonzero(to_train[labels] >= 0)
+    validation = splits.Relabeled(train, np.flatnonzero(to_validation[labels] >= 0), to_validation)
+    old_split = parts.old_split
+    if old_split is not None:  # a recorded old split: its images and classes among the kept
+        position = np.full(len(labels), -1)
+        position[kept] = np.arange(len(kept))
+        indices = position[old_split.indices]
+        old_classes = np.flatnonzero(old_split.old_label[keep] >= 0)
+        old_label = _dense_labels(old_classes, len(keep))
+        old_split = splits.OldSplit(indices=indices[indices >= 0], old_label=old_label)
+    test = label_test(
+        'validation', validation, protocol='label mAP and Recall@K within the held-out classes'
+    )
+    record = {'fraction': fraction, 'seed': seed, 'classes': held.tolist()}
+    parts = dataclasses.replace(
+        parts,
+        train=splits.Relabeled(train, kept, to_train),
+        tests=[test],
+        old_split=old_split,
+        identity={**parts.identity, 'validation': record},
+        description=f'{parts.description}, validation: {len(held)} held-out training classes',
+        class_groups=None,
+    )
+    return parts, held.tolist()
+
+
+def _dense_labels(classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) int32: a label's position among the sorted `classes`, -1 elsewhere."""
+    out = np.full(num_classes, -1, np.int32)
+    out[classes] = np.arange(len(classes), dtype=np.int32)
+    return out
 
 
 def preprocessing(cfg) -> dict:

@@ -59,6 +59,9 @@ class DatasetParts:
     description: str
     old_split: splits.OldSplit | None = None
     identity: dict = dataclasses.field(default_factory=dict)  # what the data is, beyond ids
+    # (num_classes,) a group per training class that a validation split holds out within
+    # (the synthetic benchmark's families); None: classes are drawn from all of them.
+    class_groups: np.ndarray | None = None
 
     def sources(self) -> list:
         """Every source: the training set, then each test's query and gallery."""

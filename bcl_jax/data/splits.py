@@ -67,6 +67,9 @@ class Relabeled:
         if (self.labels < 0).any():
             raise ValueError('Relabeled: an index maps to a class outside the label map')
         self.num_classes = int(self._map.max()) + 1
+        ids = getattr(source, 'ids', None)
+        if ids is not None:  # the images' identities, for the data fingerprint
+            self.ids = [ids[i] for i in self._indices]
 
     def __len__(self) -> int:
         return len(self._indices)
@@ -83,3 +86,29 @@ class Relabeled:
         record = dict(record)
         record['label'] = np.int32(self._map[record['label']])
         return record
+
+
+def validation_classes(
+    num_classes: int, *, fraction: float, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """The training classes held out for selecting hyperparameters (METHOD.md §11), sorted:
+    `share(fraction, n)` of each group's n classes (`groups`: (num_classes,) group ids, e.g. the
+    synthetic benchmark's families, one sibling of 10 each at fraction 0.1), or of all classes
+    when no groups are given. The same arguments give the same classes."""
+    if not 0 < fraction < 1:
+        raise ValueError(f'data.validation_fraction={fraction} must be in (0, 1) to hold out')
+    rng = np.random.default_rng([seed, 1])  # a stream of its own, apart from the old split's
+    groups = np.zeros(num_classes, np.int64) if groups is None else np.asarray(groups)
+    if groups.shape != (num_classes,):
+        raise ValueError(f'groups has shape {groups.shape}, not ({num_classes},)')
+    held = []
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        held.append(rng.choice(members, size=share(fraction, len(members)), replace=False))
+    held = np.sort(np.concatenate(held))
+    if num_classes - len(held) < 2:
+        raise ValueError(
+            f'data.validation_fraction={fraction} leaves {num_classes - len(held)} of '
+            f'{num_classes} classes to train on; lower it'
+        )
+    return held

@@ -193,4 +193,5 @@ def build(cfg, workdir: str | None) -> DatasetParts:
         tests=[test],
         description=f'synthetic (seed {cfg.synthetic.seed})',
         identity={'synthetic': dataclasses.asdict(bench.spec)},
+        class_groups=bench.family_of(np.arange(bench.num_train_classes)),
     )

@@ -73,6 +73,11 @@ class Method:
     def __init__(self, config):
         self.config = config  # the stage's resolved config (variants applied)
 
+    def notes(self) -> dict:
+        """What the method settled before training that results.json records (e.g. a
+        calibrated parameter, bcl_jax.calibrate); valid after `init_state`."""
+        return {}
+
     @property
     def weights(self) -> dict[str, float]:
         """The weight of each loss term this method adds to L_cls."""

@@ -20,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from bcl_jax import odpp, perturbation, prototypes, sharding
+from bcl_jax import calibrate, odpp, perturbation, prototypes, sharding
 from bcl_jax.methods.bct import BCT
 from bcl_jax.models.heads import l2_normalize
 
@@ -34,7 +34,19 @@ class Perturbed(BCT):
     def init_state(self, stage, reference):
         # Until the first refresh p̃ = p, and a class's new prototype starts at its old one.
         bank = sharding.to_host(reference.prototypes)[: stage.num_classes]
+        # The bank's scale for the strength readings, and the settings a given rho asks for
+        # (deterministic: a resumed stage recomputes the same).
+        self.scale = calibrate.nn_distance(bank)
+        self.calibration = self.calibrate(bank, jax.random.key(stage.seed))
         return {'banks': dict(positive=bank.copy(), new=bank.copy(), **self.own_banks(bank))}
+
+    def calibrate(self, bank, key) -> dict:
+        """The parameter that perturbs `bank` by the configured rho (METHOD.md §11), with the
+        realised rho; {} when no rho is set."""
+        return {}
+
+    def notes(self) -> dict:
+        return {'calibration': self.calibration} if self.calibration else {}
 
     def own_banks(self, bank) -> dict:
         """The method's own (C, ...) state kept between refreshes."""
@@ -91,7 +103,9 @@ class Perturbed(BCT):
         positive, own, stats = self.perturb(old, query, banks, key, c, search)
         positive = place(positive)
         stats = dict(
-            perturbation.perturbation_stats(old, positive, num_classes=c, **search), **stats
+            perturbation.perturbation_stats(old, positive, num_classes=c, **search),
+            **calibrate.readings(old, positive, self.scale, num_classes=c, **search),
+            **stats,
         )
         # Each array back where its predecessor lived (sharded by class, or replicated).
         own = jax.tree.map(
@@ -121,19 +135,40 @@ class Perturbed(BCT):
 class NDPP(Perturbed):
     name = 'ndpp'
 
+    def calibrate(self, bank, key):
+        cfg = self.config.perturb.ndpp
+        if cfg.rho is None:
+            return {}
+        return calibrate.ndpp_alpha(bank, cfg.rho, k=cfg.k, clamp_weights=cfg.clamp_weights)
+
     def perturb(self, old, new, banks, key, num_classes, search):
         options = self.config.perturb.ndpp.to_dict()
+        del options['rho']
+        if self.calibration:
+            options['alpha'] = self.calibration['alpha']
         return perturbation.ndpp(old, new, num_classes=num_classes, **search, **options), {}, {}
 
 
 class ODPP(Perturbed):
     name = 'odpp'
 
+    def options(self, margin_old=None) -> odpp.OdppOptions:
+        """The configured options, with a calibrated margin_old when given."""
+        options = self.config.perturb.odpp.to_dict()
+        del options['rho']
+        if margin_old is not None:
+            options['margin_old'] = margin_old
+        return odpp.OdppOptions(**options)
+
+    def calibrate(self, bank, key):
+        rho = self.config.perturb.odpp.rho
+        return {} if rho is None else calibrate.odpp_margin(bank, rho, self.options(), key)
+
     def own_banks(self, bank):
         return {'odpp': jax.tree.map(np.asarray, odpp.odpp_initial_state(*bank.shape))}
 
     def perturb(self, old, new, banks, key, num_classes, search):
-        options = odpp.OdppOptions(**self.config.perturb.odpp.to_dict())
+        options = self.options(self.calibration.get('margin_old'))
         state, log = odpp.odpp(
             old, new, banks['odpp'], key, options=options, num_classes=num_classes, **search
         )
