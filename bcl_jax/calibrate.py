@@ -1,4 +1,4 @@
-"""Perturbation strength against the data's geometry (METHOD.md §11).
+"""Perturbation strength against the data's geometry (method.md §11).
 
 The strength of a perturbation p -> p̃ of an old bank is measured in nearest-neighbour distances:
 
@@ -38,7 +38,7 @@ from bcl_jax.models.heads import l2_normalize
 
 __all__ = ['bisect', 'ndpp_alpha', 'nn_distance', 'odpp_margin', 'readings', 'RHO_MAX']
 
-RHO_MAX = 1.0  # beyond it perturbed positives start to sit nearer another class (METHOD.md §11)
+RHO_MAX = 1.0  # beyond it perturbed positives start to sit nearer another class (method.md §11)
 _REL_TOL = 1e-3  # bisection stops when the shift is this close to its target, relatively
 _ITERATIONS = 60
 
@@ -109,18 +109,30 @@ def _ndpp_shift(old, u, alpha):
 
 
 def ndpp_alpha(
-    old, rho: float, *, k: int, clamp_weights: bool = True, num_classes=None, mesh=None, axis=None
+    old,
+    rho: float,
+    *,
+    k: int,
+    clamp_weights: bool = True,
+    term: str = 'alpha',
+    num_classes=None,
+    mesh=None,
+    axis=None,
 ) -> dict:
     """NDPP's α that moves the old prototypes `rho` nearest-neighbour distances on average
-    (q = p, β = 0). Returns dict(alpha, rho (realised), nn_distance)."""
+    (q = p, β = 0); with term='beta', the β that does so on its own (α = 0: the new-space
+    push at q = p, method.md §11's ρ_β). Returns dict(alpha or beta, rho or rho_beta (the
+    realised strength), nn_distance)."""
+    if term not in ('alpha', 'beta'):
+        raise ValueError(f"term must be 'alpha' or 'beta'; got {term!r}")
     _check_rho(rho)
     old = jnp.asarray(banks.valid_rows(old, num_classes, mesh), jnp.float32)
     u = perturbation.ndpp(
         old,
         old,
         k=k,
-        alpha=1.0,
-        beta=0.0,
+        alpha=float(term == 'alpha'),
+        beta=float(term == 'beta'),
         clamp_weights=clamp_weights,
         mesh=mesh,
         axis=axis,
@@ -132,10 +144,11 @@ def ndpp_alpha(
     while shift(hi) < rho * scale and hi < 2.0**20:
         hi *= 2.0
     try:
-        alpha, reached = bisect(shift, rho * scale, 0.0, hi)
+        value, reached = bisect(shift, rho * scale, 0.0, hi)
     except CalibrationError as e:
-        raise CalibrationError(f'NDPP rho={rho}: {e} (α up to {hi:g})') from None
-    return {'alpha': alpha, 'rho': reached / scale, 'nn_distance': scale}
+        raise CalibrationError(f'NDPP rho={rho}: {e} ({term} up to {hi:g})') from None
+    strength = 'rho' if term == 'alpha' else 'rho_beta'
+    return {term: value, strength: reached / scale, 'nn_distance': scale}
 
 
 def odpp_margin(
@@ -151,7 +164,7 @@ def odpp_margin(
     """ODPP's margin_old, as a quantile of the bank's top-K neighbour similarities, that moves
     the old prototypes `rho` nearest-neighbour distances on average after one solve from Δ = 0
     (q = p, λ_new = 0). `options` must have pairs='neighbours' and normalize_in_objective=True
-    (METHOD.md §11: the unnormalised J is solved by shrinking p + Δ, not by rotating it).
+    (method.md §11: the unnormalised J is solved by shrinking p + Δ, not by rotating it).
     The solve runs on the replicated bank (its neighbour search is sharded with `mesh`).
     Returns dict(quantile, margin_old, rho (realised), nn_distance)."""
     _check_rho(rho)

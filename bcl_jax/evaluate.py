@@ -1,4 +1,4 @@
-"""Retrieval evaluation of old and new models: old/old, new/new and new/old (METHOD.md §7).
+"""Retrieval evaluation of old and new models: old/old, new/new and new/old (method.md §7).
 
 Each model embeds the query and the gallery set once; every test is then a pair of embedding
 sets. new/old ("cross-test") searches the old gallery with new queries: the deployment without
@@ -373,10 +373,11 @@ def write_results(results: dict, workdir: str):
         table += '\nPaired by seed (method − reference, 95% CI):\n\n' + stats.paired_markdown(
             results['paired']
         )
+        fraction = results['paired']['fraction']
         if results.get('selection'):
-            table += '\n' + stats.selection_markdown(
-                results['selection'], results['paired']['fraction']
-            )
+            table += '\n' + stats.selection_markdown(results['selection'], fraction)
+        if results.get('confirmation'):
+            table += '\n' + stats.confirmatory_markdown(results['confirmation'], fraction)
     if jax.process_index() == 0:
         checkpoint.write_atomic(
             os.path.join(workdir, 'results.json'), json.dumps(results, indent=1, allow_nan=False)

@@ -1,6 +1,6 @@
 """Exact top-k neighbours by dot-product similarity, blocked and optionally sharded.
 
-Used for NDPP's prototype neighbours (METHOD.md §4) and for retrieval. The full Q×N similarity
+Used for NDPP's prototype neighbours (method.md §4) and for retrieval. The full Q×N similarity
 matrix is never built: queries are processed in equal blocks of at most `query_block` rows and
 the gallery is scanned `gallery_block` rows at a time, in place (never copied whole), keeping a
 running top-k, so peak memory is a few query_block × gallery_block score blocks and

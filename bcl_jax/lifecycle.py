@@ -1,4 +1,4 @@
-"""The upgrade lifecycle (METHOD.md §10): the compatibility matrix of models φ_1 … φ_N and the
+"""The upgrade lifecycle (method.md §10): the compatibility matrix of models φ_1 … φ_N and the
 backfill curve of one upgrade, both computed from embeddings only (no model is run here).
 
 Every number comes from a test's own `score(query_emb, gallery_emb, eval_cfg)` (the protocol of
@@ -94,10 +94,10 @@ def upgrade_summary(matrix: dict, *, test: str, metric: str, references: dict | 
 
     Per upgrade φ_k → φ_{k+1} (consecutive models in `matrix['models']`), with M = the matrix:
       old_old = M[k][k], new_old = M[k+1][k] (new queries, the previous gallery), new_new =
-      M[k+1][k+1]; compatible = new_old > old_old (BCT's criterion, METHOD.md §7); update_gain =
+      M[k+1][k+1]; compatible = new_old > old_old (BCT's criterion, method.md §7); update_gain =
       (new_old − old_old) / (R − old_old) (BCT, Shen et al. CVPR 2020; `evaluate.update_gain`),
       with R = references[φ_{k+1}] (the self-test of an independently trained model of that
-      step, as METHOD.md §7 defines it) when given, else R = new_new, the upgrade's own
+      step, as method.md §7 defines it) when given, else R = new_new, the upgrade's own
       self-test: then the gain is the share of the full-backfill improvement that the upgrade
       delivers with no backfill at all (the start of its backfill curve on the scale from
       old/old to new/new). `update_gain_reference` says which ('independent' or 'self').
@@ -264,7 +264,7 @@ def backfill_curve(
 
     The gallery starts as the old model's embeddings; at fraction x the first round(x·N) rows of
     `order` (half up) carry the new model's embeddings instead, and the new queries search this
-    mixed gallery (hot-refresh, Zhang et al. ICLR 2022; METHOD.md §10). Nothing is re-embedded:
+    mixed gallery (hot-refresh, Zhang et al. ICLR 2022; method.md §10). Nothing is re-embedded:
     the rows come from `old_gallery` and `new_gallery`. x = 0 is new/old, x = 1 is new/new.
 
     Args:

@@ -1,4 +1,4 @@
-"""Classification and compatibility losses (METHOD.md §3), as pure functions of arrays.
+"""Classification and compatibility losses (method.md §3), as pure functions of arrays.
 
 All embeddings are L2-normalised by the model. Every loss returns the mean over the batch.
 """

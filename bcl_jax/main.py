@@ -39,8 +39,13 @@ def run(config, workdir: str) -> dict:
         seeded.seed, seeded.seeds = seed, ()
         per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
     results = evaluate.aggregate(per_seed)
-    if stats.strength_arms(results['methods']):  # METHOD.md §11's selection phase
+    if stats.strength_arms(results['methods']):  # method.md §11's selection phase
         results['selection'] = stats.select_strength(per_seed, results['paired'])
+    if config.get('primary'):  # a confirmatory run's pre-registered arms (method.md §11)
+        results['confirmation'] = stats.confirmatory(results['paired'], config.primary)
+    if config.get('selected_by'):  # and the selection that chose their settings
+        with open(config.selected_by) as f:
+            results['selection'] = json.load(f)['selection']
     results.update(wall_seconds=time.time() - start, config=json.loads(config.to_json()))
     evaluate.write_results(results, workdir)
     return results

@@ -1,6 +1,6 @@
 """Label-based retrieval metrics: mAP and Recall@K of queries against a labelled gallery.
 
-Used for In-shop / SOP / CUB / Cars style evaluation (METHOD.md §7): a gallery item is relevant
+Used for In-shop / SOP / CUB / Cars style evaluation (method.md §7): a gallery item is relevant
 to a query when it has the same label. Similarities are dot products (embeddings are assumed
 L2-normalised by the caller); each query's gallery ranking is a stable descending sort, so tied
 scores rank the lower gallery index first and results are deterministic.
@@ -170,7 +170,7 @@ def retrieval_metrics(
 
 
 # --------------------------------------------------------------------------------------------
-# Standard ranking-based benchmark metrics (METHOD.md §7): revisitop's compute_ap / compute_map
+# Standard ranking-based benchmark metrics (method.md §7): revisitop's compute_ap / compute_map
 # for Revisited Oxford / Paris, and the GLDv2 retrieval challenge's mAP@100. These take rankings
 # (database indices in ranked order) rather than embeddings, are computed on the host in float64
 # with NumPy, and mirror the reference definitions so they can be swapped in for them.

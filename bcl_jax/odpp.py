@@ -1,4 +1,4 @@
-"""ODPP: optimisation-driven prototype perturbation (METHOD.md §5), as pure functions.
+"""ODPP: optimisation-driven prototype perturbation (method.md §5), as pure functions.
 
 A learnable offset Δ (C, D) on the old prototypes p minimises the hinge objective J
 (`odpp_loss`) on the unnormalised p + Δ, as the reference code does (PrunNet
@@ -7,9 +7,9 @@ refresh. The compatibility loss then uses p̃ = normalize(p + Δ). Each refresh 
 Δ = 0 and a fresh Adam state unless `OdppOptions.warm_start`; the state (Δ and Adam's moments)
 is a dict of arrays that a train state can hold, shard by class and checkpoint. Not copied
 from the reference: its last-batch-only new-prototype term and its loss accumulated across
-batches (METHOD.md §5), and its self pairs (i == j), which are masked out here.
+batches (method.md §5), and its self pairs (i == j), which are masked out here.
 
-Choices where METHOD.md leaves room (each documented at its function): 'neighbours' pairs come
+Choices where method.md leaves room (each documented at its function): 'neighbours' pairs come
 from the unperturbed old bank p; J before and after a solve is measured on one fixed set of
 pairs (see `odpp`).
 """
@@ -70,7 +70,7 @@ def odpp_loss(
     normalize_in_objective=False,
     num_classes=None,
 ):
-    """J(Δ) of METHOD.md §5 on the index pairs (i, j):
+    """J(Δ) of method.md §5 on the index pairs (i, j):
 
         λ_o · mean max(0, p̃_i·p̃_j − m_o) + λ_n · mean max(0, p̃_i·q_j − m_n) + γ · mean_c ||Δ_c||²
 
@@ -112,7 +112,7 @@ def odpp_loss(
 
 @dataclasses.dataclass(frozen=True)
 class OdppOptions:
-    """ODPP's hyperparameters (METHOD.md §5); the defaults are the reference code's.
+    """ODPP's hyperparameters (method.md §5); the defaults are the reference code's.
 
     passes: sweeps over the C classes per refresh (`passes_to_steps`). pairs_per_step: pairs
     per inner Adam step. pairs: 'random' (j uniform over the classes, the reference code) or
@@ -397,7 +397,7 @@ def odpp(
     axis=None,
     **overrides,
 ):
-    """Optimisation-driven prototype perturbation (METHOD.md §5): Adam steps on J(Δ).
+    """Optimisation-driven prototype perturbation (method.md §5): Adam steps on J(Δ).
 
     One jitted `lax.scan`; each step takes `jax.grad(odpp_loss)` with respect to Δ on
     `pairs_per_step` pairs (i, j). The i sweep a fresh random permutation of the classes every

@@ -1,4 +1,4 @@
-"""Prototype perturbation (METHOD.md §4 NDPP and §5 ODPP), as pure functions of prototype banks.
+"""Prototype perturbation (method.md §4 NDPP and §5 ODPP), as pure functions of prototype banks.
 
 Both take the old bank p (C, D) and the current new bank q (C, D), L2-normalised rows, one per
 class, and give perturbed old prototypes p̃ that the compatibility loss uses in place of p.
@@ -14,9 +14,9 @@ class, and give perturbed old prototypes p̃ that the compatibility loss uses in
   `lax.scan` per refresh, from Δ = 0 and a fresh Adam state unless `warm_start`.
 - `perturbation_stats`: what a refresh logs about p̃.
 
-Choices where METHOD.md leaves room (each documented at its function):
+Choices where method.md leaves room (each documented at its function):
 - K is clamped to C − 1 (the number of other classes) with a warning, for both NDPP searches.
-- The old-space neighbours exclude j = c in every mode (METHOD.md §4; the reference code's
+- The old-space neighbours exclude j = c in every mode (method.md §4; the reference code's
   old-space search is not in its public release).
 """
 
@@ -54,7 +54,7 @@ __all__ = [
     'perturbation_stats',
 ]
 
-_WEIGHT_EPS = 1e-8  # added to the sum of neighbour weights (METHOD.md §4)
+_WEIGHT_EPS = 1e-8  # added to the sum of neighbour weights (method.md §4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +105,7 @@ def _offset(old, s, s_idx, t, t_idx, new, alpha, beta, row_block, clamp):
         'mesh',
         'axis',
         'offset_only',
+        'new_push',
     ),
 )
 def _ndpp_jit(
@@ -121,6 +122,7 @@ def _ndpp_jit(
     mesh,
     axis,
     offset_only=False,
+    new_push=False,
 ):
     old, new = old.astype(jnp.float32), new.astype(jnp.float32)
     blocks = {'query_block': query_block, 'gallery_block': gallery_block}
@@ -128,7 +130,17 @@ def _ndpp_jit(
     s, s_idx = search(old, old, exclude_self=True)
     t, t_idx = search(old, new, exclude_self=exclude_self)
     d = _offset(old, s, s_idx, t, t_idx, new, alpha, beta, query_block, clamp_weights)
-    return d if offset_only else l2_normalize(old + d)
+    if offset_only:
+        return d
+    perturbed = l2_normalize(old + d)
+    if new_push:  # away from p̃_c's own top-K new prototypes, scaled like the old-space push
+        t, t_idx = search(perturbed, new, exclude_self=exclude_self)
+        v = _weights(t, clamp_weights)
+        push = jnp.sum(v, axis=1, keepdims=True) * perturbed - _weighted_rows(
+            v, t_idx, new, query_block
+        )
+        perturbed = l2_normalize(perturbed + alpha * push)
+    return perturbed
 
 
 def ndpp(
@@ -146,8 +158,9 @@ def ndpp(
     gallery_block: int = banks.GALLERY_BLOCK,
     num_classes: int | None = None,
     offset_only: bool = False,
+    new_push: bool = False,
 ):
-    """Neighbour-driven prototype perturbation (METHOD.md §4): the perturbed old bank p̃.
+    """Neighbour-driven prototype perturbation (method.md §4): the perturbed old bank p̃.
 
     For each class c, with s_cj = p_c·p_j over the K most similar *other* old prototypes and
     t_cj = p_c·q_j over the K most similar new prototypes (j ≠ c unless `exclude_self=False`):
@@ -160,11 +173,11 @@ def ndpp(
 
     Args:
       old, new: (C, D) old and new prototype banks (L2-normalised rows), C >= 2.
-      k: neighbours per class in each space. Clamped to C − 1 (the other classes; METHOD.md's
+      k: neighbours per class in each space. Clamped to C − 1 (the other classes; method.md's
         "fewer when there are fewer classes") with an absl warning, for both searches, also
         when `exclude_self=False`.
       alpha, beta: weights of the old-space and new-space pushes, each applied once.
-      clamp_weights: clamp similarities at 0 before normalising them (default, METHOD.md §4);
+      clamp_weights: clamp similarities at 0 before normalising them (default, method.md §4);
         False uses them as they are, as the reference code does (a far neighbour with a
         negative similarity then pulls p_c towards it).
       exclude_self: drop j = c from the new-space neighbours (default). False keeps it, as the
@@ -184,6 +197,9 @@ def ndpp(
 
       offset_only: return the offset d instead of p̃ = normalize(p + d) (for calibration:
         with β = 0, d is linear in α, so one search serves every α; bcl_jax.calibrate).
+      new_push: then push p̃ once more, away from its own top-K new prototypes:
+        p̃ <- normalize(p̃ + α Σ_j v'_cj (p̃_c − q_j)), v' from t'_cj = p̃_c·q_j as above (the
+        reference code's second new-space push, its `add_disturb_n20` path; method.md §11).
 
     Returns:
       (C, D) float32 perturbed old prototypes, L2-normalised (C = num_classes when given).
@@ -207,6 +223,7 @@ def ndpp(
         mesh=mesh,
         axis=None if mesh is None else banks.mesh_axis(mesh, axis),
         offset_only=bool(offset_only),
+        new_push=bool(new_push),
     )
 
 
@@ -218,7 +235,7 @@ def ndpp_authors_mode(scale: float = 0.4, new_scale: float = 0.01) -> dict:
     The reference computes  d = scale · [Σ s (p − p_j) / (Σ s + 1e-8)]
     + new_scale · [Σ t (p − q_j) / (Σ t + 1e-8)]  and then  p̃ = normalize(p + scale · d):
     its scale is applied twice, so α = scale² and β = scale · new_scale (0.16 and 0.004 from
-    its defaults 0.4 and 0.01, METHOD.md §4). Its similarities are not clamped, and its
+    its defaults 0.4 and 0.01, method.md §4). Its similarities are not clamped, and its
     new-space top-K (`analyze_new_prototype`) keeps j = c. Its K is `TOPK_FOR_SUPPORT` = 100.
     """
     return {

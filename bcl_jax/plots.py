@@ -1,14 +1,14 @@
 """Figures: what prototype perturbation did to the old bank, and the upgrade lifecycle.
 
 `perturbation_figure` draws, once per training run, how NDPP/ODPP moved the old prototypes p to
-p̃ (METHOD.md §4–§5) next to the new model's prototypes q:
+p̃ (method.md §4–§5) next to the new model's prototypes q:
 
 1. the most crowded old classes and their nearest old neighbours, projected to 2-D by a PCA fitted
    on their old, perturbed and new prototypes, with an arrow p_c → p̃_c per class;
 2. histograms of every class's top-1 cosine similarity to another prototype of the same bank
    (old, perturbed, new), on shared bins, with the means in the legend.
 
-The lifecycle figures (METHOD.md §10) draw what `bcl_jax.lifecycle` computes:
+The lifecycle figures (method.md §10) draw what `bcl_jax.lifecycle` computes:
 `matrix_heatmap` one compatibility matrix, `backfill_figure` backfill curves of several methods,
 `upgrade_summary_figure` the update gains and the mean cross-test over earlier galleries.
 
@@ -444,7 +444,7 @@ def backfill_figure(curves: dict, path: str, *, title: str = ''):
 
     `curves`: method label -> curve, all of one test and primary metric. x = percentage of the
     gallery re-embedded by the new model, y = the metric (%); each curve's chord from new/old
-    to new/new is dashed in its colour (a compatible model stays above it, METHOD.md §10).
+    to new/new is dashed in its colour (a compatible model stays above it, method.md §10).
     """
     from matplotlib.lines import Line2D
 
@@ -562,7 +562,9 @@ def dose_response_figure(selection: dict, path: str, *, fraction: bool = True, t
             low = [d['ci_low'] if d['ci_low'] is not None else d['mean'] for d in diffs]
             high = [d['ci_high'] if d['ci_high'] is not None else d['mean'] for d in diffs]
             err = scale * np.abs(np.array([low, high]) - np.array([d['mean'] for d in diffs]))
-            ax.errorbar(rho, mean, yerr=err, marker='o', ms=4, capsize=3, color=colour, label=method)
+            ax.errorbar(
+                rho, mean, yerr=err, marker='o', ms=4, capsize=3, color=colour, label=method
+            )
             chosen = [i for i, r in enumerate(s['arms']) if r['rho'] == s['chosen']]
             ax.plot(rho[chosen], mean[chosen], 'o', ms=11, mfc='none', color=colour)
         ax.axhline(0.0, color='grey', lw=1, ls='--')

@@ -1,4 +1,4 @@
-"""Class-mean prototype banks (METHOD.md §2): computed by segment sums, stored, reused.
+"""Class-mean prototype banks (method.md §2): computed by segment sums, stored, reused.
 
 A prototype is the L2-normalised mean of a class's L2-normalised embeddings. The old bank is
 computed once with the frozen old model over the new training set and stored in the work
@@ -163,23 +163,30 @@ def class_statistics(old, source, bank, old_label, *, mesh, batch_size: int) -> 
     norm of the mean of the class's unit old embeddings; the centre is m_c·p_c), `max_angle`
     and `max_distance` (the largest angle to p_c and distance to m_c·p_c after the 1.5·IQR
     outlier rule, bcl_jax.methods.lce.class_radii) and `kept` (radii kept; the references use a
-    class's statistics when kept >= 2). Classes the old model never saw get zeros.
+    class's statistics when kept >= 2). Classes the old model never saw get zeros. And
+    `mean_norms`, m_c over every image of every class (NDPP/ODPP's
+    `perturb.prototype_norm='mean'`: negatives as unnormalised class means m_c·p_c).
     """
     from bcl_jax.methods import lce  # the statistics' formulas live with the methods
 
     c = len(old_label)
-    sums = counts = 0
+    sums = counts = all_sums = all_counts = 0
     batches = []
     for emb, labels, valid in embed_batches(old, source, mesh=mesh, batch_size=batch_size):
         emb, labels, valid = (sharding.to_host(x) for x in (emb, labels, valid))
+        s, n = class_sums(emb, labels, valid, num_classes=c)
+        all_sums, all_counts = all_sums + s, all_counts + n
         valid = valid & (old_label[labels] >= 0)
         s, n = class_sums(emb, labels, valid, num_classes=c)
         sums, counts = sums + s, counts + n
         batches.append((emb[valid], labels[valid]))
     _, norms = lce.class_centres(np.asarray(sums), np.asarray(counts))
+    _, mean_norms = lce.class_centres(np.asarray(all_sums), np.asarray(all_counts))
     emb = np.concatenate([e for e, _ in batches])
     labels = np.concatenate([l for _, l in batches])
-    out = dict(centre_norms=np.asarray(norms, np.float32))
+    out = dict(
+        centre_norms=np.asarray(norms, np.float32), mean_norms=np.asarray(mean_norms, np.float32)
+    )
     for name, metric in (('max_angle', 'angle'), ('max_distance', 'distance')):
         radii = lce.sample_radii(emb, labels, bank, norms, metric=metric)
         radius, kept = lce.class_radii(radii, labels, num_classes=c)
@@ -196,5 +203,5 @@ def old_class_statistics(old, source, bank, old_label, *, workdir, mesh, batch_s
         path,
         identity,
         lambda: class_statistics(old, source, bank, old_label, mesh=mesh, batch_size=batch_size),
-        valid=lambda d: all(v.shape == (len(old_label),) for v in d.values()),
+        valid=lambda d: 'mean_norms' in d and all(v.shape == (len(old_label),) for v in d.values()),
     )

@@ -124,7 +124,7 @@ def describe(model_cfg) -> dict:
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class Reference:
-    """What a new model trains against (METHOD.md §2-§3).
+    """What a new model trains against (method.md §2-§3).
 
     `old`: the frozen old model; `prototypes` (C, D): its normalised class means over the new
     training set; `old_label` (C,): new label -> old label, -1 for a class the old model never
@@ -211,13 +211,16 @@ def config_fingerprint(config, sections) -> dict:
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
-    """'field: saved -> wanted' for every field that differs (missing on one side included)."""
+    """'field: saved -> wanted' for every field that differs (missing on one side included),
+    except a field added to bcl_jax after the stage was saved that is off now (None or False):
+    new settings are added switched off, so it was made as that setting makes it."""
     keys = sorted(set(saved) | set(wanted))
     missing = '(not set)'
+    added_off = lambda k: k not in saved and any(wanted[k] is off for off in (None, False))
     return [
         f'{k}: {saved.get(k, missing)!r} -> {wanted.get(k, missing)!r}'
         for k in keys
-        if saved.get(k, missing) != wanted.get(k, missing)
+        if saved.get(k, missing) != wanted.get(k, missing) and not added_off(k)
     ]
 
 
@@ -324,8 +327,6 @@ def make_reference(config, old: Trained, data, *, mesh, workdir: str) -> Referen
     kw['data_identity'] = data_identity(data)
     bank = prototypes.old_bank(old, data.train, num_classes=data.num_classes, **kw)
     stats = {}
-    if any(
-        methods.REGISTRY[methods.resolve(config, m)[0]].needs_class_stats for m in config.methods
-    ):
+    if any(methods.build(m, config).needs_class_stats for m in config.methods):
         stats = prototypes.old_class_statistics(old, data.train, bank, data.old_label, **kw)
     return Reference(old, bank, data.old_label, stats)

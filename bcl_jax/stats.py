@@ -1,4 +1,4 @@
-"""Paired statistics over seeds (METHOD.md §9), as pure NumPy float64 functions.
+"""Paired statistics over seeds (method.md §9), as pure NumPy float64 functions.
 
 Every method of a seed shares its initialisation and data order, so methods are compared seed
 by seed: the per-seed differences d_s = a_s − b_s carry the comparison, and seed-to-seed noise
@@ -15,8 +15,11 @@ common to both methods cancels. Intervals are two-sided at `level` (default 95%)
   differences to the reference methods on new/new and new/old, the tax T = independent − BCT
   on new/new, and the recovered fraction R = mean(new/new − BCT new/new) / mean(T).
 - `paired_markdown`: that analysis as one table.
-- `select_strength`, `selection_markdown`: METHOD.md §11's rule choosing each method's
+- `select_strength`, `selection_markdown`: method.md §11's rule choosing each method's
   perturbation strength ρ from the paired comparisons with BCT of its arms `<method>_rho<100ρ>`.
+- `confirmatory`, `confirmatory_markdown`: method.md §11's primary endpoint, R per primary arm
+  with its Fieller interval, and the paired t test of Δnew/new against BCT Holm-corrected over
+  the primary arms (`holm`).
 
 Undefined quantities are None (strict JSON, no NaN).
 """
@@ -30,7 +33,10 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 __all__ = [
+    'confirmatory',
+    'confirmatory_markdown',
     'fieller_ratio',
+    'holm',
     'paired_analysis',
     'paired_difference',
     'paired_markdown',
@@ -155,7 +161,7 @@ def paired_analysis(
     For each method and each reference method in `against` (other than itself): the paired
     differences method − reference on new/new and on new/old (`paired_difference`). The tax
     T = independent − bct on new/new, and for each other method the recovered fraction
-    R = mean_s(method − bct, new/new) / mean_s(T) (`fieller_ratio`; METHOD.md §9). A
+    R = mean_s(method − bct, new/new) / mean_s(T) (`fieller_ratio`; method.md §9). A
     comparison uses the seeds that have all its values; it is None when none has.
 
     Returns a strict-JSON dict: metric, level, seeds, fraction (True when every value of the
@@ -286,7 +292,7 @@ def select_strength(
     tie: float = 0.2,
     fallback: float = 0.5,
 ) -> dict:
-    """METHOD.md §11's selection rule, per method with strength arms (`strength_arms`): the ρ
+    """method.md §11's selection rule, per method with strength arms (`strength_arms`): the ρ
     with the largest mean paired Δnew/new against BCT, among the arms with mean Δnew/old ≥
     `min_new_old` and new/old > old/old (BCT's compatibility criterion) in every seed; the
     smallest ρ within `tie` of that largest gain; `fallback` if no eligible arm gains.
@@ -351,4 +357,73 @@ def selection_markdown(selection: dict, fraction: bool = True) -> str:
             lines.append(f'| {method} | {r["rho"]:g} | {" | ".join(cells)} | {ok} | {mark} |')
         if s['chosen'] not in [r['rho'] for r in s['arms']]:
             lines.append(f'| {method} | {s["chosen"]:g} | | | | **chosen** ({s["reason"]}) |')
+    return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------- confirmation
+
+
+def paired_t_pvalue(differences) -> float | None:
+    """Two-sided p of the paired t test that the mean of `differences` is 0 (None for n < 2
+    or no spread)."""
+    d = _values(differences, 'differences')
+    if d.size < 2 or d.std(ddof=1) == 0:
+        return None
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+    return float(2 * scipy_stats.t.sf(abs(t), d.size - 1))
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm's step-down adjusted p-values (family-wise error over the given hypotheses):
+    sorted ascending p_(1) <= … <= p_(m), adjusted p_(i) = max_{j<=i} min(1, (m − j + 1) p_(j)).
+    None stays None and does not count in m."""
+    given = sorted((p, name) for name, p in pvalues.items() if p is not None)
+    m, out, running = len(given), {name: None for name in pvalues}, 0.0
+    for i, (p, name) in enumerate(given):
+        running = max(running, min(1.0, (m - i) * p))
+        out[name] = running
+    return out
+
+
+def confirmatory(analysis: dict, primary, *, alpha: float = 0.05) -> dict:
+    """method.md §11's confirmatory test: per primary arm, R = (arm − BCT) / T on new/new with
+    its Fieller interval (from `paired_analysis`), the paired t test of arm − BCT on new/new
+    and its Holm-adjusted p over the primary arms; `significant` at `alpha` after Holm. R counts
+    only where T's interval excludes 0 (`tax_excludes_zero`)."""
+    tax = analysis['tax']
+    tax_ok = bool(tax and tax['ci_low'] is not None and (tax['ci_low'] > 0 or tax['ci_high'] < 0))
+    arms, raw = {}, {}
+    for name in primary:
+        m = analysis['methods'].get(name)
+        if m is None or 'bct' not in m['vs']:
+            raise ValueError(f'primary arm {name!r} has no paired comparison with BCT in results')
+        diff = m['vs']['bct']['new_new']
+        raw[name] = paired_t_pvalue(diff['differences'])
+        arms[name] = {'recovered': m['recovered'], 'new_new_vs_bct': diff, 'p': raw[name]}
+    for name, p in holm(raw).items():
+        arms[name].update(p_holm=p, significant=p is not None and p < alpha)
+    return {'alpha': alpha, 'tax': tax, 'tax_excludes_zero': tax_ok, 'arms': arms}
+
+
+def confirmatory_markdown(result: dict, fraction: bool = True) -> str:
+    scale = 100.0 if fraction else 1.0
+    n = result['tax']['n'] if result['tax'] else 0
+    lines = [
+        f'Confirmatory test (primary endpoint R; Δnew/new vs BCT, paired t, Holm over '
+        f'{len(result["arms"])} arms at {result["alpha"]}). T = {_cell(result["tax"], scale, n)}'
+        + ('' if result['tax_excludes_zero'] else ' — its CI includes 0: R does not count.'),
+        '',
+        '| arm | R [Fieller CI] | Δnew/new vs bct | p | p (Holm) | significant |',
+        '|---|---|---|---|---|---|',
+    ]
+    fmt = lambda p: '' if p is None else f'{p:.3g}'
+    for name, a in result['arms'].items():
+        cells = [
+            _ratio_cell(a['recovered'], n),
+            _cell(a['new_new_vs_bct'], scale, n),
+            fmt(a['p']),
+            fmt(a['p_holm']),
+            'yes' if a['significant'] else 'no',
+        ]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'

@@ -1,4 +1,4 @@
-"""Sequential upgrades (METHOD.md §10): φ_1 (the old model) → φ_2 → φ_3 … in one run.
+"""Sequential upgrades (method.md §10): φ_1 (the old model) → φ_2 → φ_3 … in one run.
 
 `config.upgrades` lists the models after the old one, in order, each a dict:
 
@@ -126,7 +126,7 @@ def run(config, data, old, *, mesh, workdir: str) -> dict:
         )
         old_label = prev_label_of[up.classes]  # this model's label -> its predecessor's
         stats = {}
-        if methods.REGISTRY[methods.resolve(config, up.method)[0]].needs_class_stats:
+        if methods.build(up.method, config).needs_class_stats:
             stats = prototypes.class_statistics(
                 prev_model, source, bank, old_label, mesh=mesh, batch_size=config.eval.batch_size
             )

@@ -93,6 +93,12 @@ def _perturb(cfg):
         "'ema' or 'exact'",
     )
     _require(0 <= cfg.ema_decay < 1, 'perturb.ema_decay', cfg.ema_decay, 'in [0, 1)')
+    _require(
+        cfg.prototype_norm in ('unit', 'mean'),
+        'perturb.prototype_norm',
+        cfg.prototype_norm,
+        "'unit' or 'mean'",
+    )
     _require(cfg.start_epochs >= 0, 'perturb.start_epochs', cfg.start_epochs, '>= 0')
     _require(
         cfg.refresh_every_epochs > 0,
@@ -109,21 +115,28 @@ def _perturb(cfg):
         cfg.odpp.pairs,
         "'random' or 'neighbours'",
     )
-    for method in ('ndpp', 'odpp'):
-        rho = cfg[method].rho
+    for field in ('ndpp.rho', 'ndpp.rho_beta', 'odpp.rho'):
+        method, name = field.split('.')
+        rho = cfg[method][name]
         _require(
             rho is None or 0 < rho <= calibrate.RHO_MAX,
-            f'perturb.{method}.rho',
+            f'perturb.{field}',
             rho,
             f'unset, or in (0, {calibrate.RHO_MAX}] nearest-neighbour distances',
         )
+    _require(
+        not cfg.odpp.margin_new_quantile or cfg.odpp.rho is not None,
+        'perturb.odpp.margin_new_quantile',
+        cfg.odpp.margin_new_quantile,
+        'False unless perturb.odpp.rho is set (its quantile is the calibrated one)',
+    )
     if cfg.odpp.rho is not None:
         for field, wanted in (('pairs', 'neighbours'), ('normalize_in_objective', True)):
             _require(
                 cfg.odpp[field] == wanted,
                 f'perturb.odpp.{field}',
                 cfg.odpp[field],
-                f'{wanted!r} when perturb.odpp.rho is set (METHOD.md §11)',
+                f'{wanted!r} when perturb.odpp.rho is set (method.md §11)',
             )
 
 

@@ -58,7 +58,7 @@ def base_config():
             old_split='classes',  # classes: old model sees 30% of classes; images: 30% of each class
             old_fraction=0.3,
             split_seed=0,
-            # The validation split (METHOD.md §11), for choosing hyperparameters: this fraction
+            # The validation split (method.md §11), for choosing hyperparameters: this fraction
             # of the training classes (of each family, on the built-in benchmark) is held out;
             # both models train on the rest and retrieval runs within the held-out classes only.
             validation_fraction=0.0,
@@ -135,18 +135,23 @@ def base_config():
         )
     )
     c.perturb = config_dict.ConfigDict(
-        dict(  # NDPP / ODPP (METHOD.md §4-§6)
+        dict(  # NDPP / ODPP (method.md §4-§6)
             start_epochs=2.0,  # p̃ = p before this (perturb_start)
             refresh_every_epochs=1.0,  # recompute p̃ this often (refresh_every)
             new_prototypes='ema',  # ema: per-class EMA in the train state | exact: a pass over the data
             ema_decay=0.9,  # per appearance of a class in a batch
             exact_batch_size=256,
             perturb_negatives=False,  # True: L_comp uses p̃ for every class, not only the positive
+            # unit: negatives are the unit prototypes; mean: unnormalised class means m_c·p_c
+            # (m_c = norm of the mean unit old embedding; the reference's banks may have been)
+            prototype_norm='unit',
             # K, α, β each applied once, weights clamped at 0, j = c left out of the new-space
             # neighbours. The reference code's own arithmetic (perturbation.ndpp_authors_mode):
             # alpha=0.16, beta=0.004, clamp_weights=False, exclude_self=False.
-            # rho (METHOD.md §11): a strength in nearest-neighbour distances; when set, α is
-            # found by bisection on the old bank before training (bcl_jax.calibrate).
+            # rho (method.md §11): a strength in nearest-neighbour distances; when set, α is
+            # found by bisection on the old bank before training (bcl_jax.calibrate); rho_beta
+            # likewise sets β (the new-space term on its own, at q = p). new_push: a second
+            # push of p̃ away from its top-K new prototypes, scaled by α (the reference's).
             ndpp=config_dict.ConfigDict(
                 dict(
                     k=100,
@@ -154,10 +159,12 @@ def base_config():
                     beta=0.004,
                     clamp_weights=True,
                     exclude_self=True,
+                    new_push=False,
                     rho=config_dict.placeholder(float),
+                    rho_beta=config_dict.placeholder(float),
                 )
             ),
-            # METHOD.md §5 (bcl_jax.odpp.OdppOptions): J on p + Δ unnormalised, Δ solved afresh
+            # method.md §5 (bcl_jax.odpp.OdppOptions): J on p + Δ unnormalised, Δ solved afresh
             # at each refresh; normalize_in_objective and warm_start are the alternatives.
             odpp=config_dict.ConfigDict(
                 dict(
@@ -173,9 +180,12 @@ def base_config():
                     gamma=0.0,
                     normalize_in_objective=False,
                     warm_start=False,
-                    # METHOD.md §11: margin_old from a strength in nearest-neighbour distances
-                    # (needs pairs='neighbours' and normalize_in_objective=True).
+                    # method.md §11: margin_old from a strength in nearest-neighbour distances
+                    # (needs pairs='neighbours' and normalize_in_objective=True), and with
+                    # margin_new_quantile, margin_new re-set at every refresh at the same
+                    # quantile of the top-K new-prototype similarities p_c·q_j (j ≠ c).
                     rho=config_dict.placeholder(float),
+                    margin_new_quantile=False,
                 )
             ),
         )
@@ -201,7 +211,7 @@ def base_config():
             batch_size=256,
             ks=(1, 5, 10),
             query_block=256,
-            matrix=True,  # the compatibility matrix of every pair of models (METHOD.md §10)
+            matrix=True,  # the compatibility matrix of every pair of models (method.md §10)
             backfill=True,  # backfill curves of the compatible new models, on the first test
             backfill_fractions=tuple(i / 10 for i in range(11)),
             backfill_seed=0,  # the random order of re-embedding the gallery

@@ -1,6 +1,6 @@
 """GLDv2-clean: a ResNet-18 old model on 30% of the landmarks, then ResNet-50 new models
 (independent, BCT, NDPP, ODPP), tested on ROxford5k, RParis6k (Medium, Hard) and the GLDv2
-retrieval test (METHOD.md §6-§8).
+retrieval test (method.md §6-§8).
 
     python -m bcl_jax.data.prepare --dataset=gldv2 --src=$GLDV2 --dst=$PREPARED   # optional, once
     python -m bcl_jax.main --config=configs/gldv2.py --workdir=$RUN \
@@ -16,13 +16,13 @@ or read from the prepared folder, whose manifest must match it; AdvBCT's publish
 are read with `bcl_jax.data.gldv2.split_from_advbct` into a split file for
 `data.gldv2.split_file`.
 
-The recipe, each choice and its source (README "GLDv2 on a TPU slice or GPU cluster"):
+The recipe, each choice and its source (docs/gldv2.md, "GLDv2 on a TPU slice or GPU cluster"):
 - backbones from ImageNet weights (every code base of the field: AdvBCT, OpenCompatible,
   PrunNet): torchvision's resnet18-f37072fd.pth and resnet50-0676ba61.pth, or timm's
   resnet18/resnet50 .safetensors, downloaded once (bcl_jax reads no network); without
   `model.pretrained` the backbones start from random weights;
 - SGD 0.1, momentum 0.9, weight decay 5e-4, 30 epochs, ×0.1 at epochs 5, 10, 20, batch 256,
-  256-d embeddings (PrunNet `configs/gldv2`, METHOD.md §6);
+  256-d embeddings (PrunNet `configs/gldv2`, method.md §6);
 - training images: shorter side 256, random 224 crop, flip (PrunNet's transforms,
   `data.augment='random_crop'`); evaluation: shorter side 256, centre 224 crop (PrunNet;
   AdvBCT resizes the whole image to 224: `--config.data.eval_preprocess=resize`);

@@ -1,6 +1,6 @@
 """DeepFashion In-shop: a ResNet-18 old model on 30% of the 3,997 training items, then ResNet-50
 new models (independent, BCT, NDPP, ODPP), tested by Recall@{1,10,20,30,40,50} and mAP of the
-14,218 queries against the 12,612 gallery images (METHOD.md §6-§8).
+14,218 queries against the 12,612 gallery images (method.md §6-§8).
 
     python -m bcl_jax.data.prepare --dataset=inshop --src=$INSHOP --dst=$PREPARED   # optional
     python -m bcl_jax.main --config=configs/inshop.py --workdir=$RUN \
@@ -9,7 +9,7 @@ new models (independent, BCT, NDPP, ODPP), tested by Recall@{1,10,20,30,40,50} a
 $INSHOP holds list_eval_partition.txt and img/. The recipe is GLDv2's (configs/gldv2.py: ImageNet
 backbones through `model.pretrained`, shorter side 256 then a random 224 crop and flip, centre
 crop for evaluation) with In-shop's schedule: 200 epochs, lr ×0.1 at 50/100/150 (PrunNet's
-In-shop config; METHOD.md §6).
+In-shop config; method.md §6).
 
 Meant for one GPU or a TPU v4-8 / v5e-8: 25,882 training images × 200 epochs is about 5.2M
 images per model, a few hours at 224 px. Expect BCT new/old Recall@1 above old/old; the published

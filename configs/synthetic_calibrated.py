@@ -1,4 +1,4 @@
-"""The calibrated-strength study of prototype perturbation (METHOD.md §11), in two phases.
+"""The calibrated-strength study of prototype perturbation (method.md §11), in two phases.
 
 Phase 1, selection, on the validation split (one held-out training sibling per family: 100 of
 the 1,000 training classes, one fixed draw; old and new models train on the other 900; the test
@@ -18,13 +18,14 @@ strengths that phase 1 chose (read from its results.json):
         --config=configs/synthetic_calibrated.py:confirmation=runs/calibrated_selection \
         --workdir=runs/calibrated_confirmation --config.seeds='(100,101,102,103,104,105,106,107)'
 
-The regime is METHOD §9's pre-registered alternative: τ = 0.01, λ = 1 (configs/synthetic_regime.py
-with compat.temperature=0.01, compat.weight=1: the same models, data and test classes). ODPP with
-a strength uses `pairs='neighbours'` and `normalize_in_objective=True` (METHOD §11). Selection
-rule, fixed before any run (METHOD §11, `bcl_jax.stats.select_strength`): per method, the ρ with
-the largest mean paired Δnew/new against BCT, subject to mean Δnew/old ≥ −0.5 points and
-new/old > old/old in every seed; ties within 0.2 points go to the smaller ρ; if no ρ gains,
-ρ = 0.5. Measured on a 2-core CPU: about 2.2 min per new model, 14 per seed in phase 1.
+The regime is method.md §9's pre-registered alternative: τ = 0.01, λ = 1
+(configs/synthetic_regime.py with compat.temperature=0.01, compat.weight=1: the same models, data
+and test classes). ODPP with a strength uses `pairs='neighbours'` and
+`normalize_in_objective=True` (method.md §11). Selection rule, fixed before any run
+(method.md §11, `bcl_jax.stats.select_strength`): per method, the ρ with the largest mean paired
+Δnew/new against BCT, subject to mean Δnew/old ≥ −0.5 points and new/old > old/old in every
+seed; ties within 0.2 points go to the smaller ρ; if no ρ gains, ρ = 0.5. Measured on a 2-core
+CPU: about 2.2 min per new model, 14 per seed in phase 1.
 """
 
 import json
@@ -75,12 +76,15 @@ def chosen_strengths(selection_dir: str) -> dict:
 
 
 def get_config(arg=None):
-    phase, _, selection_dir = (arg or '').partition('=')
-    phase, smoke = phase.removesuffix(',smoke'), phase.endswith(',smoke')
-    if phase not in ('selection', 'confirmation'):
+    phase, _, selection_dir = (arg or 'selection').partition('=')
+    smoke = phase in ('smoke', 'selection,smoke', 'confirmation,smoke')
+    phase = {'smoke': 'selection'}.get(phase, phase.removesuffix(',smoke'))
+    if phase not in ('selection', 'confirmation') or (phase == 'confirmation') != bool(
+        selection_dir
+    ):
         raise ValueError(
-            f"config argument {arg!r}: use 'selection' or 'confirmation=<phase-1 workdir>', "
-            "with ',smoke' after the phase to shrink it"
+            f"unknown config argument {arg!r}; use 'selection' (the default) or "
+            "'confirmation=<phase-1 workdir>', with ',smoke' after the phase to shrink it"
         )
     c = synthetic_regime.get_config('smoke' if smoke else None)
     c.compat.weight, c.compat.temperature = 1.0, 0.01
@@ -91,6 +95,14 @@ def get_config(arg=None):
     else:
         chosen = chosen_strengths(selection_dir)
         arms = {f'{m}_star': _variant(m, rho) for m, rho in chosen.items()}
+        # Exploratory: the new-distribution readings at the chosen strengths (method.md §11).
+        ndpp, odpp = arms['ndpp_star'], arms['odpp_star']
+        arms['ndpp_star_beta'] = f"{ndpp} perturb.ndpp.rho_beta={chosen['ndpp']}"
+        arms['ndpp_star_new_push'] = f'{ndpp} perturb.ndpp.new_push=True'
+        arms['odpp_star_new_margin'] = f'{odpp} perturb.odpp.margin_new_quantile=True'
+        arms['ndpp_star_mean'] = f'{ndpp} perturb.prototype_norm=mean'  # the norm reading
         c.methods = ('independent', 'bct', *arms)
+        c.primary = ('ndpp_star', 'odpp_star')  # R, Holm-corrected over these two
+        c.selected_by = os.path.join(selection_dir, 'results.json')  # copied into results
     c.variants = arms
     return c

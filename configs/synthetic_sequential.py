@@ -1,4 +1,4 @@
-"""Three models in sequence on the built-in benchmark: φ_1 → φ_2 → φ_3 (METHOD.md §10).
+"""Three models in sequence on the built-in benchmark: φ_1 → φ_2 → φ_3 (method.md §10).
 
     python -m bcl_jax.main --config=configs/synthetic_sequential.py --workdir=runs/sequential
     python -m bcl_jax.main --config=configs/synthetic_sequential.py:smoke --workdir=runs/seq_smoke
@@ -9,7 +9,7 @@ against φ_1's prototypes; φ_3 sees all classes, 16 wide, trained with BCT agai
 writes the 3×3 compatibility matrix (compatibility_synthetic.png), the backfill curves of φ_2
 over φ_1's gallery and of φ_3 over φ_2's (backfill.png) and the upgrade summary (upgrades.png).
 Expected on a 2-core CPU: about 3 minutes; every later model searches every earlier gallery
-better than that gallery's own model does (the README gives the measured matrix).
+better than that gallery's own model does (docs/lifecycle.md gives the measured matrix).
 """
 
 from configs import synthetic

@@ -303,3 +303,61 @@ def test_the_field_baselines_configs_run_end_to_end(dataset, gldv2_files, tmp_pa
     assert set(results['methods']) == set(names)
     for m in names:
         assert all(v is None or np.isfinite(v) for v in results['methods'][m]['new_new'].values())
+
+
+def _refreshes(stage_dir):
+    """The refresh records of a stage's metrics.jsonl."""
+    with open(os.path.join(stage_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f if '"refresh"' in line]
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_calibrated_study_selection_then_confirmation_end_to_end(tmp_path):
+    """method.md §11's two phases on the smoke benchmark: the selection phase's command writes
+    the per-ρ paired analysis, the chosen ρ and the dose–response figure, with the validation
+    classes and every arm's calibrated parameter in results.json; the confirmation phase reads
+    the chosen ρ back and trains its arms on the test classes."""
+    study = importlib.import_module('configs.synthetic_calibrated')
+    cfg = config('synthetic_calibrated', 'selection,smoke')
+    cfg.methods = ('independent', 'bct', 'ndpp_rho25', 'ndpp_rho50', 'odpp_rho50')
+    cfg.seeds = (0, 1)
+    selection = tmp_path / 'selection'
+    results = main.run(cfg, str(selection))
+    chosen = results['selection']['methods']
+    assert set(chosen) == {'ndpp', 'odpp'}
+    assert [r['rho'] for r in chosen['ndpp']['arms']] == [0.25, 0.5]
+    assert (selection / 'dose_response.png').exists()
+    assert 'Strength selection' in (selection / 'results.md').read_text()
+    seed = _json(selection / 'seed_0' / 'results.json')
+    assert list(seed['tests']) == ['validation']
+    assert len(seed['data']['validation_classes']) == 4  # one sibling of each smoke family
+    assert seed['methods']['ndpp_rho50']['calibration']['rho'] == pytest.approx(0.5, rel=0.02)
+    assert 'margin_old' in seed['methods']['odpp_rho50']['calibration']
+    assert 'calibration' not in seed['methods']['bct']
+    refreshes = _refreshes(selection / 'seed_0' / 'new_ndpp_rho50')
+    assert refreshes and {'rho', 'own_nearest', 'common_mode'} <= set(refreshes[-1])
+
+    confirm = config('synthetic_calibrated', f'confirmation,smoke={selection}')
+    assert confirm.methods[:4] == ('independent', 'bct', 'ndpp_star', 'odpp_star')
+    want = study.chosen_strengths(str(selection))
+    assert f"rho={want['ndpp']}" in confirm.variants.ndpp_star
+    assert confirm.data.validation_fraction == 0.0
+    confirm.seeds = (5, 6)  # fresh seeds
+    results = main.run(confirm, str(tmp_path / 'confirmation'))
+    assert list(results['confirmation']['arms']) == ['ndpp_star', 'odpp_star']
+    assert results['selection'] == _json(selection / 'results.json')['selection']
+    assert results['confirmation']['arms']['ndpp_star']['recovered'] is not None
+    seed_dir = tmp_path / 'confirmation' / 'seed_5'
+    seed = _json(seed_dir / 'results.json')
+    assert list(seed['tests']) == ['synthetic'] and seed['data']['validation_classes'] == []
+    assert 'beta' in seed['methods']['ndpp_star_beta']['calibration']
+    assert 'ndpp_star_mean' in seed['methods'] and 'ndpp_star_new_push' in seed['methods']
+    refreshes = _refreshes(seed_dir / 'new_odpp_star_new_margin')
+    assert refreshes and all('margin_new' in r for r in refreshes)
+    with pytest.raises(FileNotFoundError, match='run phase 1'):
+        config('synthetic_calibrated', f'confirmation={tmp_path / "nothing"}')

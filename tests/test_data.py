@@ -361,3 +361,81 @@ def test_data_roots_are_checked_up_front_naming_the_field(tmp_path):
     shop.name, shop.inshop.root = 'inshop', str(tmp_path / 'nowhere')
     with pytest.raises(FileNotFoundError, match='data.inshop.root'):
         data.build(shop)
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_classes_one_per_family():
+    groups = np.repeat(np.arange(100), 10)
+    held = splits.validation_classes(1000, fraction=0.1, seed=0, groups=groups)
+    assert len(held) == 100 and np.all(np.diff(held) > 0)
+    np.testing.assert_array_equal(np.sort(groups[held]), np.arange(100))  # one of each family
+    again = splits.validation_classes(1000, fraction=0.1, seed=0, groups=groups)
+    np.testing.assert_array_equal(held, again)  # one fixed draw
+    other = splits.validation_classes(1000, fraction=0.1, seed=1, groups=groups)
+    assert not np.array_equal(held, other)
+    ungrouped = splits.validation_classes(50, fraction=0.2, seed=0)
+    assert len(ungrouped) == 10 and len(set(ungrouped.tolist())) == 10
+
+
+@pytest.mark.parametrize('fraction', [0.0, 1.0, -0.1])
+def test_validation_fraction_outside_the_range_is_refused(fraction):
+    with pytest.raises(ValueError, match='validation_fraction'):
+        splits.validation_classes(10, fraction=fraction, seed=0)
+
+
+def test_validation_split_holds_out_training_classes_and_never_a_test_class():
+    cfg = synthetic_config.get_config('smoke').data
+    full = data.build(cfg)
+    cfg.validation_fraction = 0.25  # one of each family's 4 siblings
+    d = data.build(cfg)
+    bench = SyntheticBenchmark(SyntheticSpec(image_size=16, **cfg.synthetic.to_dict()))
+    held = np.asarray(d.validation_classes)
+    assert len(held) == 4 and sorted(bench.family_of(held)) == [0, 1, 2, 3]
+    # Both models train on the other 12 classes, re-numbered; the test classes are not scored.
+    assert d.num_classes == 12 and len(d.train) == 12 * 8
+    assert [t.name for t in d.tests] == ['validation']
+    test = d.tests[0]
+    # The held-out images search each other.
+    assert test.gallery is None and len(test.query) == 4 * 8
+    kept = np.setdiff1d(np.arange(16), held)
+    training = {bench.image(0, int(c), i).tobytes() for c in kept for i in range(8)}
+    held_images = {bench.image(0, int(c), i).tobytes() for c in held for i in range(8)}
+    test = full.tests[0]
+    test_images = {im.tobytes() for s in (test.query, test.gallery) for im in _images(s)}
+    test = d.tests[0]
+    validation = [test.query[k] for k in range(len(test.query))]
+    assert {r['image'].tobytes() for r in validation} == held_images
+    assert not held_images & test_images and not held_images & training
+    assert {im.tobytes() for im in _images(d.train)} == training
+    for r in validation:  # label k is the k-th held-out class
+        own = {bench.image(0, int(held[r['label']]), i).tobytes() for i in range(8)}
+        assert r['image'].tobytes() in own
+    assert d.old_train.num_classes == 3  # floor(0.3 · 12) of the classes trained on
+    assert d.fingerprint != full.fingerprint
+
+
+def test_validation_split_keeps_a_recorded_old_split_on_the_kept_classes():
+    cfg = synthetic_config.get_config('smoke').data
+    parts = data.DatasetParts(
+        train=SyntheticBenchmark(SyntheticSpec(image_size=16, **cfg.synthetic.to_dict())).split(
+            'train'
+        ),
+        tests=[],
+        description='synthetic',
+        old_split=splits.old_split(
+            np.repeat(np.arange(16), 8), 16, fraction=0.5, mode='classes', seed=0
+        ),
+    )
+    held_parts, held = data.hold_out(parts, 0.25, 0)
+    old_classes = np.flatnonzero(parts.old_split.old_label >= 0)
+    kept = np.setdiff1d(np.arange(16), held)
+    new_old = held_parts.old_split
+    # The old classes that were not held out, in the kept classes' numbering, renumbered densely.
+    want = np.flatnonzero(np.isin(kept, old_classes))
+    np.testing.assert_array_equal(np.flatnonzero(new_old.old_label >= 0), want)
+    np.testing.assert_array_equal(new_old.old_label[want], np.arange(len(want)))
+    labels = np.asarray(held_parts.train.labels)
+    assert set(labels[new_old.indices].tolist()) == set(want.tolist())
+    assert len(new_old.indices) == 8 * len(want)

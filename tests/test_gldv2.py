@@ -192,7 +192,7 @@ def test_split_file_other_csv_detected(tmp_path):
 
 
 def test_thirty_percent_of_gldv2_clean_classes():
-    """METHOD.md §8: the old model of GLDv2-clean sees 24,393 of its 81,313 classes."""
+    """method.md §8: the old model of GLDv2-clean sees 24,393 of its 81,313 classes."""
     c = 81313
     labels = np.arange(c, dtype=np.int32)
     split = splits.old_split(labels, c, fraction=0.3, mode="classes", seed=0)

@@ -1,4 +1,4 @@
-"""Tests for bcl_jax.losses against NumPy float64 re-computations of METHOD.md §3."""
+"""Tests for bcl_jax.losses against NumPy float64 re-computations of method.md §3."""
 
 import jax
 import jax.numpy as jnp

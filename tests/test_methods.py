@@ -95,3 +95,27 @@ def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     assert set(new_state['bank']) == {'positive', 'new'}
     shift = np.linalg.norm(np.asarray(want) - old, axis=1).mean()
     assert logged['mean_shift'] == pytest.approx(shift, rel=1e-4)
+    # The strength reading: the shift in nearest-neighbour distances of the old bank.
+    sims = old.astype(np.float64) @ old.T.astype(np.float64)
+    np.fill_diagonal(sims, -np.inf)
+    nn = np.linalg.norm(old - old[np.argmax(sims, axis=1)], axis=1).mean()
+    assert logged['rho'] == pytest.approx(shift / nn, rel=1e-4)
+    assert 0 <= logged['own_nearest'] <= 1 and 0 <= logged['common_mode'] <= 1
+
+
+@pytest.mark.parametrize('perturb_negatives', [False, True])
+def test_prototype_norm_mean_scales_the_negatives_by_the_class_mean_norms(perturb_negatives):
+    """method.md §11's norm reading: negatives m_c·p_c (or m_c·p̃_c), the positive p̃ unit."""
+    cfg = stages.config()
+    cfg.perturb.prototype_norm = 'mean'
+    cfg.perturb.perturb_negatives = perturb_negatives
+    method = methods.build('ndpp', cfg)
+    assert method.needs_class_stats and not methods.build('ndpp', stages.config()).needs_class_stats
+    rng = np.random.default_rng(0)
+    bank, perturbed = rng.standard_normal((2, 6, 4)).astype(np.float32)
+    norms = rng.uniform(0.5, 0.9, 6).astype(np.float32)
+    reference = Reference(None, bank, np.arange(6), {'mean_norms': norms})
+    state = {'banks': {'positive': perturbed}}
+    want = (perturbed if perturb_negatives else bank) * norms[:, None]
+    np.testing.assert_allclose(method.negatives(reference, state), want, rtol=1e-6)
+    assert method.positives(state) is perturbed

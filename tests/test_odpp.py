@@ -1,4 +1,4 @@
-"""bcl_jax.odpp (ODPP, METHOD.md §5) against NumPy float64 re-computations."""
+"""bcl_jax.odpp (ODPP, method.md §5) against NumPy float64 re-computations."""
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ DEFAULTS = {
 
 
 def _objective(delta, old, new, i, j, *, normalize=False, mask_self=True, **terms):
-    """J of METHOD.md §5 from its formula, in float64: p̃ = p + Δ (normalised if asked)."""
+    """J of method.md §5 from its formula, in float64: p̃ = p + Δ (normalised if asked)."""
     terms = dict(DEFAULTS, **terms)
     delta, old, new = (np.asarray(x, np.float64) for x in (delta, old, new))
     p_t = old + delta
@@ -337,7 +337,7 @@ def test_odpp_gamma_limits_offset(crowded):
 
 
 def test_odpp_options_take_the_config_group():
-    """configs/common.py's perturb.odpp group is OdppOptions' fields; defaults from METHOD §5."""
+    """configs/common.py's perturb.odpp group is OdppOptions' fields; defaults from method.md §5."""
     options = od.OdppOptions()
     assert (options.passes, options.pairs_per_step, options.learning_rate) == (100, 1024, 1e-3)
     assert (options.margin_old, options.margin_new, options.gamma) == (0.9, 0.9, 0.0)
@@ -345,7 +345,9 @@ def test_odpp_options_take_the_config_group():
     from configs import common
 
     group = common.base_config().perturb.odpp.to_dict()
-    assert group.pop('rho') is None  # the strength, resolved to margin_old (bcl_jax.calibrate)
+    # The strength, resolved to margin_old, and the per-refresh margin_new: the method's
+    # (bcl_jax.calibrate, methods.perturbed), not the solve's.
+    assert group.pop('rho') is None and group.pop('margin_new_quantile') is False
     assert od.OdppOptions(**group) == options
     assert perturbation.odpp is od.odpp and perturbation.OdppOptions is od.OdppOptions
 

@@ -35,7 +35,7 @@ def banks():
 
 
 def _ndpp_reference(p, q, k, alpha, beta, exclude_self, clamp=True):
-    """METHOD.md §4 with full C×C similarities and argsort, in float64."""
+    """method.md §4 with full C×C similarities and argsort, in float64."""
     p, q = p.astype(np.float64), q.astype(np.float64)
 
     def pushes(gallery, self_excluded):
@@ -86,7 +86,7 @@ def test_ndpp_matches_reference(banks, exclude_self, clamp, k, alpha, beta):
 # The reference code's NDPP (PrunNet src/solver/adv_loss.py, CompatibleElasticPrototypeLoss
 # .add_disturb_v0 with NORM_PROTOTYPE=True, and .analyze_new_prototype), transcribed in
 # float64. Its old-space support search is not in the public release; it is taken here as
-# METHOD.md §4 states it: the K most similar other old prototypes.
+# method.md §4 states it: the K most similar other old prototypes.
 def _add_disturb_v0(old_prototype, new_prototypes, topk, scale, scale_new):
     p, q = old_prototype.astype(np.float64), new_prototypes.astype(np.float64)
     sims_old = p @ p.T

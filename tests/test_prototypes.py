@@ -23,7 +23,7 @@ def _unit(x):
 
 
 def _ref_bank(emb, labels, num_classes):
-    """METHOD.md §2 in float64: mean of the L2-normalised embeddings of each class, normalised."""
+    """method.md §2 in float64: mean of the L2-normalised embeddings of each class, normalised."""
     emb = _unit(emb)
     means = np.stack([emb[labels == c].mean(axis=0) for c in range(num_classes)])
     return _unit(means)

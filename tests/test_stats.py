@@ -269,3 +269,120 @@ def test_paired_markdown_one_line_for_a_shared_unbounded_r():
     table = stats.paired_markdown(stats.paired_analysis(seeds, 'mAP'))
     notes = [line for line in table.splitlines() if 'unbounded:' in line]
     assert len(notes) == 1 and notes[0].startswith('ndpp, odpp: R unbounded:'), table
+
+
+# ----------------------------------------------------------------------------------------------
+# Strength selection (method.md §11)
+# ----------------------------------------------------------------------------------------------
+
+
+def _strength_seeds(arms, incompatible=()):
+    """3 seeds: bct, and arms {name: (Δnew/new per seed, Δnew/old per seed)} against it."""
+    out = []
+    for s in range(3):
+        methods = {'bct': (BCT[s], 0.35)}
+        methods.update({n: (BCT[s] + nn[s], 0.35 + no[s]) for n, (nn, no) in arms.items()})
+        r = _results(s, methods)
+        for name in incompatible:
+            r['methods'][name]['compatible'] = s != 1
+        out.append(r)
+    return out
+
+
+def _select(arms, incompatible=()):
+    per_seed = _strength_seeds(arms, incompatible)
+    return stats.select_strength(per_seed, stats.paired_analysis(per_seed, 'mAP'))
+
+
+FLAT = (0.0, 0.0, 0.0)
+
+
+def test_select_strength_takes_the_largest_gain():
+    s = _select(
+        {
+            'ndpp_rho25': ((0.01, 0.01, 0.01), FLAT),
+            'ndpp_rho50': ((0.02, 0.03, 0.04), FLAT),  # mean +3 points: the largest
+            'ndpp_rho100': ((0.01, 0.02, 0.0), FLAT),
+            'odpp_rho50': ((-0.01, 0.0, -0.02), FLAT),
+        }
+    )
+    assert s['methods']['ndpp']['chosen'] == 0.5
+    assert [r['rho'] for r in s['methods']['ndpp']['arms']] == [0.25, 0.5, 1.0]
+    assert s['methods']['ndpp']['arms'][1]['new_new']['mean'] == pytest.approx(0.03)
+    # No ODPP strength gains: the fallback ρ = 0.5.
+    assert s['methods']['odpp']['chosen'] == 0.5 and 'fallback' in s['methods']['odpp']['reason']
+    text = stats.selection_markdown(s)
+    assert '| ndpp | 0.5 | +3.00 [' in text and text.count('**chosen**') == 2
+    json.dumps(s, allow_nan=False)
+
+
+def test_select_strength_ties_go_to_the_smaller_strength():
+    s = _select(
+        {
+            'ndpp_rho25': ((0.020, 0.020, 0.020), FLAT),  # 2.0 points, within 0.2 of 2.15
+            'ndpp_rho75': ((0.0215, 0.0215, 0.0215), FLAT),
+            'ndpp_rho100': ((0.01, 0.01, 0.01), FLAT),
+        }
+    )
+    assert s['methods']['ndpp']['chosen'] == 0.25
+    s = _select({'ndpp_rho25': ((0.017, 0.017, 0.017), FLAT), 'ndpp_rho75': ((0.02,) * 3, FLAT)})
+    assert s['methods']['ndpp']['chosen'] == 0.75  # 0.3 points apart: no tie
+
+
+def test_select_strength_needs_new_old_and_compatibility():
+    s = _select(
+        {
+            'ndpp_rho100': ((0.05, 0.05, 0.05), (-0.01, -0.01, -0.01)),  # −1 point on new/old
+            'ndpp_rho75': ((0.04, 0.04, 0.04), FLAT),  # not compatible in seed 1
+            'ndpp_rho25': ((0.01, 0.01, 0.01), (-0.004, -0.004, -0.004)),  # −0.4: allowed
+        },
+        incompatible=('ndpp_rho75',),
+    )
+    rows = {r['rho']: r for r in s['methods']['ndpp']['arms']}
+    assert not rows[1.0]['eligible'] and not rows[0.75]['eligible'] and rows[0.25]['eligible']
+    assert not rows[0.75]['compatible_every_seed']
+    assert s['methods']['ndpp']['chosen'] == 0.25
+
+
+def test_strength_arm_names():
+    arms = stats.strength_arms(['bct', 'ndpp_rho50', 'ndpp_rho25', 'odpp_neg_rho100', 'ndpp'])
+    assert arms == {
+        'ndpp': {0.25: 'ndpp_rho25', 0.5: 'ndpp_rho50'},
+        'odpp_neg': {1.0: 'odpp_neg_rho100'},
+    }
+
+
+def test_holm_by_hand():
+    assert stats.holm({'a': 0.01, 'b': 0.04}) == pytest.approx({'a': 0.02, 'b': 0.04})
+    assert stats.holm({'a': 0.03, 'b': 0.02}) == pytest.approx({'a': 0.04, 'b': 0.04})
+    assert stats.holm({'a': 0.6, 'b': 0.01, 'c': None}) == {'a': 0.6, 'b': 0.02, 'c': None}
+
+
+def test_paired_t_pvalue_matches_scipy():
+    from scipy import stats as scipy_stats
+
+    d = [0.02, 0.01, 0.05, -0.01, 0.03]
+    assert stats.paired_t_pvalue(d) == pytest.approx(scipy_stats.ttest_1samp(d, 0.0).pvalue)
+    assert stats.paired_t_pvalue([0.01]) is None
+
+
+def test_confirmatory_by_hand():
+    per_seed = _seeds()
+    for r, d in zip(per_seed, (0.0, -0.01, 0.01)):  # a second arm: mean 0 against BCT
+        r['methods']['odpp'] = dict(r['methods']['bct'])
+        r['methods']['odpp']['new_new'] = {'mAP': r['methods']['bct']['new_new']['mAP'] + d}
+    analysis = stats.paired_analysis(per_seed, 'mAP')
+    result = stats.confirmatory(analysis, ('ndpp', 'odpp'))
+    ndpp, odpp = result['arms']['ndpp'], result['arms']['odpp']
+    assert ndpp['recovered']['estimate'] == pytest.approx(8 / 13)
+    # NDPP − BCT = (.02, .01, .05): standard error √13/300 (as above), t = (2/75) / (√13/300)
+    t = (2 / 75) / (math.sqrt(13) / 300)
+    from scipy import stats as scipy_stats
+
+    p = 2 * scipy_stats.t.sf(t, 2)
+    assert ndpp['p'] == pytest.approx(p) and odpp['p'] == pytest.approx(1.0)
+    assert ndpp['p_holm'] == pytest.approx(min(1, 2 * p)) and odpp['p_holm'] == pytest.approx(1.0)
+    assert result['tax_excludes_zero']  # T = (.04, .03, .06): t = 4.9 > 4.30
+    assert '| ndpp |' in stats.confirmatory_markdown(result)
+    with pytest.raises(ValueError, match="'lce'"):
+        stats.confirmatory(analysis, ('lce',))

@@ -230,3 +230,16 @@ def test_results_banks_and_logs_on_a_non_local_filesystem(monkeypatch):
         train._Log(f'{run}/old', 'old', resume_step=2).close()  # resumed from checkpoint 2
         lines = epath.Path(f'{run}/old/metrics.jsonl').read_text().splitlines()
         assert [json.loads(l)['step'] for l in lines] == [1, 2]
+
+
+def test_a_setting_added_later_at_its_off_value_changes_no_stage():
+    """A stage saved before a field existed matches a config with the field off (None or
+    False), and differs from one with it on."""
+    saved = {'perturb.ndpp.alpha': 0.16}
+    now = dict(saved, **{'perturb.ndpp.rho': None, 'perturb.ndpp.new_push': False})
+    assert stage_lib.differences(saved, now) == []
+    on = dict(now, **{'perturb.ndpp.rho': 0.5})
+    assert stage_lib.differences(saved, on) == ["perturb.ndpp.rho: '(not set)' -> 0.5"]
+    # A field dropped since, or one set to 0 (a value, not a switch), still differs.
+    assert stage_lib.differences(now, saved) != []
+    assert stage_lib.differences(saved, dict(saved, **{'data.validation_fraction': 0.0})) != []

@@ -3,7 +3,7 @@ the Revisited Oxford/Paris tests, old/new splits and the input pipeline.
 
 `build(data_cfg, workdir)` gives every stage what it reads: the new training set (all classes),
 the old model's share of it, and the retrieval tests, each with the protocol that scores it
-exactly as the published tables do (METHOD.md §7). Each dataset module builds its own sources
+exactly as the published tables do (method.md §7). Each dataset module builds its own sources
 and tests (`<module>.build(cfg, workdir) -> DatasetParts`); `BUILDERS` maps data.name to the
 module, imported only when a config names it (tfds, for one, is slow to import).
 """
@@ -89,7 +89,7 @@ def build(cfg, workdir: str | None = None) -> Data:
 
 
 def hold_out(parts: DatasetParts, fraction: float, seed: int) -> tuple[DatasetParts, list[int]]:
-    """The validation split (METHOD.md §11): `splits.validation_classes` of the training set
+    """The validation split (method.md §11): `splits.validation_classes` of the training set
     are held out; the old and new models train on the rest (labels re-numbered densely), and the
     only retrieval test is within the held-out classes (each of their training images a query
     against the others). The dataset's own tests, the test classes, are not used at all.

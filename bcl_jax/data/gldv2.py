@@ -1,4 +1,4 @@
-"""Google Landmarks v2 in its released file layout (METHOD.md §7-§8).
+"""Google Landmarks v2 in its released file layout (method.md §7-§8).
 
 Files read::
 
@@ -314,7 +314,7 @@ def old_split_for(
     """Draws the old split of a training CSV with `splits.old_split`; writes it to `out` if given.
 
     `splits.old_split` takes floor(fraction × C) classes: 0.3 × 81,313 gives 24,393, as
-    METHOD.md §8 quotes.
+    method.md §8 quotes.
     """
     image_ids, labels, landmark_ids = read_train_csv(csv_path)
     split = old_split(labels, len(landmark_ids), fraction=fraction, mode=mode, seed=seed)

@@ -1,4 +1,4 @@
-"""DeepFashion In-shop Clothes Retrieval in its released layout (METHOD.md §7–§8).
+"""DeepFashion In-shop Clothes Retrieval in its released layout (method.md §7–§8).
 
 Layout::
 

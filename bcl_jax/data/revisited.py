@@ -17,7 +17,7 @@ centre-cropped square); with ``crop_queries=True`` (the standard protocol) a que
 to its bounding box, with ``crop_queries=False`` (as the BCL papers evaluate) it is taken whole.
 
 `evaluate` ranks the database for every query by dot product and scores the Easy, Medium and Hard
-protocols (METHOD.md §7) with `bcl_jax.metrics.compute_map`, revisitop's mAP and mP@k; results
+protocols (method.md §7) with `bcl_jax.metrics.compute_map`, revisitop's mAP and mP@k; results
 record which query treatment was used.
 """
 
@@ -156,7 +156,7 @@ def _indices(*lists) -> np.ndarray:
 
 
 def protocol_gnd(gnd: dict | Sequence[dict], protocol: str) -> list[dict]:
-    """Per-query ``{'ok', 'junk'}`` index arrays of one protocol (METHOD.md §7).
+    """Per-query ``{'ok', 'junk'}`` index arrays of one protocol (method.md §7).
 
     easy: ok = easy, junk = junk ∪ hard; medium: ok = easy ∪ hard, junk = junk;
     hard: ok = hard, junk = junk ∪ easy. `gnd` is the pickle's dict or its 'gnd' list.

@@ -91,7 +91,7 @@ class Relabeled:
 def validation_classes(
     num_classes: int, *, fraction: float, seed: int, groups: np.ndarray | None = None
 ) -> np.ndarray:
-    """The training classes held out for selecting hyperparameters (METHOD.md §11), sorted:
+    """The training classes held out for selecting hyperparameters (method.md §11), sorted:
     `share(fraction, n)` of each group's n classes (`groups`: (num_classes,) group ids, e.g. the
     synthetic benchmark's families, one sibling of 10 each at fraction 0.1), or of all classes
     when no groups are given. The same arguments give the same classes."""

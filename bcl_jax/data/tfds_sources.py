@@ -1,4 +1,4 @@
-"""Stanford Online Products, CUB-200-2011 and Cars196, read from tfds-prepared data (METHOD.md §7).
+"""Stanford Online Products, CUB-200-2011 and Cars196, read from tfds-prepared data (method.md §7).
 
 The datasets are prepared once by TensorFlow Datasets in the array_record file format, in an
 environment that has TensorFlow (tfds' builders and its CLI import it to read the original files)::

@@ -1,6 +1,6 @@
 """BCT and its simple relatives: loss terms computed from the batch and the frozen reference.
 
-- `bct`: the prototype compatibility loss L_comp (METHOD.md §3): the old prototypes as a frozen
+- `bct`: the prototype compatibility loss L_comp (method.md §3): the old prototypes as a frozen
   classifier of the new embeddings, temperature τ.
 - `bct_influence`: classic BCT (Shen et al. 2020): the frozen old classifier applied to the new
   embeddings, for samples of old classes.

@@ -1,4 +1,4 @@
-"""NDPP and ODPP as training methods (METHOD.md §3-§6): L_comp with perturbed positive prototypes.
+"""NDPP and ODPP as training methods (method.md §3-§6): L_comp with perturbed positive prototypes.
 
 The perturbation itself is a pure function of prototype banks (bcl_jax.perturbation). Here is
 what training adds around it:
@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from bcl_jax import banks as banks_lib
 from bcl_jax import calibrate, odpp, perturbation, prototypes, sharding
 from bcl_jax.methods.bct import BCT
 from bcl_jax.models.heads import l2_normalize
@@ -31,17 +33,19 @@ class Perturbed(BCT):
 
     config_sections = ('compat', 'perturb')
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.calibration = {}  # what `calibrate` settles in `init_state`
+
     def init_state(self, stage, reference):
         # Until the first refresh p̃ = p, and a class's new prototype starts at its old one.
         bank = sharding.to_host(reference.prototypes)[: stage.num_classes]
-        # The bank's scale for the strength readings, and the settings a given rho asks for
-        # (deterministic: a resumed stage recomputes the same).
-        self.scale = calibrate.nn_distance(bank)
+        # The settings a given rho asks for (deterministic: a resumed stage recomputes them).
         self.calibration = self.calibrate(bank, jax.random.key(stage.seed))
         return {'banks': dict(positive=bank.copy(), new=bank.copy(), **self.own_banks(bank))}
 
     def calibrate(self, bank, key) -> dict:
-        """The parameter that perturbs `bank` by the configured rho (METHOD.md §11), with the
+        """The parameter that perturbs `bank` by the configured rho (method.md §11), with the
         realised rho; {} when no rho is set."""
         return {}
 
@@ -55,9 +59,16 @@ class Perturbed(BCT):
     def positives(self, state):
         return state['banks']['positive']
 
+    @property
+    def needs_class_stats(self):
+        return self.config.perturb.prototype_norm == 'mean'
+
     def negatives(self, reference, state):
         cfg = self.config.perturb
-        return state['banks']['positive'] if cfg.perturb_negatives else reference.prototypes
+        bank = state['banks']['positive'] if cfg.perturb_negatives else reference.prototypes
+        if cfg.prototype_norm == 'mean':  # unnormalised class means m_c·p_c (method.md §11)
+            bank = bank * reference.class_stats['mean_norms'][:, None]
+        return bank
 
     def terms(self, inputs, reference, state):
         terms, state = super().terms(inputs, reference, state)
@@ -101,10 +112,11 @@ class Perturbed(BCT):
         old = ctx.reference.prototypes
         key = jax.random.fold_in(jax.random.key(ctx.stage.seed), step)
         positive, own, stats = self.perturb(old, query, banks, key, c, search)
+        scale = calibrate.nn_distance(old, num_classes=c, **search)  # ρ's unit
         positive = place(positive)
         stats = dict(
             perturbation.perturbation_stats(old, positive, num_classes=c, **search),
-            **calibrate.readings(old, positive, self.scale, num_classes=c, **search),
+            **calibrate.readings(old, positive, scale, num_classes=c, **search),
             **stats,
         )
         # Each array back where its predecessor lived (sharded by class, or replicated).
@@ -137,41 +149,58 @@ class NDPP(Perturbed):
 
     def calibrate(self, bank, key):
         cfg = self.config.perturb.ndpp
-        if cfg.rho is None:
-            return {}
-        return calibrate.ndpp_alpha(bank, cfg.rho, k=cfg.k, clamp_weights=cfg.clamp_weights)
+        search = dict(k=cfg.k, clamp_weights=cfg.clamp_weights)
+        out = {}
+        if cfg.rho is not None:
+            out.update(calibrate.ndpp_alpha(bank, cfg.rho, **search))
+        if cfg.rho_beta is not None:
+            out.update(calibrate.ndpp_alpha(bank, cfg.rho_beta, term='beta', **search))
+        return out
 
     def perturb(self, old, new, banks, key, num_classes, search):
         options = self.config.perturb.ndpp.to_dict()
-        del options['rho']
-        if self.calibration:
-            options['alpha'] = self.calibration['alpha']
+        del options['rho'], options['rho_beta']
+        options.update({k: v for k, v in self.calibration.items() if k in ('alpha', 'beta')})
         return perturbation.ndpp(old, new, num_classes=num_classes, **search, **options), {}, {}
 
 
 class ODPP(Perturbed):
     name = 'odpp'
 
-    def options(self, margin_old=None) -> odpp.OdppOptions:
-        """The configured options, with a calibrated margin_old when given."""
+    def options(self, **calibrated) -> odpp.OdppOptions:
+        """The configured options, with calibrated margins where given."""
         options = self.config.perturb.odpp.to_dict()
-        del options['rho']
-        if margin_old is not None:
-            options['margin_old'] = margin_old
-        return odpp.OdppOptions(**options)
+        del options['rho'], options['margin_new_quantile']
+        return odpp.OdppOptions(**{**options, **calibrated})
 
     def calibrate(self, bank, key):
         rho = self.config.perturb.odpp.rho
         return {} if rho is None else calibrate.odpp_margin(bank, rho, self.options(), key)
 
+    def margins(self, old, new, num_classes, search) -> dict:
+        """margin_old as calibrated and, with margin_new_quantile, margin_new at the calibrated
+        quantile of this refresh's top-K similarities p_c·q_j, j ≠ c (method.md §11)."""
+        if not self.calibration:
+            return {}
+        margins = {'margin_old': self.calibration['margin_old']}
+        if self.config.perturb.odpp.margin_new_quantile:
+            k = banks_lib.clamp_k(self.config.perturb.odpp.k, num_classes, 'odpp')
+            p = banks_lib.valid_rows(old, num_classes, search.get('mesh'))
+            q = banks_lib.valid_rows(new, num_classes, search.get('mesh'))
+            sims, _ = banks_lib.search(p, q, k, exclude_self=True, **search)
+            margins['margin_new'] = float(jnp.quantile(sims, self.calibration['quantile']))
+        return margins
+
     def own_banks(self, bank):
         return {'odpp': jax.tree.map(np.asarray, odpp.odpp_initial_state(*bank.shape))}
 
     def perturb(self, old, new, banks, key, num_classes, search):
-        options = self.options(self.calibration.get('margin_old'))
+        margins = self.margins(old, new, num_classes, search)
+        options = self.options(**margins)
         state, log = odpp.odpp(
             old, new, banks['odpp'], key, options=options, num_classes=num_classes, **search
         )
         stats = {k: float(v) for k, v in log.items() if k != 'loss'}
+        stats.update({k: v for k, v in margins.items() if k == 'margin_new'})
         stats.update(odpp_loss_first=float(log['loss'][0]), odpp_loss_last=float(log['loss'][-1]))
         return l2_normalize(old + state['delta']), {'odpp': state}, stats
