@@ -20,7 +20,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from bcl_jax import embedding_files, evaluate, export, sharding, train
+from bcl_jax import console, embedding_files, evaluate, export, sharding, train
 from bcl_jax import data as data_lib
 
 
@@ -119,6 +119,7 @@ def run(config, paths: dict, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    console.quiet_logging()
     f = flags.FLAGS
     run(f.config, parse(f.model), f.workdir)
 

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import embedding_files, evaluate, sharding, train
+from bcl_jax import console, embedding_files, evaluate, sharding, train
 from bcl_jax import data as data_lib
 
 
@@ -69,6 +69,7 @@ def export(config, checkpoint_dir: str, out: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    console.quiet_logging()
     f = flags.FLAGS
     export(f.config, f.checkpoint, f.out)
 

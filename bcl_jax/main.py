@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bcl_jax import checkpoint, evaluate, sharding, stats, train, upgrades, validate
+from bcl_jax.console import quiet_logging  # noqa: F401 (notebooks call main.quiet_logging)
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
 
@@ -96,19 +97,6 @@ def run_one(config, workdir: str) -> dict:
     )
     evaluate.write_results(results, workdir)
     return results
-
-
-def _quiet_libraries(record) -> bool:
-    """Keeps the log to bcl_jax's own lines: orbax and grain speak at INFO on every save."""
-    return record.levelno >= logging.converter.STANDARD_WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax')
-    )
-
-
-def quiet_logging():
-    """bcl_jax's own log lines at INFO, without orbax's and grain's (in a notebook too)."""
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_logger().addFilter(_quiet_libraries)
 
 
 def parse_flags(argv):

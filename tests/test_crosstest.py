@@ -197,3 +197,50 @@ def test_backfill_curves_of_the_compatible_models_in_their_orders():
     got = out['curves']['new vs old, reversed_rows']['metrics']['mAP'][1]
     assert got == pytest.approx(test.score(new_q, half, eval_cfg)['mAP'])
     assert out['curves']['new vs old']['order'] == {'kind': 'random', 'seed': 3}
+
+
+def _foreign_log_lines(text: str) -> list[str]:
+    """absl log lines (`I1207 03:41:08.0 123 file.py:93] ...`) from files outside bcl_jax."""
+    ours = {
+        os.path.basename(p)
+        for root, _, files in os.walk(os.path.join(REPO, 'bcl_jax'))
+        for p in files
+        if p.endswith('.py')
+    }
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[0][:1] in 'IWEF' and parts[0][1:].isdigit():
+            if parts[3].split(':')[0] not in ours:
+                out.append(line)
+    return out
+
+
+@pytest.mark.slow
+def test_export_and_crosstest_print_only_their_own_lines(run, tmp_path):
+    """At the default verbosity, no orbax or grain INFO lines around the commands' own."""
+    _, workdir, _ = run
+    env = dict(os.environ, XLA_FLAGS='')
+    common = ['--config=configs/synthetic.py:smoke']
+    commands = [
+        ['bcl_jax.export', f'--checkpoint={ckpt(workdir, "old")}', f'--out={tmp_path / "old"}'],
+        [
+            'bcl_jax.crosstest',
+            f'--model=old={ckpt(workdir, "old")}',
+            f'--model=bct={ckpt(workdir, "new_bct")}',
+            f'--workdir={tmp_path / "cross"}',
+        ],
+    ]
+    for module, *flags in commands:
+        out = subprocess.run(
+            [sys.executable, '-m', module, *common, *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, text[-3000:]
+        assert 'export.py' in text or '| model |' in text, text[-2000:]  # it says what it did
+        assert _foreign_log_lines(text) == [], text[-3000:]

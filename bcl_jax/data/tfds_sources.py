@@ -38,9 +38,16 @@ import io
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+
+try:
+    import tensorflow_datasets as tfds
+except ModuleNotFoundError as e:  # an extra: only these three datasets need it
+    raise ModuleNotFoundError(
+        'data.name=sop|cub|cars reads TensorFlow Datasets: pip install "bcl_jax[tfds]" '
+        '(or tensorflow-datasets==4.9.10, as requirements-test.txt pins it)'
+    ) from e
 
 from bcl_jax import metrics
 from bcl_jax.data.dataset import DatasetParts, label_test
