@@ -217,6 +217,7 @@ def aggregate(per_seed: list[dict]) -> dict:
         std={k: combine([r[k] for r in per_seed], std) for k in keys},
         paired=stats.paired_analysis(per_seed, per_seed[0]['primary_metric']),
         benchmark=per_seed[0]['benchmark'],
+        **{k: per_seed[0][k] for k in ('note',) if k in per_seed[0]},
         seeds=[r['config']['seed'] for r in per_seed],
         machine=per_seed[0]['machine'],
     )
@@ -367,6 +368,8 @@ def write_results(results: dict, workdir: str):
     if jax.process_index() == 0:
         write_figures(results, workdir)
     table = markdown(results) + lifecycle_markdown(results)
+    if results.get('note'):
+        table = f'**{results["note"]}**\n\n{table}'
     if results.get('paired'):
         from bcl_jax import stats
 

@@ -29,6 +29,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the ru
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'multi-host: see launch/README.md')
 
 
+SMOKE_NOTE = (
+    'smoke run: the pipeline shrunk to seconds to check that it runs; its numbers mean nothing '
+    '(a few steps of tiny models: the old model may collapse, new/new may equal new/old)'
+)
+
+
 def run(config, workdir: str) -> dict:
     """One run, or with `config.seeds` one run per seed (DIR/seed_<s>), aggregated and paired."""
     validate.check_config(config)  # before anything trains: a typo must not cost an old model
@@ -54,6 +60,8 @@ def run(config, workdir: str) -> dict:
 
 def run_one(config, workdir: str) -> dict:
     start = time.time()
+    if config.smoke:
+        logging.warning('%s', SMOKE_NOTE)
     mesh = sharding.make_mesh(config.mesh)
     logging.info('bcl_jax: %s', sharding.describe(mesh))
     data = data_lib.build(config.data, workdir=workdir)
@@ -82,6 +90,8 @@ def run_one(config, workdir: str) -> dict:
     predecessors = dict(zip(chain, ['old', *chain]))
     kw = dict(mesh=mesh, eval_cfg=config.eval, predecessors=predecessors, orders=orders)
     results = evaluate.evaluate(old, {**new_models, **chain}, data, **kw)
+    if config.smoke:
+        results['note'] = SMOKE_NOTE
     results.update(
         benchmark=data.description,
         data=dict(

@@ -128,6 +128,9 @@ def base_config():
     # A stage in the work directory trained under other settings: 'error' stops and lists them;
     # 'retrain' moves it aside (<stage>.replaced-<n>) and trains it anew.
     c.on_change = 'error'
+    # Set by the configs' `:smoke`: a check that the pipeline runs, whose numbers mean nothing
+    # (results.json and results.md say so).
+    c.smoke = False
     c.compat = config_dict.ConfigDict(
         dict(
             weight=1.0,  # λ of the method's compatibility term

@@ -69,6 +69,7 @@ def get_config(arg=None):
 
 def shrink_to_smoke(c):
     """Tiny models on 16 px images for a few steps: every stage and test, in seconds."""
+    c.smoke = True
     c.data.image_size, c.data.num_threads = 16, 2
     c.data.train_resize_size = c.data.eval_resize_size = 18
     for stage in (c.old, c.new):

@@ -30,6 +30,7 @@ def get_config(arg=None):
 
 def shrink_to_smoke(c):
     """The same pipeline in seconds: a handful of classes, tiny models, two epochs."""
+    c.smoke = True
     s = c.data.synthetic
     s.train_families, s.siblings_per_family, s.test_siblings_per_family = 4, 4, 2
     s.train_images_per_class, s.test_images_per_class, s.queries_per_class = 8, 6, 2

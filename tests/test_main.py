@@ -104,6 +104,10 @@ def test_results_file_layout(e2e, data):
     assert on_disk['config'] == json.loads(cfg.to_json())
     assert read_json(os.path.join(workdir, 'config.json')) == json.loads(cfg.to_json())
     assert list(on_disk['methods']) == list(cfg.methods) == ['independent', 'bct', 'ndpp', 'odpp']
+    # A smoke run says that its numbers mean nothing, in both results files.
+    assert on_disk['note'] == main.SMOKE_NOTE
+    with open(os.path.join(workdir, 'results.md')) as f:
+        assert f.readline().startswith('**smoke run:')
 
     def check_test(m):
         assert m['mAP'] > 0
