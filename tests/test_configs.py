@@ -117,7 +117,8 @@ def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
     assert results['old_old'] == old_only['old_old']  # the same old model, not retrained
     assert list(results['methods']) == ['bct']
     assert read_json(os.path.join(workdir, 'results.json'))['columns'] == GLDV2_COLUMNS
-    table = open(os.path.join(workdir, 'results.md')).read()
+    banner, _, table = open(os.path.join(workdir, 'results.md')).read().partition('\n\n')
+    assert banner == f'**{main.SMOKE_NOTE}**'
     assert table.startswith('| model | test | ' + ' | '.join(GLDV2_COLUMNS) + ' |')
 
     # Recompute every test from embeddings of the saved models.

@@ -139,7 +139,7 @@ def test_results_file_layout(e2e, data):
                 (r['new_old']['mAP'] - old_old) / (r['new_new']['mAP'] - old_old)
             )
 
-    table = open(os.path.join(workdir, 'results.md')).read()
+    _, _, table = open(os.path.join(workdir, 'results.md')).read().partition('\n\n')
     assert table.startswith('| model | test | mAP |')
     assert f"| old | old/old | {100 * old_old:.2f} |" in table
     for name in cfg.methods:
