@@ -37,6 +37,7 @@ class FileModel:
 
     def __init__(self, directory: str, data):
         self.directory, self.seconds, self.step = directory, 0.0, None
+        self.notes = {}  # nothing settled in training that results.json would record
         self.sets = {}
         for name, source in export.sets(data):
             found = embedding_files.read_embeddings(
