@@ -36,7 +36,15 @@ import jax.numpy as jnp
 from bcl_jax import banks, odpp, perturbation
 from bcl_jax.models.heads import l2_normalize
 
-__all__ = ['bisect', 'ndpp_alpha', 'nn_distance', 'odpp_margin', 'readings', 'RHO_MAX']
+__all__ = [
+    'RHO_MAX',
+    'bisect',
+    'ndpp_alpha',
+    'neighbour_similarities',
+    'nn_distance',
+    'odpp_margin',
+    'readings',
+]
 
 RHO_MAX = 1.0  # beyond it perturbed positives start to sit nearer another class (method.md §11)
 _REL_TOL = 1e-3  # bisection stops when the shift is this close to its target, relatively
@@ -57,6 +65,16 @@ def nn_distance(old, *, num_classes=None, mesh=None, axis=None) -> float:
     old = jnp.asarray(banks.valid_rows(old, num_classes, mesh), jnp.float32)
     _, idx = _search(mesh, axis)(old, old, 1, exclude_self=True)
     return float(jnp.mean(jnp.linalg.norm(old - old[idx[:, 0]], axis=1)))
+
+
+def neighbour_similarities(p, q, k: int, *, num_classes=None, mesh=None, axis=None):
+    """All top-`k` similarities p_c·q_j (j ≠ c, k clamped to C − 1), flattened: the values
+    whose quantiles set ODPP's margins (margin_old on q = p, margin_new on the new bank)."""
+    p = jnp.asarray(banks.valid_rows(p, num_classes, mesh), jnp.float32)
+    q = jnp.asarray(banks.valid_rows(q, num_classes, mesh), jnp.float32)
+    k = banks.clamp_k(k, p.shape[0], 'odpp margins')
+    sims, _ = _search(mesh, axis)(p, q, k, exclude_self=True)
+    return sims.reshape(-1)
 
 
 def readings(old, perturbed, scale: float, *, num_classes=None, mesh=None, axis=None) -> dict:
@@ -175,10 +193,7 @@ def odpp_margin(
             f'{options.normalize_in_objective})'
         )
     old = jnp.asarray(banks.valid_rows(old, num_classes, mesh), jnp.float32)
-    c = old.shape[0]
-    k = banks.clamp_k(options.k, c, 'odpp calibration')
-    sims, _ = _search(mesh, axis)(old, old, k, exclude_self=True)
-    sims = sims.reshape(-1)
+    sims = neighbour_similarities(old, old, options.k, mesh=mesh, axis=axis)
     scale = nn_distance(old, mesh=mesh, axis=axis)
     solve = dataclasses.replace(options, lambda_new=0.0, warm_start=False)
 

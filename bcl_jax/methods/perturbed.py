@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcl_jax import banks as banks_lib
 from bcl_jax import calibrate, odpp, perturbation, prototypes, sharding
 from bcl_jax.methods.bct import BCT
 from bcl_jax.models.heads import l2_normalize
@@ -149,12 +148,12 @@ class NDPP(Perturbed):
 
     def calibrate(self, bank, key):
         cfg = self.config.perturb.ndpp
-        search = dict(k=cfg.k, clamp_weights=cfg.clamp_weights)
+        push = dict(k=cfg.k, clamp_weights=cfg.clamp_weights)
         out = {}
         if cfg.rho is not None:
-            out.update(calibrate.ndpp_alpha(bank, cfg.rho, **search))
+            out.update(calibrate.ndpp_alpha(bank, cfg.rho, **push))
         if cfg.rho_beta is not None:
-            out.update(calibrate.ndpp_alpha(bank, cfg.rho_beta, term='beta', **search))
+            out.update(calibrate.ndpp_alpha(bank, cfg.rho_beta, term='beta', **push))
         return out
 
     def perturb(self, old, new, banks, key, num_classes, search):
@@ -184,10 +183,8 @@ class ODPP(Perturbed):
             return {}
         margins = {'margin_old': self.calibration['margin_old']}
         if self.config.perturb.odpp.margin_new_quantile:
-            k = banks_lib.clamp_k(self.config.perturb.odpp.k, num_classes, 'odpp')
-            p = banks_lib.valid_rows(old, num_classes, search.get('mesh'))
-            q = banks_lib.valid_rows(new, num_classes, search.get('mesh'))
-            sims, _ = banks_lib.search(p, q, k, exclude_self=True, **search)
+            k = self.config.perturb.odpp.k
+            sims = calibrate.neighbour_similarities(old, new, k, num_classes=num_classes, **search)
             margins['margin_new'] = float(jnp.quantile(sims, self.calibration['quantile']))
         return margins
 
