@@ -153,10 +153,12 @@ def test_gldv2_spec_is_what_the_gldv2_configs_set():
         (spec.new_model, config.new.model),
         (spec.train, config.new.train),
         (spec.compat, config.compat),
+        (spec.perturb, config.perturb),
     ):
         for key, value in ours.items():
             assert theirs[key] == value, key
     assert set(spec.new_model) == set(config.new.model)
+    assert set(spec.perturb) == set(config.perturb)
 
 
 # ----------------------------------------------------------------------------------------------

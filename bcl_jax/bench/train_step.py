@@ -31,12 +31,6 @@ SIZES = sizes(
 METHODS = ('independent', 'bct', 'ndpp', 'odpp')
 
 
-def _gldv2_perturb() -> dict:
-    from configs import gldv2
-
-    return gldv2.get_config().perturb.to_dict()
-
-
 def gldv2_spec() -> ml_collections.ConfigDict:
     """What configs/gldv2.py (on configs/common.py) sets for the models, optimizer, loss and
     prototype EMA that these benchmarks time; tests/test_bench.py checks it against them."""
@@ -71,7 +65,41 @@ def gldv2_spec() -> ml_collections.ConfigDict:
             'compat': {'weight': 1.0, 'temperature': 0.07},
             # The whole section, as NDPP's and ODPP's set-up reads it (their strength settings
             # are not timed: the step differs from BCT's only by the EMA of the new prototypes).
-            'perturb': _gldv2_perturb(),
+            'perturb': {
+                'start_epochs': 2.0,
+                'refresh_every_epochs': 1.0,
+                'new_prototypes': 'ema',
+                'ema_decay': 0.9,
+                'exact_batch_size': 256,
+                'perturb_negatives': False,
+                'prototype_norm': 'unit',
+                'ndpp': {
+                    'k': 100,
+                    'alpha': 0.16,
+                    'beta': 0.004,
+                    'clamp_weights': True,
+                    'exclude_self': True,
+                    'new_push': False,
+                    'rho': None,
+                    'rho_beta': None,
+                },
+                'odpp': {
+                    'passes': 100,
+                    'pairs_per_step': 1024,
+                    'learning_rate': 1e-3,
+                    'pairs': 'random',
+                    'k': 100,
+                    'margin_old': 0.9,
+                    'margin_new': 0.9,
+                    'lambda_old': 1.0,
+                    'lambda_new': 1.0,
+                    'gamma': 0.0,
+                    'normalize_in_objective': False,
+                    'warm_start': False,
+                    'rho': None,
+                    'margin_new_quantile': False,
+                },
+            },
         }
     )
 
