@@ -121,6 +121,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     console.quiet_logging()
+    console.use_compile_cache()
     f = flags.FLAGS
     run(f.config, parse(f.model), f.workdir)
 

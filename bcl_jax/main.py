@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, evaluate, sharding, stats, train, upgrades, validate
+from bcl_jax import checkpoint, console, evaluate, sharding, stats, train, upgrades, validate
 from bcl_jax.console import quiet_logging  # noqa: F401 (notebooks call main.quiet_logging)
 from bcl_jax import data as data_lib
 from bcl_jax import stage as stage_lib
@@ -38,6 +38,7 @@ SMOKE_NOTE = (
 def run(config, workdir: str) -> dict:
     """One run, or with `config.seeds` one run per seed (DIR/seed_<s>), aggregated and paired."""
     validate.check_config(config)  # before anything trains: a typo must not cost an old model
+    console.use_compile_cache()  # a rerun or another seed loads what an earlier one compiled
     if not config.seeds:
         return run_one(config, workdir)
     start, per_seed = time.time(), []

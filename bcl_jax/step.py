@@ -71,10 +71,22 @@ def make_optimizer(train_cfg, steps_per_epoch: float, *, decay_mask=None):
 def init_model(model_cfg, num_classes: int, seed: int, *, pretrained: bool = True):
     """(graphdef, params, batch_stats) of a freshly initialised model, as pure dicts; the
     backbone from `model_cfg.pretrained` (torchvision or timm ImageNet weights) when given
-    (and `pretrained`: a model about to be restored from a checkpoint needs no weights)."""
-    model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(seed))
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    (and `pretrained`: a model about to be restored from a checkpoint needs no weights).
+
+    The weights are drawn in one compiled call, bit for bit those of Flax's eager
+    initialisation (tests/test_step.py), which compiles each initialiser on its own; the seed
+    is an argument, so every seed shares the compilation (and the persistent cache keeps it:
+    bcl_jax.console.use_compile_cache).
+    """
+
+    def initialise(key):
+        model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(key))
+        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, num_classes, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    params, stats = jax.jit(initialise)(jax.random.key(seed))
     if pretrained and model_cfg.get('pretrained'):
         from bcl_jax.models import convert
 
