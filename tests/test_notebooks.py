@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO, 'notebooks')
 NOTEBOOKS = ('quickstart', 'your_data', 'tpu_gldv2')
 CELL_TIMEOUT_S = 300  # a smoke cell takes well under a minute; a hung one must not hang CI
-COLAB_BADGE = 'https://colab.research.google.com/github/bcl-jax/bcl_jax/blob/main/notebooks/'
+COLAB_BADGE = 'https://colab.research.google.com/github/bcl-jax/bcl_jax/blob/main/notebooks/'  # tools/repository_url.py
 
 
 class NotebookError(AssertionError):
