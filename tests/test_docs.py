@@ -184,3 +184,53 @@ def test_license_and_citation():
         assert data['title'] and data['authors'] and data['message']
         cited = data['preferred-citation']
         assert cited['type'] == 'article' and cited['authors'] and cited['title']
+
+
+# ----------------------------------------------------------------------------------------------
+# The repository URL: one setting (tools/repository_url.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _repository_url_tool():
+    import importlib.util
+
+    path = os.path.join(REPO, 'tools', 'repository_url.py')
+    spec = importlib.util.spec_from_file_location('repository_url', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_badge_and_clone_url_is_the_one_setting():
+    tool = _repository_url_tool()
+    url = tool.current()
+    # Any GitHub repository or Colab-from-GitHub path these files name, other than the setting's.
+    named = re.compile(r'(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)')
+    for path in tool.files():
+        for repo in set(named.findall(path.read_text())) - {'OWNER/NAME'}:  # the tool's usage
+            assert f'https://github.com/{repo}' == url, f'{path.name} names {repo}, not {url}'
+    text = ''.join(p.read_text() for p in tool.files())
+    assert text.count(f'colab.research.google.com/github/{tool.owner_and_name(url)}/') >= 6
+    assert f"REPO_URL = '{url}'" in text
+
+
+def test_setting_the_repository_url_rewrites_every_place(tmp_path):
+    import shutil
+
+    tool = _repository_url_tool()
+    root = tmp_path / 'repo'
+    for path in tool.files():
+        target = root / path.relative_to(tool.ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    before = {p: p.read_text() for p in tool.files(root)}
+    changed = tool.set_url('https://github.com/acme/retrieval', root)
+    assert set(changed) == {p for p, t in before.items() if 'bcl-jax/bcl_jax' in t}
+    assert tool.current(root) == 'https://github.com/acme/retrieval'
+    for path in tool.files(root):
+        text = path.read_text()
+        assert 'bcl-jax/bcl_jax' not in text
+        # Only the repository's names changed: the same text with the old name put back.
+        assert text.replace('acme/retrieval', 'bcl-jax/bcl_jax') == before[path]
+    with pytest.raises(ValueError, match='OWNER/NAME'):
+        tool.set_url('https://gitlab.com/acme/retrieval', root)
