@@ -216,24 +216,31 @@ def _foreign_log_lines(text: str) -> list[str]:
     return out
 
 
+def documented_smoke_commands() -> list[list[str]]:
+    """docs/lifecycle.md's export and crosstest commands on the smoke run, as argument lists."""
+    with open(os.path.join(REPO, 'docs', 'lifecycle.md')) as f:
+        lines = [line.split() for line in f if 'configs/synthetic.py:smoke --' in line]
+    return [line[2:] for line in lines if line[:3] in (['python', '-m', m] for m in MODULES)]
+
+
+MODULES = ('bcl_jax.export', 'bcl_jax.crosstest')
+
+
 @pytest.mark.slow
 def test_export_and_crosstest_print_only_their_own_lines(run, tmp_path):
-    """At the default verbosity, no orbax or grain INFO lines around the commands' own."""
+    """The documented smoke commands, on a smoke run's work directory: at the default verbosity,
+    no orbax or grain INFO lines around the commands' own."""
     _, workdir, _ = run
     env = dict(os.environ, XLA_FLAGS='')
-    common = ['--config=configs/synthetic.py:smoke']
-    commands = [
-        ['bcl_jax.export', f'--checkpoint={ckpt(workdir, "old")}', f'--out={tmp_path / "old"}'],
-        [
-            'bcl_jax.crosstest',
-            f'--model=old={ckpt(workdir, "old")}',
-            f'--model=bct={ckpt(workdir, "new_bct")}',
-            f'--workdir={tmp_path / "cross"}',
-        ],
-    ]
+    commands = documented_smoke_commands()
+    assert [c[0] for c in commands] == list(MODULES)
     for module, *flags in commands:
+        # The docs' runs/smoke is this test's smoke run; what the commands write goes to tmp.
+        flags = [
+            f.replace('runs/smoke/', workdir + '/').replace('runs/', f'{tmp_path}/') for f in flags
+        ]
         out = subprocess.run(
-            [sys.executable, '-m', module, *common, *flags],
+            [sys.executable, '-m', module, *flags],
             cwd=REPO,
             capture_output=True,
             text=True,
