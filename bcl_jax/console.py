@@ -8,11 +8,17 @@ it first.
 `use_compile_cache` turns on JAX's persistent compilation cache, so that a rerun, a second
 seed or another command on the same models loads its compiled steps instead of compiling them
 again. `bcl_jax.main.run` and every command call it.
+
+`timed` and `take_profile` measure where a run's time goes: each stage of `bcl_jax.main` and,
+inside training, set-up, the first step (compilation), the steps, the waits for input and the
+work between steps. The run prints the breakdown and writes it to results.json (`profile`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 import jax
 from absl import logging
@@ -72,3 +78,39 @@ def use_compile_cache() -> str | None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', _MIN_COMPILE_SECONDS)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
     return where
+
+
+# Seconds per part of the run, in the order the parts first ran (one process runs one pipeline).
+_PROFILE: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def timed(part: str):
+    """Adds the wall time of the `with` block to `part` of the profile."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_time(part, time.perf_counter() - start)
+
+
+def add_time(part: str, seconds: float):
+    _PROFILE[part] = _PROFILE.get(part, 0.0) + seconds
+
+
+def take_profile() -> dict[str, float]:
+    """The parts timed since the last call, and a fresh profile."""
+    profile = dict(_PROFILE)
+    _PROFILE.clear()
+    return profile
+
+
+def profile_table(profile: dict[str, float], total: float) -> str:
+    """The profile as lines of `seconds  share  part`, the untimed rest last."""
+    rest = total - sum(profile.values())
+    rows = [*profile.items(), ('other (untimed)', rest)] if rest > 0.05 * total else profile.items()
+    width = max(len(part) for part, _ in rows)
+    return '\n'.join(
+        f'  {part:<{width}}  {seconds:8.1f} s  {100 * seconds / total:5.1f}%'
+        for part, seconds in rows
+    )

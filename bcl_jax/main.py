@@ -8,10 +8,13 @@ command is rerun; a stage trained under other settings stops the run (bcl_jax.st
 
 from __future__ import annotations
 
+import time
+
+_IMPORTS_START = time.time()  # the profile's first part: importing bcl_jax and its libraries
+
 import json
 import os
 import sys
-import time
 
 import jax
 from absl import app, flags, logging
@@ -65,9 +68,10 @@ def run_one(config, workdir: str) -> dict:
         logging.warning('%s', SMOKE_NOTE)
     mesh = sharding.make_mesh(config.mesh)
     logging.info('bcl_jax: %s', sharding.describe(mesh))
-    data = data_lib.build(config.data, workdir=workdir)
-    logging.info('data: %s', evaluate.describe_data(data))
-    validate.check_run(config, data)
+    with console.timed('data'):
+        data = data_lib.build(config.data, workdir=workdir)
+        logging.info('data: %s', evaluate.describe_data(data))
+        validate.check_run(config, data)
     if jax.process_index() == 0:  # only once every setting is known to work
         checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
 
@@ -75,7 +79,8 @@ def run_one(config, workdir: str) -> dict:
     old = train.old_model(config, data, mesh=mesh, workdir=workdir)
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
-    reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)
+    with console.timed('old prototypes'):
+        reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)
 
     # 3. New models, one per method, all from the same initialisation and data order; then the
     # sequential upgrades (config.upgrades), each trained against the model before it.
@@ -90,7 +95,8 @@ def run_one(config, workdir: str) -> dict:
     orders = {k: v for k, v in orders.items() if v is not None}
     predecessors = dict(zip(chain, ['old', *chain]))
     kw = dict(mesh=mesh, eval_cfg=config.eval, predecessors=predecessors, orders=orders)
-    results = evaluate.evaluate(old, {**new_models, **chain}, data, **kw)
+    with console.timed('evaluation'):
+        results = evaluate.evaluate(old, {**new_models, **chain}, data, **kw)
     if config.smoke:
         results['note'] = SMOKE_NOTE
     results.update(
@@ -104,9 +110,14 @@ def run_one(config, workdir: str) -> dict:
         upgrades=list(chain),
         machine=evaluate.machine(),
         wall_seconds=time.time() - start,
+        profile=console.take_profile(),  # seconds per part, up to here (bcl_jax.console)
         config=json.loads(config.to_json()),
     )
-    evaluate.write_results(results, workdir)
+    with console.timed('results and figures'):
+        evaluate.write_results(results, workdir)
+    profile = dict(results['profile'], **console.take_profile())
+    total = time.time() - start + profile.get('start-up (imports)', 0.0)
+    logging.info('where the time went (%.1f s):\n%s', total, console.profile_table(profile, total))
     return results
 
 
@@ -124,6 +135,7 @@ def main(argv):
     quiet_logging()
     if _DISTRIBUTED.value:
         sharding.initialize_distributed()
+    console.add_time('start-up (imports)', time.time() - _IMPORTS_START)
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (validate.ConfigError, stage_lib.ChangedConfigError) as e:

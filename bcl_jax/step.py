@@ -12,7 +12,9 @@ each with its weight (bcl_jax.methods).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -79,14 +81,8 @@ def init_model(model_cfg, num_classes: int, seed: int, *, pretrained: bool = Tru
     bcl_jax.console.use_compile_cache).
     """
 
-    def initialise(key):
-        model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(key))
-        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
-
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, num_classes, rngs=nnx.Rngs(0)))
-    graphdef = nnx.graphdef(abstract)
-    params, stats = jax.jit(initialise)(jax.random.key(seed))
+    graphdef, initialise = _initialiser(model_cfg, num_classes)
+    params, stats = initialise(jax.random.key(seed))
     if pretrained and model_cfg.get('pretrained'):
         from bcl_jax.models import convert
 
@@ -94,6 +90,27 @@ def init_model(model_cfg, num_classes: int, seed: int, *, pretrained: bool = Tru
             model_cfg.pretrained, params, stats, arch=model_cfg.arch
         )
     return graphdef, params, stats
+
+
+# (model settings, classes) -> (graphdef, jitted initialiser): the new models of a run share
+# one model, so they trace and compile its initialisation once.
+_INITIALISERS: dict[str, tuple] = {}
+
+
+def _initialiser(model_cfg, num_classes: int):
+    settings = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+    key = json.dumps([settings, num_classes], sort_keys=True, default=str)
+    if key not in _INITIALISERS:
+        model_cfg = copy.deepcopy(model_cfg)  # the cache keeps these settings, not the caller's
+
+        def initialise(rng):
+            model = build_model(model_cfg, num_classes, rngs=nnx.Rngs(rng))
+            _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+            return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+        abstract = nnx.eval_shape(lambda: build_model(model_cfg, num_classes, rngs=nnx.Rngs(0)))
+        _INITIALISERS[key] = nnx.graphdef(abstract), jax.jit(initialise)
+    return _INITIALISERS[key]
 
 
 def no_decay_on_gem(params):

@@ -8,6 +8,7 @@ work between steps) is asked of `stage.method` (bcl_jax.methods) in one place ea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from bcl_jax import checkpoint, sharding
+from bcl_jax import checkpoint, console, sharding
 from bcl_jax.checkpoint import MODEL_DEFAULTS
 from bcl_jax import step as step_lib
 from bcl_jax.data import pipeline, storage
@@ -179,6 +180,27 @@ def _open_checkpoints(stage: Stage, directory: str, config) -> checkpoint.Checkp
     return ckpt
 
 
+class _Waits:
+    """The training loop's profile (bcl_jax.console): the time of each named part of the loop,
+    and the rest of the loop's time as 'steps'."""
+
+    def __init__(self, stage: str):
+        self.stage, self.parts = stage, {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - start
+
+    def record(self, loop_seconds: float):
+        console.add_time(f'{self.stage}: steps', loop_seconds - sum(self.parts.values()))
+        for part, seconds in self.parts.items():
+            console.add_time(f'{self.stage}: {part}', seconds)
+
+
 def train(
     stage: Stage,
     reference: Reference | None = None,
@@ -194,12 +216,14 @@ def train(
     (`ckpt`, `log_every_steps`, `data`, `mesh.shard_classes`, `on_change`).
     """
     # ---------------------------------------------------------------- set-up
+    set_up_start = time.perf_counter()
     pipeline.check_source(stage.source, f'{stage.name} training set')
     directory = os.path.join(workdir, stage.name)
     steps, per_epoch = step_lib.total_steps(stage.train_cfg, len(stage.source))
     batch = stage.train_cfg.batch_size
     pipeline.local_batch_size(batch)  # fails early on a batch the devices cannot split
     shard_classes = config.mesh.shard_classes
+    logging.info('[%s] building the model, its optimizer and its train step', stage.name)
     setup = step_lib.build(stage, reference, mesh=mesh, shard_classes=shard_classes)
     state, method = setup.state, stage.method
     hooks = HookContext(
@@ -225,6 +249,7 @@ def train(
         workers=config.data.workers,
     )
     state, start, seconds = _resume(ckpt, state, meta, stream, stage.name)
+    console.add_time(f'{stage.name}: set-up and restore', time.perf_counter() - set_up_start)
     product = lambda state, seconds: Trained(
         setup.graphdef,
         state['params'],
@@ -248,13 +273,22 @@ def train(
     end = steps if stop_after_steps is None else min(steps, stop_after_steps)
     pending, t_log, step_log = [], time.time(), start
     # However the loop ends (a NaN, an error, Ctrl-C), a save still being written completes.
+    loop_start, waits = time.perf_counter(), _Waits(stage.name)
     try:
         for step in range(start, end):
-            state, record = method.before_step(state, step, hooks)
+            with waits('work between steps'):
+                state, record = method.before_step(state, step, hooks)
             if record is not None:
                 log.event(step, record)
-            images = pipeline.to_global(next(stream), mesh)
-            state, metrics = setup.step_fn(state, images, setup.reference)
+            with waits('waiting for input'):
+                images = pipeline.to_global(next(stream), mesh)
+            if step == start:  # the first step compiles it: say so, and time it apart
+                logging.info('[%s] compiling the train step', stage.name)
+                with waits('first step (compiles)'):
+                    state, metrics = setup.step_fn(state, images, setup.reference)
+                    jax.block_until_ready(metrics)
+            else:
+                state, metrics = setup.step_fn(state, images, setup.reference)
             pending.append(metrics)
             done = step + 1
             if done % config.log_every_steps == 0 or done == end:
@@ -268,11 +302,14 @@ def train(
                 )
                 pending, t_log, step_log = [], now, done
             if done % config.ckpt.every_steps == 0 or done == steps:
-                _check_finite(state, stage.name, ckpt.directory)
-                ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
+                with waits('checkpoints'):
+                    _check_finite(state, stage.name, ckpt.directory)
+                    ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
         if end == steps:
-            method.finish(state, hooks)
+            with waits('work between steps'):
+                method.finish(state, hooks)
     finally:
+        waits.record(time.perf_counter() - loop_start)
         log.close()
         ckpt.close()
         stream.close()

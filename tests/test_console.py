@@ -74,3 +74,25 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     assert os.listdir(tmp_path / 'cache')  # it wrote the program
     assert int(second.stdout.split()[1]) >= 1, second.stdout + second.stderr[-2000:]
     assert first.stdout.split()[2] == second.stdout.split()[2]  # the same result
+
+
+def test_profile_adds_up_parts_and_a_table_shows_their_share():
+    console.take_profile()  # whatever earlier tests timed
+    console.add_time('a', 1.0)
+    console.add_time('b', 2.0)
+    console.add_time('a', 1.0)
+    with console.timed('c'):
+        pass
+    profile = console.take_profile()
+    assert list(profile) == ['a', 'b', 'c'] and profile['a'] == 2.0 and profile['b'] == 2.0
+    assert 0 <= profile['c'] < 1.0
+    assert console.take_profile() == {}  # taken: a fresh profile
+    # Hand-worked: 10 s in all, 2 + 2 timed: the untimed 6 s show as their own row.
+    lines = console.profile_table({'a': 2.0, 'b': 2.0}, total=10.0).splitlines()
+    assert [line.split() for line in lines] == [
+        ['a', '2.0', 's', '20.0%'],
+        ['b', '2.0', 's', '20.0%'],
+        ['other', '(untimed)', '6.0', 's', '60.0%'],
+    ]
+    # Untimed time under 5% of the total is not a row.
+    assert len(console.profile_table({'a': 9.7}, total=10.0).splitlines()) == 1

@@ -48,8 +48,9 @@ def read_json(path):
 
 
 def canonical(results):
-    """The results without wall time, as comparable text (NaN == NaN here)."""
-    return json.dumps({k: v for k, v in results.items() if k != 'wall_seconds'}, sort_keys=True)
+    """The results without wall time and its profile, as comparable text (NaN == NaN here)."""
+    timings = ('wall_seconds', 'profile')
+    return json.dumps({k: v for k, v in results.items() if k not in timings}, sort_keys=True)
 
 
 def mesh():
@@ -104,6 +105,17 @@ def test_results_file_layout(e2e, data):
     assert on_disk['config'] == json.loads(cfg.to_json())
     assert read_json(os.path.join(workdir, 'config.json')) == json.loads(cfg.to_json())
     assert list(on_disk['methods']) == list(cfg.methods) == ['independent', 'bct', 'ndpp', 'odpp']
+    # Where the time went: each stage's parts, in the order they ran, within the run's time.
+    parts = list(on_disk['profile'])
+    stages = ['old', *(f'new_{m}' for m in cfg.methods)]
+    for stage in stages:
+        for part in ('set-up and restore', 'first step (compiles)', 'steps', 'waiting for input'):
+            assert f'{stage}: {part}' in parts, (stage, part)
+    assert parts.index('data') < parts.index('old: steps') < parts.index('old prototypes')
+    assert parts.index('old prototypes') < parts.index('new_independent: steps')
+    assert parts[-1] == 'evaluation'
+    assert all(v >= 0 for v in on_disk['profile'].values())
+    assert sum(on_disk['profile'].values()) <= on_disk['wall_seconds']
     # A smoke run says that its numbers mean nothing, in both results files.
     assert on_disk['note'] == main.SMOKE_NOTE
     with open(os.path.join(workdir, 'results.md')) as f:
