@@ -11,6 +11,28 @@ from ml_collections import config_dict
 from bcl_jax.data.synthetic import SyntheticSpec
 
 
+def options(arg: str | None) -> tuple[bool, tuple[str, ...] | None]:
+    """A benchmark config's argument, comma-separated: `smoke` (the same pipeline shrunk to
+    seconds) and `methods=a+b` (the new models to train, by method or variant name;
+    `methods=none`: the old model alone). Returns (smoke, methods or None for the config's own).
+
+        --config=configs/gldv2.py:methods=odpp    --config=configs/gldv2.py:methods=bct+ndpp,smoke
+    """
+    smoke, methods = False, None
+    for word in filter(None, (arg or '').split(',')):
+        key, given, value = word.partition('=')
+        if word == 'smoke':
+            smoke = True
+        elif key == 'methods' and given and value:
+            methods = () if value == 'none' else tuple(value.split('+'))
+        else:
+            raise ValueError(
+                f"unknown config argument {arg!r} (at {word!r}); use 'smoke', 'methods=a+b' "
+                "('methods=none': the old model alone), or both separated by a comma"
+            )
+    return smoke, methods
+
+
 def model(arch='cifar_resnet', width=16, depth=20, embedding_dim=128, head='cosface'):
     return config_dict.ConfigDict(
         dict(

@@ -35,14 +35,25 @@ is about 47M images per model. Expect an old/old ROxford Medium mAP in the 60s a
 above it; the published tables (Zhou et al. 2025) are the reference. For the same architecture
 old and new, add --config.new.model.arch=resnet18.
 
-`:smoke` keeps the stages and the tests but shrinks models, images and epochs so that the tests
-run it end to end in seconds on small files in these formats.
+The argument (configs/common.py `options`) picks the new models and the size: one method,
+several, or the old model alone, whose run the others reuse through `old.checkpoint`:
+
+    python -m bcl_jax.main --config=configs/gldv2.py:methods=none --workdir=$OLD ...
+    python -m bcl_jax.main --config=configs/gldv2.py:methods=odpp --workdir=$RUN \
+        --config.old.checkpoint=$OLD/old/ckpt ...
+    python -m bcl_jax.main --config=configs/gldv2.py:methods=bct+ndpp,smoke --workdir=$RUN ...
+
+Each method's own settings are in its config section (bcl_jax.methods: `lce`, `unibct`,
+`hot_refresh`, `advbct`, `perturb`), each term weighted by `compat.weight`. `smoke` keeps the
+stages and the tests but shrinks models, images and epochs so that the tests run it end to end
+in seconds on small files in these formats.
 """
 
 from configs import common
 
 
 def get_config(arg=None):
+    smoke, methods = common.options(arg)
     c = common.base_config()
     c.data.name = 'gldv2'
     c.data.image_size = 224
@@ -55,15 +66,13 @@ def get_config(arg=None):
         stage.train = common.train(
             epochs=30.0, batch_size=256, learning_rate=0.1, lr_drop_epochs=(5.0, 10.0, 20.0)
         )
-    c.methods = ('independent', 'bct', 'ndpp', 'odpp')
     c.eval.batch_size = 512
     c.eval.ks = (1, 10, 100)
     c.ckpt.every_steps = 2000
     c.log_every_steps = 100
-    if arg == 'smoke':
+    c.methods = ('independent', 'bct', 'ndpp', 'odpp') if methods is None else methods
+    if smoke:
         shrink_to_smoke(c)
-    elif arg is not None:
-        raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
     return c
 
 

@@ -3,6 +3,7 @@
     python -m bcl_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
     python -m bcl_jax.main --config=configs/synthetic.py --workdir=runs/synthetic3 --config.seeds='(0,1,2)'
     python -m bcl_jax.main --config=configs/synthetic.py:smoke --workdir=runs/smoke   # seconds
+    python -m bcl_jax.main --config=configs/synthetic.py:methods=bct+ndpp --workdir=runs/two
 
 Data (bcl_jax/data/synthetic.py): 1,000 training classes in 100 families of 10 look-alike
 siblings, 10 images each, 16×16 px; retrieval of 200 unseen sibling classes (600 queries, 1,400
@@ -15,16 +16,15 @@ from configs import common
 
 
 def get_config(arg=None):
+    smoke, methods = common.options(arg)
     c = common.base_config()
     c.old.model = common.model(width=4, depth=8, embedding_dim=64)
     c.old.train = common.train(epochs=30.0, lr_drop_epochs=(20, 27))
     c.new.model = common.model(width=16, depth=8, embedding_dim=64)
     c.new.train = common.train(epochs=20.0, lr_drop_epochs=(14, 18))
-    c.methods = ('independent', 'bct', 'ndpp', 'odpp')
-    if arg == 'smoke':
+    c.methods = ('independent', 'bct', 'ndpp', 'odpp') if methods is None else methods
+    if smoke:
         shrink_to_smoke(c)
-    elif arg is not None:
-        raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
     return c
 
 

@@ -16,6 +16,8 @@ from configs import synthetic
 
 
 def get_config(arg=None):
+    if arg not in (None, 'smoke'):
+        raise ValueError(f"unknown config argument {arg!r}; use 'smoke' or nothing")
     c = synthetic.get_config(arg)
     c.methods = ()
     c.upgrades = dict(

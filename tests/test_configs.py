@@ -31,6 +31,9 @@ GLDV2_COLUMNS = [
 
 
 def config(name, arg=None):
+    """configs/<name>.py's config; `name` may carry the argument: 'gldv2:methods=bct'."""
+    name, _, given = name.partition(':')
+    arg = ','.join(a for a in (given, arg) if a) or None
     return importlib.import_module(f'configs.{name}').get_config(arg)
 
 
@@ -59,12 +62,7 @@ def test_gldv2_configs_follow_the_reference_schedule():
     for stage in (c.old.train, c.new.train):
         assert (stage.epochs, tuple(stage.lr_drop_epochs)) == (30.0, (5.0, 10.0, 20.0))
         assert (stage.learning_rate, stage.momentum, stage.weight_decay) == (0.1, 0.9, 5e-4)
-    assert config('gldv2_old').methods == ()
-    assert [config(f'gldv2_{m}').methods for m in ('bct', 'ndpp', 'odpp')] == [
-        ('bct',),
-        ('ndpp',),
-        ('odpp',),
-    ]
+    assert config('gldv2').methods == ('independent', 'bct', 'ndpp', 'odpp')
     inshop = config('inshop')
     assert (inshop.new.train.epochs, tuple(inshop.new.train.lr_drop_epochs)) == (
         200.0,
@@ -93,10 +91,10 @@ def read_json(path):
 
 
 def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
-    """gldv2_old, then gldv2_bct in the same workdir (which reuses the old model), scored by the
+    """methods=none, then methods=bct in the same workdir (which reuses the old model), scored by the
     three GLDv2 tests; every number checked against the tests' own scoring of fresh embeddings."""
     workdir = str(tmp_path / 'run')
-    old_only = main.run(gldv2_smoke('gldv2_old', gldv2_files), workdir)
+    old_only = main.run(gldv2_smoke('gldv2:methods=none', gldv2_files), workdir)
     assert old_only['methods'] == {}
     assert old_only['columns'] == GLDV2_COLUMNS
     assert old_only['primary_metric'] == 'roxford5k/medium/mAP'
@@ -112,7 +110,7 @@ def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
     assert (meta['fraction'], meta['mode'], meta['seed']) == (0.3, 'classes', 0)
     assert split.num_old_classes == 3  # floor(0.3 * 10)
 
-    cfg = gldv2_smoke('gldv2_bct', gldv2_files)
+    cfg = gldv2_smoke('gldv2:methods=bct', gldv2_files)
     results = main.run(cfg, workdir)
     assert results['old_old'] == old_only['old_old']  # the same old model, not retrained
     assert list(results['methods']) == ['bct']
@@ -154,7 +152,7 @@ def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
 
 
 def test_gldv2_split_file_must_match_the_config(gldv2_files, tmp_path):
-    cfg = gldv2_smoke('gldv2_bct', gldv2_files)
+    cfg = gldv2_smoke('gldv2:methods=bct', gldv2_files)
     split_file = str(tmp_path / 'split.json')
     gldv2.old_split_for(
         os.path.join(gldv2_files[0], 'train_clean.csv'),
@@ -172,7 +170,7 @@ def test_gldv2_split_file_must_match_the_config(gldv2_files, tmp_path):
 def test_gldv2_prepared_smoke_and_manifest_check(gldv2_files, tmp_path):
     prepared_dir = str(tmp_path / 'prepared')
     prepare.prepare(dataset='gldv2', src=gldv2_files[0], dst=prepared_dir, image_size=24, workers=2)
-    cfg = gldv2_smoke('gldv2_ndpp', gldv2_files)
+    cfg = gldv2_smoke('gldv2:methods=ndpp', gldv2_files)
     cfg.data.prepared = prepared_dir
     cfg.data.gldv2.tests = ('gldv2',)
     results = main.run(cfg, str(tmp_path / 'run'))
@@ -187,7 +185,7 @@ def test_gldv2_prepared_smoke_and_manifest_check(gldv2_files, tmp_path):
 
 
 def test_inshop_smoke_end_to_end(tmp_path):
-    cfg = config('inshop_odpp', 'smoke')
+    cfg = config('inshop:methods=odpp', 'smoke')
     cfg.data.inshop.root = fake_datasets.inshop_root(tmp_path / 'inshop')
     results = main.run(cfg, str(tmp_path / 'run'))
     assert results['columns'] == ['mAP'] + [f'recall@{k}' for k in (1, 10, 20, 30, 40, 50)]
@@ -266,7 +264,7 @@ def test_gldv2_odpp_smoke_from_pretrained_weights_with_the_field_recipe(gldv2_fi
             sys.executable,
             '-m',
             'bcl_jax.main',
-            '--config=configs/gldv2_odpp.py:smoke',
+            '--config=configs/gldv2.py:methods=odpp,smoke',
             f'--workdir={workdir}',
             *flags,
         ],
@@ -288,13 +286,11 @@ def test_gldv2_odpp_smoke_from_pretrained_weights_with_the_field_recipe(gldv2_fi
 
 @pytest.mark.parametrize('dataset', ['gldv2', pytest.param('inshop', marks=pytest.mark.slow)])
 def test_the_field_baselines_configs_run_end_to_end(dataset, gldv2_files, tmp_path):
-    """configs/<dataset>_{lce,unibct,hot_refresh,advbct}.py: each one method; their :smoke
-    variants together in one run on the fake files (the same settings)."""
+    """configs/<dataset>.py:methods=lce+unibct+hot_refresh+advbct,smoke: the field's baselines
+    together in one run on the fake files."""
     names = ('lce', 'unibct', 'hot_refresh', 'advbct')
-    cfgs = [config(f'{dataset}_{m}', 'smoke') for m in names]
-    assert [tuple(c.methods) for c in cfgs] == [(m,) for m in names]
-    cfg = cfgs[0]
-    cfg.methods = names
+    cfg = config(dataset, f'methods={"+".join(names)},smoke')
+    assert tuple(cfg.methods) == names
     if dataset == 'gldv2':
         cfg.data.gldv2.root, cfg.data.revisited.root = gldv2_files
         cfg.data.gldv2.tests = ('roxford5k',)
@@ -362,3 +358,42 @@ def test_calibrated_study_selection_then_confirmation_end_to_end(tmp_path):
     assert refreshes and all('margin_new' in r for r in refreshes)
     with pytest.raises(FileNotFoundError, match='run phase 1'):
         config('synthetic_calibrated', f'confirmation={tmp_path / "nothing"}')
+
+
+def test_the_argument_picks_methods_and_size():
+    """configs/<benchmark>.py:methods=a+b,smoke (configs/common.py `options`)."""
+    assert config('gldv2', 'methods=odpp').methods == ('odpp',)
+    both = config('gldv2', 'methods=bct+ndpp,smoke')
+    assert both.methods == ('bct', 'ndpp') and both.smoke
+    assert both.data.image_size == config('gldv2', 'smoke').data.image_size
+    assert config('inshop', 'smoke,methods=none').methods == ()
+    assert config('synthetic', 'methods=lce').methods == ('lce',)
+    for bad in ('methods', 'methods=', 'smoke,huge', 'method=bct'):
+        with pytest.raises(ValueError, match='unknown config argument'):
+            config('gldv2', bad)
+    with pytest.raises(ValueError, match='unknown config argument'):
+        config('synthetic_sequential', 'methods=bct')  # a study's own argument only
+    # An unknown method name stops before any work, as in the config file.
+    with pytest.raises(validate.ConfigError, match='nddp'):
+        validate.check_config(config('synthetic', 'methods=bct+nddp'))
+
+
+def test_a_documented_argument_reaches_the_run_through_the_command_line(tmp_path):
+    """ml_collections splits the config file from its argument at the first ':'."""
+    import subprocess
+    import sys
+
+    program = (
+        'from absl import app, flags\n'
+        'from ml_collections import config_flags\n'
+        "c = config_flags.DEFINE_config_file('config')\n"
+        "app.run(lambda _: print(c.value.methods, c.value.smoke))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', program, '--config=configs/synthetic.py:methods=bct+ndpp,smoke'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["('bct',", "'ndpp')", 'True']

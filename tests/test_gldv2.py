@@ -12,7 +12,7 @@ from PIL import Image
 from bcl_jax import data
 from bcl_jax.data import gldv2, splits
 from bcl_jax.data.folder import CorruptImageError
-from configs import gldv2_bct
+from configs import gldv2 as gldv2_config
 from configs import synthetic as synthetic_config
 
 IDS = ["abc001", "abd002", "bcd003", "bce004", "cde005", "cdf006", "def007"]
@@ -320,7 +320,7 @@ def test_retrieval_test_with_skipped_images(tmp_path):
     for image_id, folder in ((broken_query, "test"), (broken_index, "index")):
         with open(gldv2.image_path(root, image_id, folder), "wb") as f:
             f.write(b"not a jpeg")
-    cfg = gldv2_bct.get_config("smoke")
+    cfg = gldv2_config.get_config("methods=bct,smoke")
     cfg.data.gldv2.root, cfg.data.gldv2.tests = root, ("gldv2",)
     with pytest.raises(CorruptImageError, match=broken_query):
         gldv2.retrieval_test(cfg.data)

@@ -22,7 +22,7 @@ SCRIPTS = {
 }
 SCRIPTS['submit'] = os.path.join(LAUNCH, 'gpu', 'submit.sh')
 SBATCH_SCRIPT = os.path.join(LAUNCH, 'gpu', 'bcl_jax.sbatch')
-CONFIG = 'configs/gldv2_bct.py'
+CONFIG = 'configs/gldv2.py:methods=bct'
 
 # Stand-ins, each appending one JSON line {"tool", "args", "cwd"} to $FAKE_LOG.
 _RECORD = '''#!{python}
@@ -206,7 +206,7 @@ def test_run_dry_run(sandbox):
     assert '--worker=all' in ssh
     command = remote_command(ssh)
     assert (
-        '"$HOME"/bcl_jax_venv/bin/python -m bcl_jax.main --config=configs/gldv2_bct.py'
+        '"$HOME"/bcl_jax_venv/bin/python -m bcl_jax.main --config=configs/gldv2.py:methods=bct'
         ' --workdir=/mnt/shared/run --distributed --config.new.train.epochs=40 >' in command
     )
     assert 'cd "$HOME"/bcl_jax;' in command

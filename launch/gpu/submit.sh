@@ -20,7 +20,7 @@ per GPU (N x G processes), each running
 from this checkout. --distributed: jax.distributed.initialize() finds the processes from
 SLURM's variables; one task per GPU is the layout it expects (see bcl_jax.sbatch).
 
-  CONFIG              a config file of this checkout, e.g. configs/gldv2_bct.py
+  CONFIG              a config file of this checkout and its argument, e.g. configs/gldv2.py:methods=bct
   WORKDIR             an absolute path that ALL NODES SHARE (a cluster filesystem, NFS, a
                       gcsfuse-mounted bucket) at the same path; created here if missing.
                       Checkpoints, results and the SLURM log (slurm-<job>.out) go there.

@@ -17,7 +17,7 @@ from the code that copy.sh put there, in the environment that setup.sh made. --d
 makes each host join the slice's jax.distributed job (jax.distributed.initialize() finds the
 slice's hosts by itself).
 
-  CONFIG         a config file of this checkout, e.g. configs/gldv2_bct.py (or
+  CONFIG         a config file of this checkout and its argument, e.g. configs/gldv2.py:methods=bct (or
                  configs/gldv2.py:smoke); checked here before anything starts
   WORKDIR        an absolute path that EVERY WORKER SHARES: a gcsfuse-mounted bucket,
                  Filestore/NFS or another shared filesystem mounted at the same place on all
