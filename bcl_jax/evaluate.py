@@ -20,10 +20,14 @@ from jax.experimental import multihost_utils
 
 from bcl_jax import checkpoint
 from bcl_jax.data import pipeline
+from bcl_jax.old_embeddings import GivenEmbeddings
 
 
 def embed_batches(model, source, *, mesh, batch_size: int):
     """Yields (embeddings, labels, valid) global arrays, batch by batch, sharded over the mesh."""
+    if isinstance(model, GivenEmbeddings):  # an old model known by its embedding files
+        yield from model.batches(source, mesh=mesh, batch_size=batch_size)
+        return
     embed_fn = model.embed_fn(mesh)
     for batch, valid in pipeline.eval_batches(source, global_batch=batch_size):
         batch = pipeline.to_global(dict(batch, valid=valid), mesh)
@@ -311,6 +315,8 @@ def describe_model(model, checkpoint_dir: str = '') -> dict:
     """What results.json records of a model: its weights' digest, the step it was taken at and,
     for a given checkpoint, where it came from."""
     out = dict(identity=model.identity(), step=model.step, total_steps=model.total_steps)
+    if isinstance(model, GivenEmbeddings):
+        out.update(model.describe())
     if checkpoint_dir:
         out['checkpoint'] = checkpoint_dir
     return out

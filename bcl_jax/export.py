@@ -1,10 +1,12 @@
 """Export a model's embeddings of a dataset's retrieval tests, as files any framework can read.
 
     python -m bcl_jax.export --config=configs/synthetic.py --checkpoint=runs/x/old/ckpt \
-        --out=runs/x/embeddings/old
+        --out=runs/x/embeddings/old [--sets=all]
 
 For each retrieval test of the config's dataset, `<test>.query` and `<test>.gallery` (no
-gallery for a test whose query set is its own gallery) in bcl_jax.embedding_files' format:
+gallery for a test whose query set is its own gallery) and, with `--sets=all`, `train` (the new
+training set: what `old.embeddings` needs of an old model, bcl_jax.old_embeddings), in
+bcl_jax.embedding_files' format:
 float32 .npy rows, the image ids, the labels, and a manifest naming the model (weights digest,
 architecture, checkpoint, step). `python -m bcl_jax.crosstest` scores such folders, from this
 command or from a model of any other framework, against bcl_jax models.
@@ -19,6 +21,7 @@ from ml_collections import config_flags
 
 from bcl_jax import console, embedding_files, evaluate, sharding, train
 from bcl_jax import data as data_lib
+from bcl_jax.old_embeddings import TRAIN_SET, set_names, source_ids  # noqa: F401 (crosstest)
 
 
 def define_flags():
@@ -26,25 +29,20 @@ def define_flags():
     config_flags.DEFINE_config_file('config', None, 'the experiment config (its dataset)')
     flags.DEFINE_string('checkpoint', None, "a stage's checkpoint folder (…/ckpt)")
     flags.DEFINE_string('out', None, 'the folder to write the embedding files to')
+    flags.DEFINE_enum(
+        'sets', 'tests', ['tests', 'all'], "the tests' sets, or all: the training set too"
+    )
     flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
-
-
-def source_ids(source) -> list[str]:
-    """A source's image ids (file ids or relative paths), else its row numbers."""
-    ids = getattr(source, 'ids', None)
-    return [str(i) for i in (ids if ids is not None else range(len(source)))]
 
 
 def sets(data):
     """(file name, source) of every embedding set of the dataset's tests."""
-    for test in data.tests:
-        yield f'{test.name}.query', test.query
-        if test.gallery is not None:
-            yield f'{test.name}.gallery', test.gallery
+    return [(name, source) for name, source in set_names(data) if name != TRAIN_SET]
 
 
-def export(config, checkpoint_dir: str, out: str) -> dict:
-    """Writes the embedding files; returns the model's identity as written in the manifests."""
+def export(config, checkpoint_dir: str, out: str, *, which: str = 'tests') -> dict:
+    """Writes the embedding files of the tests' sets (`which='all'`: and of the training set);
+    returns the model's identity as written in the manifests."""
     mesh = sharding.make_mesh(config.mesh)
     data = data_lib.build(config.data)
     model = train.load_checkpoint(checkpoint_dir, mesh)
@@ -55,7 +53,7 @@ def export(config, checkpoint_dir: str, out: str) -> dict:
         checkpoint=checkpoint_dir,
         step=model.step,
     )
-    for name, source in sets(data):
+    for name, source in set_names(data) if which == 'all' else sets(data):
         emb = evaluate.embed(model, source, mesh=mesh, batch_size=config.eval.batch_size, what=name)
         if jax.process_index() == 0:
             labels = np.asarray(source.labels)
@@ -72,7 +70,7 @@ def main(argv):
     console.quiet_logging()
     console.use_compile_cache()
     f = flags.FLAGS
-    export(f.config, f.checkpoint, f.out)
+    export(f.config, f.checkpoint, f.out, which=f.sets)
 
 
 if __name__ == '__main__':

@@ -106,7 +106,7 @@ def run_one(config, workdir: str) -> dict:
             skipped=list(data.skipped),
             validation_classes=list(data.validation_classes),
         ),
-        old_model=evaluate.describe_model(old, config.old.checkpoint),
+        old_model=evaluate.describe_model(old, config.old.checkpoint),  # or its embeddings
         upgrades=list(chain),
         machine=evaluate.machine(),
         wall_seconds=time.time() - start,

@@ -83,6 +83,10 @@ class Trained:
             self.batch_stats if batch_stats is None else batch_stats,
         )
 
+    def with_weights(self, params, batch_stats) -> Trained:
+        """This model with other weights (e.g. traced ones inside a step)."""
+        return dataclasses.replace(self, params=params, batch_stats=batch_stats, _embed_fns={})
+
     def embed_fn(self, mesh):
         """A jitted `(params, batch_stats, images) -> embeddings`, images sharded over `mesh`;
         the weights are used where they are (replicated, or a classifier sharded by class)."""
@@ -161,7 +165,7 @@ class Reference:
     @classmethod
     def tree_unflatten(cls, static, children):
         params, batch_stats, prototypes, old_label, class_stats = children
-        old = dataclasses.replace(static, params=params, batch_stats=batch_stats, _embed_fns={})
+        old = static.with_weights(params, batch_stats)
         ref = cls(old, prototypes, old_label, class_stats)
         object.__setattr__(ref, '_spec', static)
         return ref

@@ -24,6 +24,7 @@ from bcl_jax.checkpoint import MODEL_DEFAULTS
 from bcl_jax import step as step_lib
 from bcl_jax.data import pipeline, storage
 from bcl_jax.methods import HookContext
+from bcl_jax.old_embeddings import GivenEmbeddings
 from bcl_jax.stage import (
     ChangedConfigError,
     Reference,
@@ -382,7 +383,10 @@ def load_checkpoint(directory: str, mesh) -> Trained:
 
 
 def old_model(config, data, *, mesh, workdir: str) -> Trained:
-    """The old model: loaded from `config.old.checkpoint`, or trained on the old split."""
+    """The old model: its embedding files (`config.old.embeddings`), loaded from
+    `config.old.checkpoint`, or trained on the old split."""
+    if config.old.embeddings:
+        return GivenEmbeddings.for_data(config.old.embeddings, data)
     if config.old.checkpoint:
         return load(
             config.old.checkpoint,

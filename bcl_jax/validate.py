@@ -173,7 +173,21 @@ def check_config(config):
     _batch('eval.batch_size', config.eval.batch_size, devices)
     _require(config.log_every_steps > 0, 'log_every_steps', config.log_every_steps, '> 0')
     _require(config.ckpt.every_steps > 0, 'ckpt.every_steps', config.ckpt.every_steps, '> 0')
-    if not config.old.checkpoint:
+    given = config.old.get('embeddings')
+    if given:
+        _require(
+            not config.old.checkpoint,
+            'old.embeddings',
+            given,
+            'given alone: old.checkpoint is set too (one old model: its files or its checkpoint)',
+        )
+        _require(
+            not config.upgrades,
+            'old.embeddings',
+            given,
+            'without upgrades (sequential upgrades train against a network; give old.checkpoint)',
+        )
+    elif not config.old.checkpoint:
         _stage(config, 'old', devices)
     names = list(config.methods)
     _require(len(set(names)) == len(names), 'methods', tuple(names), 'each method once')
@@ -182,6 +196,14 @@ def check_config(config):
             _, stage_config = methods.resolve(config, name)
         except ValueError as e:
             raise ConfigError('methods', tuple(names), str(e)) from None
+        if given:
+            _require(
+                not methods.build(name, config).needs_old_network,
+                'methods',
+                tuple(names),
+                f'without {name!r} when old.embeddings is set: {name} runs the old network on '
+                'every batch (give old.checkpoint for it)',
+            )
         _stage(stage_config, 'new', devices)
         _require(
             stage_config.compat.temperature > 0,
@@ -195,7 +217,8 @@ def check_config(config):
 
 def check_run(config, data):
     """What needs the data: every stage has steps; warnings about degenerate splits."""
-    stages = [] if config.old.checkpoint else [('old', 'old', config.old.train, data.old_train)]
+    given_old = config.old.checkpoint or config.old.get('embeddings')
+    stages = [] if given_old else [('old', 'old', config.old.train, data.old_train)]
     for m in config.methods:
         stages.append((f'new ({m})', 'new', methods.resolve(config, m)[1].new.train, data.train))
     for name, prefix, train_cfg, source in stages:

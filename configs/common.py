@@ -140,6 +140,8 @@ def base_config():
             train=train(),
             checkpoint='',  # a trained old model's checkpoint directory; '' trains one
             allow_unfinished=False,  # True: accept a checkpoint short of its last step
+            # a folder of the old model's embedding files (bcl_jax.old_embeddings): no network
+            embeddings='',
         )
     )
     c.new = config_dict.ConfigDict(dict(model=model(), train=train()))

@@ -65,6 +65,7 @@ class Method:
 
     name = 'independent'
     needs_reference = False
+    needs_old_network = False  # runs the old model on every batch (old.embeddings cannot)
     needs_class_stats = False  # per-class statistics of the old embeddings (LCE, AdvBCT)
     # The config sections (dotted paths) that this method reads: they enter the stage's
     # fingerprint, so a changed setting is never mixed with a model trained under the old one.

@@ -48,6 +48,7 @@ class BCT(Method):
 class BCTInfluence(Method):
     name = 'bct_influence'
     needs_reference = True
+    needs_old_network = True
     config_sections = ('compat',)
 
     @property
@@ -76,6 +77,7 @@ def old_embeddings(reference, images):
 class L2(Method):
     name = 'l2'
     needs_reference = True
+    needs_old_network = True
     config_sections = ('compat',)
 
     @property
