@@ -8,6 +8,7 @@ allowed.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from etils import epath
 
 from bcl_jax import calibrate, losses, methods
@@ -191,6 +192,77 @@ def check_config(config):
         )
         _perturb(stage_config.perturb)
         _batch('perturb.exact_batch_size', stage_config.perturb.exact_batch_size, devices)
+        _same_dim(
+            methods.resolve(config, name)[0], stage_config.new.model.embedding_dim, config.old.model
+        )
+    _upgrades(config, devices)
+
+
+def _dim_rule(method: str) -> str:
+    """Why `method`'s new model must embed in its predecessor's dimension."""
+    base = methods.REGISTRY.get(method)
+    if base is not None and base.needs_reference:
+        return (
+            f'{method} compares the new embeddings with the old prototypes (or the old '
+            'classifier) directly, with no learned transformation between the two spaces'
+        )
+    return 'the new/old cross-test searches the old gallery with new queries'
+
+
+def _same_dim(method: str, dim: int, old_model):
+    """Embedding dims may differ only across a learned transformation between the spaces (as
+    LCE's K > 0 blocks would add); no bcl_jax method has one, so every new model embeds in the
+    dimension of the model it must stay compatible with."""
+    _require(
+        dim == old_model.embedding_dim,
+        'new.model.embedding_dim',
+        dim,
+        f'{old_model.embedding_dim}, as config.old.model.embedding_dim: {_dim_rule(method)}',
+    )
+
+
+def _upgrades(config, devices: int):
+    """config.upgrades, each field named by its upgrade (config.upgrades.<name>.<field>)."""
+    before, before_name = config.old.model, 'old.model'
+    variants = tuple(config.get('variants') or {})
+    for name, spec in (config.get('upgrades') or {}).items():
+        where = f'upgrades.{name}'
+        fraction = spec.get('fraction')
+        _require(
+            isinstance(fraction, (int, float)) and 0 < fraction <= 1,
+            f'{where}.fraction',
+            fraction,
+            'in (0, 1]: the share of the training classes this model sees',
+        )
+        method = spec.get('method', 'bct')
+        _require(
+            method in methods.REGISTRY or method in variants,
+            f'{where}.method',
+            method,
+            f'one of {methods.NAMES} or a variant declared in config.variants '
+            f'({variants or "none declared"})',
+        )
+        base, cfg = methods.resolve(config, method)
+        cfg = cfg.copy_and_resolve_references()
+        for group in ('model', 'train'):
+            for field, value in (spec.get(group) or {}).items():
+                _require(
+                    field in cfg.new[group],
+                    f'{where}.{group}.{field}',
+                    value,
+                    f'a field of config.new.{group} ({", ".join(sorted(cfg.new[group]))})',
+                )
+                cfg.new[group][field] = value
+        _stage(cfg, 'new', devices)
+        dim = cfg.new.model.embedding_dim
+        _require(
+            dim == before.embedding_dim,
+            f'{where}.model.embedding_dim',
+            dim,
+            f'{before.embedding_dim}, as config.{before_name}.embedding_dim (the model before '
+            f'it): {_dim_rule(base)}',
+        )
+        before, before_name = cfg.new.model, f'{where}.model'
 
 
 def check_run(config, data):
@@ -213,5 +285,17 @@ def check_run(config, data):
         planned = upgrades.plan(config, data.old_label)
     except ValueError as e:
         raise ConfigError('upgrades', tuple(config.upgrades), str(e)) from None
+    labels = np.asarray(data.train.labels)
     for up in planned:
         _stage(up.config, 'new', jax.device_count())
+        train_cfg, images = up.config.new.train, int(np.isin(labels, up.classes).sum())
+        steps = train_cfg.steps or round(train_cfg.epochs * images / train_cfg.batch_size)
+        _require(
+            steps >= 1,
+            f'upgrades.{up.name}.train.epochs',
+            train_cfg.epochs,
+            f'gives 0 steps for the upgrade {up.name!r} ({images} images of its '
+            f'{len(up.classes)} classes at batch {train_cfg.batch_size}): raise '
+            f'config.upgrades.{up.name}.train.epochs (or set its train.steps) or lower its '
+            'train.batch_size',
+        )
