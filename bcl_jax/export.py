@@ -26,6 +26,7 @@ def define_flags():
     config_flags.DEFINE_config_file('config', None, 'the experiment config (its dataset)')
     flags.DEFINE_string('checkpoint', None, "a stage's checkpoint folder (…/ckpt)")
     flags.DEFINE_string('out', None, 'the folder to write the embedding files to')
+    flags.DEFINE_bool('allow_unfinished', False, 'accept a checkpoint short of its last step')
     flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
 
 
@@ -43,11 +44,15 @@ def sets(data):
             yield f'{test.name}.gallery', test.gallery
 
 
-def export(config, checkpoint_dir: str, out: str) -> dict:
-    """Writes the embedding files; returns the model's identity as written in the manifests."""
+def export(config, checkpoint_dir: str, out: str, *, allow_unfinished: bool = False) -> dict:
+    """Writes the embedding files; returns the model's identity as written in the manifests.
+    Before any work: `out` must be writable, and the checkpoint finished (unless
+    `allow_unfinished`)."""
+    console.check_writable(out, '--out')
     mesh = sharding.make_mesh(config.mesh)
-    data = data_lib.build(config.data)
-    model = train.load_checkpoint(checkpoint_dir, mesh)
+    with console.input_errors():
+        model = train.load_checkpoint(checkpoint_dir, mesh, allow_unfinished=allow_unfinished)
+        data = data_lib.build(config.data)
     identity = dict(
         framework='bcl_jax',
         weights=model.identity(),
@@ -72,9 +77,10 @@ def main(argv):
     console.quiet_logging()
     console.use_compile_cache()
     f = flags.FLAGS
-    export(f.config, f.checkpoint, f.out)
+    with console.exit_on_input_error():  # a bad input: one line naming the file
+        export(f.config, f.checkpoint, f.out, allow_unfinished=f.allow_unfinished)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)
