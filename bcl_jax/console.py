@@ -36,6 +36,9 @@ _MIN_COMPILE_SECONDS = 0.2
 _LIBRARIES = ('orbax', 'grain', 'jax')
 # Warnings that say only what bcl_jax asked for: it opens finished checkpoints read-only.
 _EXPECTED = ('read_only=True', 'Given directory is read only')
+# Errors that bcl_jax raises once, in one line (checkpoint.DiskFullError): each library thread
+# that meets them logs them again with its traceback.
+_SAID_ONCE = ('No space left on device',)
 
 
 def _quiet_libraries(record) -> bool:
@@ -43,7 +46,12 @@ def _quiet_libraries(record) -> bool:
         return True
     if record.levelno < logging.converter.STANDARD_WARNING:
         return False
-    return not any(text in str(record.msg) for text in _EXPECTED)
+    error = record.exc_info[1] if record.exc_info else None
+    text = f'{record.msg} {record.args or ""} {error!r}'
+    while error is not None and not any(t in text for t in _SAID_ONCE):
+        error = error.__cause__ or error.__context__
+        text += f' {error!r}'
+    return not any(t in text for t in _EXPECTED + _SAID_ONCE)
 
 
 def quiet_logging():

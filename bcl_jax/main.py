@@ -79,6 +79,8 @@ def run_one(config, workdir: str) -> dict:
 
     # 1. The old model: given, or trained on the old split.
     old = train.old_model(config, data, mesh=mesh, workdir=workdir)
+    if config.old.checkpoint:  # the given model matches config.old.model: now its dim is known
+        validate.check_dims(config)
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
     reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)

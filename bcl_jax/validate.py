@@ -192,10 +192,28 @@ def check_config(config):
         )
         _perturb(stage_config.perturb)
         _batch('perturb.exact_batch_size', stage_config.perturb.exact_batch_size, devices)
-        _same_dim(
-            methods.resolve(config, name)[0], stage_config.new.model.embedding_dim, config.old.model
-        )
     _upgrades(config, devices)
+    if not config.old.checkpoint:  # a given old model: once it is loaded (its dim is checked)
+        check_dims(config)
+
+
+def check_dims(config):
+    """Every new model and upgrade embeds in the dimension of the model before it."""
+    for name in config.methods:
+        base, stage_config = methods.resolve(config, name)
+        _same_dim(base, stage_config.new.model.embedding_dim, config.old.model)
+    before, before_name = config.old.model.embedding_dim, 'old.model'
+    for name, spec in (config.get('upgrades') or {}).items():
+        base, cfg = methods.resolve(config, spec.get('method', 'bct'))
+        dim = (spec.get('model') or {}).get('embedding_dim', cfg.new.model.embedding_dim)
+        _require(
+            dim == before,
+            f'upgrades.{name}.model.embedding_dim',
+            dim,
+            f'{before}, as config.{before_name}.embedding_dim (the model before it): '
+            f'{_dim_rule(base)}',
+        )
+        before, before_name = dim, f'upgrades.{name}.model'
 
 
 def _dim_rule(method: str) -> str:
@@ -223,7 +241,6 @@ def _same_dim(method: str, dim: int, old_model):
 
 def _upgrades(config, devices: int):
     """config.upgrades, each field named by its upgrade (config.upgrades.<name>.<field>)."""
-    before, before_name = config.old.model, 'old.model'
     variants = tuple(config.get('variants') or {})
     for name, spec in (config.get('upgrades') or {}).items():
         where = f'upgrades.{name}'
@@ -242,7 +259,7 @@ def _upgrades(config, devices: int):
             f'one of {methods.NAMES} or a variant declared in config.variants '
             f'({variants or "none declared"})',
         )
-        base, cfg = methods.resolve(config, method)
+        _, cfg = methods.resolve(config, method)
         cfg = cfg.copy_and_resolve_references()
         for group in ('model', 'train'):
             for field, value in (spec.get(group) or {}).items():
@@ -254,15 +271,6 @@ def _upgrades(config, devices: int):
                 )
                 cfg.new[group][field] = value
         _stage(cfg, 'new', devices)
-        dim = cfg.new.model.embedding_dim
-        _require(
-            dim == before.embedding_dim,
-            f'{where}.model.embedding_dim',
-            dim,
-            f'{before.embedding_dim}, as config.{before_name}.embedding_dim (the model before '
-            f'it): {_dim_rule(base)}',
-        )
-        before, before_name = cfg.new.model, f'{where}.model'
 
 
 def check_run(config, data):

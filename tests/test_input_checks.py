@@ -6,6 +6,7 @@ of the "What happens when" table in docs/running.md; `test_the_docs_table_lists_
 keeps the two in step.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -351,3 +352,54 @@ def test_data_error_in_a_command(unfinished, tmp_path):
         assert 'Traceback' not in out.stderr, (module, out.stderr[-3000:])
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith('bcl_jax: ') and str(bad) in last, (module, last)
+
+
+def test_disk_full_while_saving_a_checkpoint(tmp_path):
+    """The disk fills up while a checkpoint is saved"""
+    disk = tmp_path / 'small_disk'
+    disk.mkdir()
+    mounted = subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', 'size=128k', 'tmpfs', str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip('needs a small real filesystem (mount -t tmpfs, as root)')
+    try:
+        out = command(
+            'bcl_jax.main', '--config=configs/synthetic.py:smoke', f'--workdir={disk / "run"}'
+        )
+    finally:
+        subprocess.run(['umount', str(disk)], check=False)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.strip().splitlines() if not line.startswith('I')]
+    assert lines[-1].startswith('bcl_jax: no space left on the device writing a checkpoint to ')
+    assert len(lines) <= 3, out.stderr[-3000:]  # the warning that it is a smoke run, and this
+
+
+def cases() -> dict[str, str]:
+    """{test name: the first line of its docstring} of every test in this file."""
+    with open(__file__, encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    return {
+        node.name: (ast.get_docstring(node) or '').splitlines()[0]
+        if ast.get_docstring(node)
+        else ''
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name.startswith('test_')
+    }
+
+
+def test_the_docs_table_lists_every_case():
+    """(the table itself)"""
+    with open(DOCS, encoding='utf-8') as f:
+        text = f.read()
+    section = text.split('## What happens when', 1)[1].split('\n## ', 1)[0]
+    rows = {line.split('|')[1].strip() for line in section.splitlines() if line.startswith('| ')}
+    for name, case in cases().items():
+        if name == 'test_the_docs_table_lists_every_case':
+            continue
+        assert case, f'{name} has no docstring: its first line is its row in docs/running.md'
+        assert case in rows, f'docs/running.md "What happens when" has no row {case!r} ({name})'
+    listed = set(cases().values())
+    assert rows - {'When'} <= listed, f'rows without a test: {sorted(rows - listed - {"When"})}'
