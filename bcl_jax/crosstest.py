@@ -9,6 +9,11 @@ search): PATH is a bcl_jax checkpoint folder (a stage's ckpt/) or a folder of em
 (bcl_jax.export's format; a gallery embedded by any framework). On the config's dataset, writes
 results.json/md in the work directory as a run does: old/old, new/new and new/old against the
 first model, the compatibility matrix of every pair, backfill curves and the figures.
+
+Before the data is read the command checks that the work directory can be written, that each
+PATH is a checkpoint or embedding files with their manifests, and that each checkpoint is
+finished (`--allow_unfinished` accepts one short of its last step); an error in the inputs ends
+it with one line naming the file.
 """
 
 from __future__ import annotations

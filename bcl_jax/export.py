@@ -8,6 +8,10 @@ gallery for a test whose query set is its own gallery) in bcl_jax.embedding_file
 float32 .npy rows, the image ids, the labels, and a manifest naming the model (weights digest,
 architecture, checkpoint, step). `python -m bcl_jax.crosstest` scores such folders, from this
 command or from a model of any other framework, against bcl_jax models.
+
+Before any work the command checks that `--out` can be written and that the checkpoint is
+finished (`--allow_unfinished` accepts one short of its last step); an error in the inputs ends
+it with one line naming the file.
 """
 
 from __future__ import annotations
