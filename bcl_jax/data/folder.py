@@ -9,7 +9,9 @@ Layout (as in torchvision's ImageFolder), on a local disk or any filesystem etil
         more/img002.PNG      subfolders inside a class folder are read recursively
 
 Hidden files and folders (names starting with "."), files with other extensions and files placed
-directly in `root` are ignored. Class names are Unicode NFC-normalised, so a name spelled in
+directly in `root` are ignored. A class folder may be a symlink to a folder outside `root`; one
+that points at `root`, above it or inside it (another class) is refused, naming the link: it
+would make one class of other classes' images. Class names are Unicode NFC-normalised, so a name spelled in
 decomposed form (NFD, as macOS file systems store it) is the same class as its composed
 spelling; two folders whose names differ only so are merged into one class, with a warning that
 shows both spellings' code points. Classes are sorted by name and labelled 0..C-1, unless
