@@ -10,6 +10,8 @@ to `<directory>-damaged/<step>` with a warning, and the previous step is used.
 
 from __future__ import annotations
 
+import errno
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,6 +29,41 @@ def write_atomic(path: str, text: str | bytes):
 
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written: the disk (or quota) is full. One line, with the cause."""
+
+    def __init__(self, directory: str):
+        parent = str(epath.Path(directory).parent)
+        super().__init__(
+            f'no space left on the device writing a checkpoint to {directory} '
+            f'({_free_space(parent)}). Free space (or give --workdir on another disk) and '
+            'rerun: the stage resumes from its last complete checkpoint.'
+        )
+        self.errno = errno.ENOSPC
+        self.bcl_jax_input = True  # the commands end with this line (bcl_jax.console)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` or an error it chains from is ENOSPC (orbax and tensorstore raise it as
+    OSError, or as a ValueError that quotes the OS message)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if 'No space left on device' in str(error) or 'Disk quota exceeded' in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_space(directory: str) -> str:
+    try:
+        return f'{shutil.disk_usage(storage.absolute(directory)).free / 2**20:.1f} MiB free'
+    except OSError:
+        return 'free space unknown'
 
 
 class MismatchError(ValueError):
@@ -93,6 +130,16 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: dict, data_state: dict, meta: dict):
+        """Writes `step`; a full disk stops with one `DiskFullError` (the step is not kept: the
+        previous one stays the latest)."""
+        try:
+            self._save(step, state, data_state, meta)
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            raise DiskFullError(self.directory) from None
+
+    def _save(self, step: int, state: dict, data_state: dict, meta: dict):
         weights = dict(params=state['params'], batch_stats=state['batch_stats'])
         train = {k: v for k, v in state.items() if k not in weights}
         self._manager.save(
@@ -206,5 +253,11 @@ class Checkpointer:
 
     def close(self):
         """Waits for a save still being written, then releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            raise DiskFullError(self.directory) from None
+        finally:
+            self._manager.close()

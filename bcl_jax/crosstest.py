@@ -9,6 +9,11 @@ search): PATH is a bcl_jax checkpoint folder (a stage's ckpt/) or a folder of em
 (bcl_jax.export's format; a gallery embedded by any framework). On the config's dataset, writes
 results.json/md in the work directory as a run does: old/old, new/new and new/old against the
 first model, the compatibility matrix of every pair, backfill curves and the figures.
+
+Before the data is read the command checks that the work directory can be written, that each
+PATH is a checkpoint or embedding files with their manifests, and that each checkpoint is
+finished (`--allow_unfinished` accepts one short of its last step); an error in the inputs ends
+it with one line naming the file.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def define_flags():
     config_flags.DEFINE_config_file('config', None, 'the experiment config (its dataset)')
     flags.DEFINE_string('workdir', None, 'where results.json, results.md and figures go')
     flags.DEFINE_multi_string('model', [], 'NAME=PATH: a checkpoint or embeddings folder')
+    flags.DEFINE_bool('allow_unfinished', False, 'accept checkpoints short of their last step')
     flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -70,13 +76,52 @@ def parse(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def load(paths: dict, data, mesh):
-    """Every model: a checkpoint (loaded) or embedding files (read and checked), by what the
-    folder holds; the embedding dimensions must agree before anything is embedded."""
-    models = {}
-    for name, path in paths.items():
-        is_files = any(epath.Path(path).glob('*.json')) and not any(epath.Path(path).glob('[0-9]*'))
-        models[name] = FileModel(path, data) if is_files else train.load_checkpoint(path, mesh)
+def kind(path: str) -> str:
+    """'checkpoint' (numbered step folders) or 'files' (embedding files with manifests), by what
+    the folder holds; a ValueError naming the folder for anything else."""
+    folder = epath.Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'--model path {path} is not a folder')
+    names = [p.name for p in folder.iterdir()]
+    if any(n.isdigit() and (folder / n).is_dir() for n in names):
+        return 'checkpoint'
+    arrays = sorted(n for n in names if n.endswith('.npy') and not n.endswith('.labels.npy'))
+    manifests = {n.removesuffix('.json') for n in names if n.endswith('.json')}
+    if arrays and manifests:
+        return 'files'
+    if arrays:
+        raise ValueError(
+            f'{path} holds embeddings ({", ".join(arrays[:3])}) but no manifests '
+            '(<set>.json): embedding files need theirs (bcl_jax.embedding_files; '
+            'bcl_jax.export writes them)'
+        )
+    raise ValueError(
+        f'{path} is not a bcl_jax checkpoint folder (numbered step folders: give a stage\'s '
+        'ckpt/ folder) nor a folder of embedding files (<set>.npy with its <set>.json manifest)'
+    )
+
+
+def load_checkpoints(paths: dict, mesh, *, allow_unfinished: bool = False) -> dict:
+    """The checkpoints among `paths`, loaded (an unfinished one refused unless
+    `allow_unfinished`), after every folder is known to be a checkpoint or embedding files."""
+    kinds = {name: kind(path) for name, path in paths.items()}
+    return {
+        name: train.load_checkpoint(path, mesh, allow_unfinished=allow_unfinished)
+        for name, path in paths.items()
+        if kinds[name] == 'checkpoint'
+    }
+
+
+def load(paths: dict, data, mesh, *, allow_unfinished: bool = False, checkpoints=None):
+    """Every model: a checkpoint (loaded; an unfinished one refused unless `allow_unfinished`)
+    or embedding files (read and checked), by what the folder holds; the embedding dimensions
+    must agree before anything is embedded."""
+    if checkpoints is None:
+        checkpoints = load_checkpoints(paths, mesh, allow_unfinished=allow_unfinished)
+    models = {
+        name: checkpoints[name] if name in checkpoints else FileModel(path, data)
+        for name, path in paths.items()
+    }
     dims = {
         n: m.dim if isinstance(m, FileModel) else m.model_cfg.embedding_dim
         for n, m in models.items()
@@ -88,11 +133,17 @@ def load(paths: dict, data, mesh):
     return models
 
 
-def run(config, paths: dict, workdir: str) -> dict:
+def run(config, paths: dict, workdir: str, *, allow_unfinished: bool = False) -> dict:
+    """Scores the models of `paths` ({name: folder}); the work directory and every folder are
+    checked (writable; a checkpoint or embedding files; checkpoints finished) before the data is
+    read or anything embedded."""
     start = time.time()
+    console.check_writable(workdir, '--workdir')
     mesh = sharding.make_mesh(config.mesh)
-    data = data_lib.build(config.data)
-    models = load(paths, data, mesh)
+    with console.input_errors():
+        checkpoints = load_checkpoints(paths, mesh, allow_unfinished=allow_unfinished)
+        data = data_lib.build(config.data)
+        models = load(paths, data, mesh, checkpoints=checkpoints)
     (first, old), *new = models.items()
     embeddings = {
         name: m.embeddings(data.tests)
@@ -123,9 +174,10 @@ def main(argv):
     console.quiet_logging()
     console.use_compile_cache()
     f = flags.FLAGS
-    run(f.config, parse(f.model), f.workdir)
+    with console.exit_on_input_error():  # a bad input: one line naming the file
+        run(f.config, parse(f.model), f.workdir, allow_unfinished=f.allow_unfinished)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

@@ -150,7 +150,14 @@ def write_embeddings(directory, name: str, emb, *, ids, labels=None, identity: d
 def _read_manifest(paths: dict, where: str) -> dict:
     if not paths['manifest'].exists():
         raise FileNotFoundError(f'{where}: no manifest {paths["manifest"]}.')
-    manifest = json.loads(paths['manifest'].read_text())
+    try:
+        manifest = json.loads(paths['manifest'].read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f'{where}: the manifest {paths["manifest"]} is not valid JSON ({e}).'
+        ) from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f'{where}: the manifest {paths["manifest"]} is not a JSON object.')
     if manifest.get('format') != FORMAT:
         raise ValueError(f'{where}: format {manifest.get("format")!r}, expected {FORMAT!r}.')
     for key in ('num_items', 'dim', 'dtype'):

@@ -10,6 +10,10 @@ bcl_jax.embedding_files' format:
 float32 .npy rows, the image ids, the labels, and a manifest naming the model (weights digest,
 architecture, checkpoint, step). `python -m bcl_jax.crosstest` scores such folders, from this
 command or from a model of any other framework, against bcl_jax models.
+
+Before any work the command checks that `--out` can be written and that the checkpoint is
+finished (`--allow_unfinished` accepts one short of its last step); an error in the inputs ends
+it with one line naming the file.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def define_flags():
     flags.DEFINE_enum(
         'sets', 'tests', ['tests', 'all'], "the tests' sets, or all: the training set too"
     )
+    flags.DEFINE_bool('allow_unfinished', False, 'accept a checkpoint short of its last step')
     flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
 
 
@@ -40,12 +45,17 @@ def sets(data):
     return [(name, source) for name, source in set_names(data) if name != TRAIN_SET]
 
 
-def export(config, checkpoint_dir: str, out: str, *, which: str = 'tests') -> dict:
+def export(
+    config, checkpoint_dir: str, out: str, *, which: str = 'tests', allow_unfinished: bool = False
+) -> dict:
     """Writes the embedding files of the tests' sets (`which='all'`: and of the training set);
-    returns the model's identity as written in the manifests."""
+    returns the model's identity as written in the manifests. Before any work: `out` must be
+    writable, and the checkpoint finished (unless `allow_unfinished`)."""
+    console.check_writable(out, '--out')
     mesh = sharding.make_mesh(config.mesh)
-    data = data_lib.build(config.data)
-    model = train.load_checkpoint(checkpoint_dir, mesh)
+    with console.input_errors():
+        model = train.load_checkpoint(checkpoint_dir, mesh, allow_unfinished=allow_unfinished)
+        data = data_lib.build(config.data)
     identity = dict(
         framework='bcl_jax',
         weights=model.identity(),
@@ -70,9 +80,10 @@ def main(argv):
     console.quiet_logging()
     console.use_compile_cache()
     f = flags.FLAGS
-    export(f.config, f.checkpoint, f.out, which=f.sets)
+    with console.exit_on_input_error():  # a bad input: one line naming the file
+        export(f.config, f.checkpoint, f.out, which=f.sets, allow_unfinished=f.allow_unfinished)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=console.parse_flags)

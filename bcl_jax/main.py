@@ -18,6 +18,7 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from bcl_jax import checkpoint, console, evaluate, sharding, stats, train, upgrades, validate
@@ -68,15 +69,23 @@ def run_one(config, workdir: str) -> dict:
         logging.warning('%s', SMOKE_NOTE)
     mesh = sharding.make_mesh(config.mesh)
     logging.info('bcl_jax: %s', sharding.describe(mesh))
-    with console.timed('data'):
+    with console.timed('data'), console.input_errors():
         data = data_lib.build(config.data, workdir=workdir)
-        logging.info('data: %s', evaluate.describe_data(data))
-        validate.check_run(config, data)
-    if jax.process_index() == 0:  # only once every setting is known to work
-        checkpoint.write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
+    logging.info('data: %s', evaluate.describe_data(data))
+    validate.check_run(config, data)
+    # config.json: the settings of the models in the work directory. Written once every setting
+    # is known to work; over an earlier run's only once the stages are trained, so that a rerun
+    # refused for changed settings (bcl_jax.stage) leaves it as it was.
+    config_json = os.path.join(workdir, 'config.json')
+    if not epath.Path(config_json).exists():
+        _write_config(config, config_json)
 
     # 1. The old model: given, or trained on the old split.
     old = train.old_model(config, data, mesh=mesh, workdir=workdir)
+    if config.old.checkpoint:  # the given model matches config.old.model: now its dim is known
+        validate.check_dims(config)
+    elif config.old.embeddings:  # the old model's files: their dim
+        validate.check_dims(config, old.dim, f'the dim of the files in {config.old.embeddings}')
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
     with console.timed('old prototypes'):
@@ -90,6 +99,7 @@ def run_one(config, workdir: str) -> dict:
         new_models[name] = train.train(stage, reference, config=config, mesh=mesh, workdir=workdir)
         orders[name] = stage.method.backfill_order
     chain = upgrades.run(config, data, old, mesh=mesh, workdir=workdir)
+    _write_config(config, config_json)  # every stage now holds a model of these settings
 
     # 4. Retrieval tests, the compatibility matrix, backfill curves and the results files.
     orders = {k: v for k, v in orders.items() if v is not None}
@@ -121,12 +131,12 @@ def run_one(config, workdir: str) -> dict:
     return results
 
 
-def parse_flags(argv):
-    """absl's flag parsing, with a config error (unknown field, wrong type) in one line."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
-        sys.exit(f'bcl_jax: {e}\nSee the config file (configs/common.py lists every field).')
+def _write_config(config, path: str):
+    if jax.process_index() == 0:
+        checkpoint.write_atomic(path, config.to_json(indent=1))
+
+
+parse_flags = console.parse_flags  # a config error (unknown field, wrong type) in one line
 
 
 def main(argv):
@@ -137,7 +147,8 @@ def main(argv):
         sharding.initialize_distributed()
     console.add_time('start-up (imports)', time.time() - _IMPORTS_START)
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        with console.exit_on_input_error():  # a data error: one line naming the file
+            run(_CONFIG.value, _WORKDIR.value)
     except (validate.ConfigError, stage_lib.ChangedConfigError) as e:
         sys.exit(f'bcl_jax: {e}')
 

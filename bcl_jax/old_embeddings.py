@@ -107,6 +107,12 @@ class GivenEmbeddings:
             batch = pipeline.to_global(batch, mesh)
             yield batch['emb'], batch['label'], batch['valid']
 
+    @property
+    def dim(self) -> int:
+        """The embeddings' dimension, from the training set's manifest."""
+        manifest = embedding_files.file_paths(self.directory, TRAIN_SET)['manifest']
+        return int(json.loads(manifest.read_text())['dim'])
+
     def with_weights(self, params, batch_stats) -> GivenEmbeddings:
         return self  # it has none: a reference's leaves hold no old weights
 

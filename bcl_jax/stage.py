@@ -214,13 +214,23 @@ def config_fingerprint(config, sections) -> dict:
     return {k: v for k, v in out.items() if not _exempt(k)}
 
 
+def _names_a_digest(key: str) -> bool:
+    """A field recorded next to a digest to say which setting made it (an upgrade's fraction
+    beside its classes' digest): absent from a stage saved before it was recorded, the digest
+    alone decides."""
+    return key.startswith('upgrades.') and key.endswith('.fraction')
+
+
 def differences(saved: dict, wanted: dict) -> list[str]:
     """'field: saved -> wanted' for every field that differs (missing on one side included),
     except a field added to bcl_jax after the stage was saved that is off now (None or False):
-    new settings are added switched off, so it was made as that setting makes it."""
+    new settings are added switched off, so it was made as that setting makes it (and a field
+    that names a digest's setting, `_names_a_digest`)."""
     keys = sorted(set(saved) | set(wanted))
     missing = '(not set)'
-    added_off = lambda k: k not in saved and any(wanted[k] is off for off in (None, False))
+    added_off = lambda k: (
+        k not in saved and (any(wanted[k] is off for off in (None, False)) or _names_a_digest(k))
+    )
     return [
         f'{k}: {saved.get(k, missing)!r} -> {wanted.get(k, missing)!r}'
         for k in keys

@@ -132,12 +132,33 @@ def _banner(stage: Stage, setup, steps: int, per_epoch: float, mesh, config) -> 
     )
 
 
-def _check_finite(state, stage: str, ckpt_dir: str):
+def _learning_rate_advice(stage: Stage, directory: str) -> str:
+    """How to train `stage` anew with a lower learning rate: a command that a rerun accepts (a
+    changed setting alone is refused, bcl_jax.stage; on_change=retrain moves the stage aside)."""
+    lr = stage.train_cfg.learning_rate
+    aside = f'moves {directory} aside to {directory}.replaced-<n> and trains it anew'
+    if stage.name == 'old' or stage.name.startswith('new_'):
+        group = 'old' if stage.name == 'old' else 'new'
+        every = '' if group == 'old' else ' (every new model trains with it)'
+        return (
+            f'To train it anew with a lower learning rate (now {lr:g}), rerun the same command '
+            f'with --config.{group}.train.learning_rate={lr / 10:g}{every} '
+            f'--config.on_change=retrain: that {aside}.'
+        )
+    return (
+        f'To train it anew with a lower learning rate (now {lr:g}), set '
+        f"train=dict(learning_rate={lr / 10:g}) in config.upgrades['{stage.name}'] and rerun "
+        f'with --config.on_change=retrain: that {aside}.'
+    )
+
+
+def _check_finite(state, stage: Stage, ckpt_dir: str, directory: str):
     bad = int(state['first_nonfinite_step'])
     if bad >= 0:
         raise FloatingPointError(
-            f'[{stage}] the loss or the weights became NaN or Inf at step {bad}. The last good '
-            f'checkpoint is in {ckpt_dir}; lower the learning rate or check the data, then rerun to resume.'
+            f'[{stage.name}] the loss or the weights became NaN or Inf at step {bad}. The last '
+            f'good checkpoint is in {ckpt_dir}; resuming from it with the same settings meets the '
+            f'same step again. {_learning_rate_advice(stage, directory)} Or check the data.'
         )
 
 
@@ -293,7 +314,7 @@ def train(
             pending.append(metrics)
             done = step + 1
             if done % config.log_every_steps == 0 or done == end:
-                _check_finite(state, stage.name, ckpt.directory)
+                _check_finite(state, stage, ckpt.directory, directory)
                 now = time.time()
                 seconds += now - t_log
                 rate = (done - step_log) * batch / (now - t_log)
@@ -304,7 +325,7 @@ def train(
                 pending, t_log, step_log = [], now, done
             if done % config.ckpt.every_steps == 0 or done == steps:
                 with waits('checkpoints'):
-                    _check_finite(state, stage.name, ckpt.directory)
+                    _check_finite(state, stage, ckpt.directory, directory)
                     ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
         if end == steps:
             with waits('work between steps'):
@@ -325,6 +346,7 @@ def load(
     shard_classes: bool = False,
     *,
     allow_unfinished: bool = True,
+    unfinished_hint: str = 'set --config.old.allow_unfinished=True to use it as it is',
 ) -> Trained:
     """A model from a stage's checkpoint directory (e.g. a given old model), laid out on `mesh`
     (its classifier sharded by class with `shard_classes`), whatever mesh wrote it.
@@ -349,8 +371,7 @@ def load(
     if total is not None and step < total and not allow_unfinished:
         raise ValueError(
             f'{directory} holds step {step} of {total}: the model did not finish training. '
-            'Finish it (rerun its command), point to a finished one, or set '
-            '--config.old.allow_unfinished=True to use it as it is.'
+            f'Finish it (rerun its command), point to a finished one, or {unfinished_hint}.'
         )
     return Trained(
         graphdef,
@@ -364,9 +385,13 @@ def load(
     )
 
 
-def load_checkpoint(directory: str, mesh) -> Trained:
+def load_checkpoint(
+    directory: str, mesh, *, allow_unfinished: bool = False, unfinished_hint: str = ''
+) -> Trained:
     """A model from any bcl_jax stage's checkpoint, its architecture and class count read from
-    the checkpoint itself (for the commands that take checkpoints, not configs)."""
+    the checkpoint itself (for the commands that take checkpoints, not configs). A checkpoint
+    short of its stage's last step stops (`unfinished_hint`: how to accept it) unless
+    `allow_unfinished`."""
     ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, read_only=True)
     meta = ckpt.read_meta() if ckpt.latest_step() is not None else {}
     ckpt.close()
@@ -379,7 +404,15 @@ def load_checkpoint(directory: str, mesh) -> Trained:
 
     model_cfg = config_dict.ConfigDict(dict(scale=30.0, margin=0.3, dtype='float32', pretrained=''))
     model_cfg.update(dict(MODEL_DEFAULTS, **meta['model']))
-    return load(directory, model_cfg, meta['num_classes'], mesh)
+    hint = unfinished_hint or 'pass --allow_unfinished to use it as it is'
+    return load(
+        directory,
+        model_cfg,
+        meta['num_classes'],
+        mesh,
+        allow_unfinished=allow_unfinished,
+        unfinished_hint=hint,
+    )
 
 
 def old_model(config, data, *, mesh, workdir: str) -> Trained:

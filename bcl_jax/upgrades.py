@@ -34,6 +34,7 @@ class Upgrade:
     classes: np.ndarray
     method: str
     config: object  # the run's config with the method's variant and this model's fields set
+    fraction: float = 1.0  # config.upgrades.<name>.fraction, named in its fingerprint
 
 
 def class_order(old_label: np.ndarray, seed: int) -> np.ndarray:
@@ -69,7 +70,7 @@ def plan(config, old_label: np.ndarray) -> list[Upgrade]:
         for group in ('model', 'train'):
             for field, value in (spec.get(group) or {}).items():
                 cfg.new[group][field] = value
-        out.append(Upgrade(name, np.sort(order[:count]), method, cfg))
+        out.append(Upgrade(name, np.sort(order[:count]), method, cfg, float(spec.fraction)))
         seen = count
     return out
 
@@ -93,6 +94,7 @@ def _stage(up: Upgrade, source, reference, data) -> stage_lib.Stage:
         method=type(method).name,
         data_identity=stage_lib.data_identity(data),
         classes=stage_lib.array_digest(up.classes),
+        **{f'upgrades.{up.name}.fraction': up.fraction},  # what the classes' digest stands for
         old_model=reference.old.identity(),
         prototypes=stage_lib.array_digest(bank),
     )

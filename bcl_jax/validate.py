@@ -8,6 +8,7 @@ allowed.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from etils import epath
 
 from bcl_jax import calibrate, losses, methods
@@ -213,6 +214,89 @@ def check_config(config):
         )
         _perturb(stage_config.perturb)
         _batch('perturb.exact_batch_size', stage_config.perturb.exact_batch_size, devices)
+    _upgrades(config, devices)
+    if not (config.old.checkpoint or config.old.get('embeddings')):
+        check_dims(config)  # a given old model: once it is loaded (its dim is known then)
+
+
+def check_dims(
+    config, old_dim: int | None = None, old_name: str = 'config.old.model.embedding_dim'
+):
+    """Every new model and upgrade embeds in the dimension of the model before it; `old_dim`:
+    the old model's, when it is given as files (`old_name` says where it was read)."""
+    if old_dim is None:
+        old_dim = config.old.model.embedding_dim
+    for name in config.methods:
+        base, stage_config = methods.resolve(config, name)
+        _same_dim(base, stage_config.new.model.embedding_dim, old_dim, old_name)
+    before, before_name = old_dim, old_name
+    for name, spec in (config.get('upgrades') or {}).items():
+        base, cfg = methods.resolve(config, spec.get('method', 'bct'))
+        dim = (spec.get('model') or {}).get('embedding_dim', cfg.new.model.embedding_dim)
+        _require(
+            dim == before,
+            f'upgrades.{name}.model.embedding_dim',
+            dim,
+            f'{before}, as {before_name} (the model before it): {_dim_rule(base)}',
+        )
+        before, before_name = dim, f'config.upgrades.{name}.model.embedding_dim'
+
+
+def _dim_rule(method: str) -> str:
+    """Why `method`'s new model must embed in its predecessor's dimension."""
+    base = methods.REGISTRY.get(method)
+    if base is not None and base.needs_reference:
+        return (
+            f'{method} compares the new embeddings with the old prototypes (or the old '
+            'classifier) directly, with no learned transformation between the two spaces'
+        )
+    return 'the new/old cross-test searches the old gallery with new queries'
+
+
+def _same_dim(method: str, dim: int, old_dim: int, old_name: str):
+    """Embedding dims may differ only across a learned transformation between the spaces (as
+    LCE's K > 0 blocks would add); no bcl_jax method has one, so every new model embeds in the
+    dimension of the model it must stay compatible with."""
+    _require(
+        dim == old_dim,
+        'new.model.embedding_dim',
+        dim,
+        f'{old_dim}, as {old_name}: {_dim_rule(method)}',
+    )
+
+
+def _upgrades(config, devices: int):
+    """config.upgrades, each field named by its upgrade (config.upgrades.<name>.<field>)."""
+    variants = tuple(config.get('variants') or {})
+    for name, spec in (config.get('upgrades') or {}).items():
+        where = f'upgrades.{name}'
+        fraction = spec.get('fraction')
+        _require(
+            isinstance(fraction, (int, float)) and 0 < fraction <= 1,
+            f'{where}.fraction',
+            fraction,
+            'in (0, 1]: the share of the training classes this model sees',
+        )
+        method = spec.get('method', 'bct')
+        _require(
+            method in methods.REGISTRY or method in variants,
+            f'{where}.method',
+            method,
+            f'one of {methods.NAMES} or a variant declared in config.variants '
+            f'({variants or "none declared"})',
+        )
+        _, cfg = methods.resolve(config, method)
+        cfg = cfg.copy_and_resolve_references()
+        for group in ('model', 'train'):
+            for field, value in (spec.get(group) or {}).items():
+                _require(
+                    field in cfg.new[group],
+                    f'{where}.{group}.{field}',
+                    value,
+                    f'a field of config.new.{group} ({", ".join(sorted(cfg.new[group]))})',
+                )
+                cfg.new[group][field] = value
+        _stage(cfg, 'new', devices)
 
 
 def check_run(config, data):
@@ -236,5 +320,17 @@ def check_run(config, data):
         planned = upgrades.plan(config, data.old_label)
     except ValueError as e:
         raise ConfigError('upgrades', tuple(config.upgrades), str(e)) from None
+    labels = np.asarray(data.train.labels)
     for up in planned:
         _stage(up.config, 'new', jax.device_count())
+        train_cfg, images = up.config.new.train, int(np.isin(labels, up.classes).sum())
+        steps = train_cfg.steps or round(train_cfg.epochs * images / train_cfg.batch_size)
+        _require(
+            steps >= 1,
+            f'upgrades.{up.name}.train.epochs',
+            train_cfg.epochs,
+            f'gives 0 steps for the upgrade {up.name!r} ({images} images of its '
+            f'{len(up.classes)} classes at batch {train_cfg.batch_size}): raise '
+            f'config.upgrades.{up.name}.train.epochs (or set its train.steps) or lower its '
+            'train.batch_size',
+        )

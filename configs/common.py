@@ -101,9 +101,10 @@ def base_config():
             eval_resize_size=0,
             num_threads=2,
             workers=0,  # grain processes decoding images (0: num_threads threads in-process)
-            # Image files are checked before any training: 'header' (fast), 'decode' (also
-            # truncated files) or 'off'; skip_corrupt drops unreadable files instead of stopping
-            # (listed in results.json under data.skipped).
+            # Image files are checked before any training: 'header' (fast: the header, and that a
+            # JPEG or PNG is not truncated), 'decode' (every pixel) or 'off'; skip_corrupt drops
+            # the files the scan finds instead of stopping (listed in results.json under
+            # data.skipped).
             scan_images='header',
             skip_corrupt=False,
             # The built-in benchmark's spec: bcl_jax/data/synthetic.py explains every field.

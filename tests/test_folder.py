@@ -196,14 +196,14 @@ def corrupt_dir(tmp_path):
     return root
 
 
-def test_scan_finds_unreadable_headers_not_truncated_data(corrupt_dir):
-    """The header scan stops on a file that is not an image, naming it and data.skip_corrupt;
-    a truncated JPEG has a good header (only 'decode' finds it)."""
+def test_scan_finds_unreadable_headers_and_truncated_files(corrupt_dir):
+    """The header scan stops on a file that is not an image and on a truncated JPEG (its end
+    marker is missing), naming them and data.skip_corrupt; 'decode' finds the same two."""
     with pytest.raises(CorruptImageError, match="data.skip_corrupt=True") as info:
         ImageFolder(corrupt_dir, image_size=8)
-    assert "1 of 4 images cannot be read" in str(info.value)
+    assert "2 of 4 images cannot be read" in str(info.value)
     assert str(corrupt_dir / "b" / "text.png") in str(info.value)
-    assert "truncated" not in str(info.value)
+    assert str(corrupt_dir / "a" / "truncated.jpg") + " (truncated" in str(info.value)
     with pytest.raises(CorruptImageError, match="2 of 4 images cannot be read"):
         ImageFolder(corrupt_dir, image_size=8, scan="decode")
 
@@ -235,9 +235,9 @@ def test_skip_corrupt_drops_bad_files(corrupt_dir, caplog):
     assert all(ds[i]["image"].shape == (8, 8, 3) for i in range(len(ds)))
     assert "skipping 2 unreadable image(s) of 4" in caplog.text
     assert bad[0] in caplog.text and bad[1] in caplog.text
-    # The header scan drops only the file that is not an image.
+    # The header scan drops both too: the truncated JPEG has no end marker.
     ds = ImageFolder(corrupt_dir, image_size=8, skip_corrupt=True)
-    assert ds.skipped == bad[1:] and len(ds) == 3
+    assert ds.skipped == bad and len(ds) == 2
 
 
 def test_skip_corrupt_class_left_empty(corrupt_dir):

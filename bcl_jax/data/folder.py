@@ -9,7 +9,9 @@ Layout (as in torchvision's ImageFolder), on a local disk or any filesystem etil
         more/img002.PNG      subfolders inside a class folder are read recursively
 
 Hidden files and folders (names starting with "."), files with other extensions and files placed
-directly in `root` are ignored. Class names are Unicode NFC-normalised, so a name spelled in
+directly in `root` are ignored. A class folder may be a symlink to a folder outside `root`; one
+that points at `root`, above it or inside it (another class) is refused, naming the link: it
+would make one class of other classes' images. Class names are Unicode NFC-normalised, so a name spelled in
 decomposed form (NFD, as macOS file systems store it) is the same class as its composed
 spelling; two folders whose names differ only so are merged into one class, with a warning that
 shows both spellings' code points. Classes are sorted by name and labelled 0..C-1, unless
@@ -111,12 +113,34 @@ def _list_images(root: epath.Path) -> tuple[dict[str, list[str]], dict[str, list
     spellings: dict[str, list[str]] = collections.defaultdict(list)
     _, class_dirs, _ = next(_walk(root))  # root's files are ignored
     for class_dir in class_dirs:
+        _check_link(root, class_dir)
         spellings[nfc(class_dir)].append(class_dir)
         found = per_class.setdefault(nfc(class_dir), [])  # a class, with images or not
         for relative, _, files in _walk(root / class_dir):
             prefix = f"{class_dir}/{relative}".rstrip("/")
             found.extend(f"{prefix}/{f}" for f in files if _is_image(f))
     return per_class, dict(spellings)
+
+
+def _check_link(root: epath.Path, class_dir: str) -> None:
+    """A class folder that is a symlink must hold that class's images only: a link to the
+    dataset root, to a folder above it or to another folder inside it (another class) would
+    make one class of other classes' images. A link to a folder outside the root is followed."""
+    link = os.path.join(os.fspath(root), class_dir)
+    if not os.path.islink(link):  # also every non-local filesystem: no symlinks there
+        return
+    target, top = os.path.realpath(link), os.path.realpath(os.fspath(root))
+    if target == top or top.startswith(target.rstrip(os.sep) + os.sep):
+        where = "the dataset root" if target == top else "a folder above the dataset root"
+    elif target.startswith(top + os.sep):
+        where = f"{os.path.relpath(target, top)!r}, inside the dataset root"
+    else:
+        return
+    raise ValueError(
+        f"Image folder {os.fspath(root)!r}: class folder {class_dir!r} is a symlink to {target} "
+        f"({where}); it would make one class of other classes' images. Remove the link, or "
+        "point it at a folder of that class's images outside the root."
+    )
 
 
 def _warn_merged(root: str, spellings: dict[str, list[str]]) -> None:

@@ -13,9 +13,11 @@ Decoding (`open_rgb`) applies the EXIF orientation and converts each mode with i
   white, out = round(255 · (c·a + 1 − a)) with c and a in [0, 1].
 
 `scan` checks a dataset's files before any training: by default it opens each file's header
-only (PIL reads the header without decoding pixels), in a thread pool, with a progress bar for
-large sets; `decode` mode decodes every file (finds truncated files too, ~20× slower);
-`off` skips the check.
+(PIL reads the header without decoding pixels) and checks that a JPEG or PNG ends with its end
+marker (a truncated file does not), in a thread pool, with a progress bar for large sets;
+`decode` mode decodes every file (also finds damage inside the data, ~20× slower); `off` skips
+the check. With data.skip_corrupt the files the scan finds are dropped; a file that fails only
+when read later stops with a hint to scan with `decode` (skip_corrupt cannot drop it then).
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ SKIP_HINT = (
     'Fix or delete the file(s), or set data.skip_corrupt=True to skip unreadable images (the '
     'skipped files are listed in the results).'
 )
+# The hint of an image that fails when read for training or evaluation: the up-front scan
+# passed it (or was off), so data.skip_corrupt alone cannot drop it.
+LOAD_HINT = (
+    "The up-front scan did not catch it: fix or delete the file, or set "
+    "data.scan_images='decode' so that the scan decodes every file before any work (and, "
+    'with data.skip_corrupt=True, skips those that fail).'
+)
+# A file that ends before its format's end marker is truncated (the header scan reads the last
+# bytes only); JPEG may carry trailing bytes after its end marker, so the marker is looked for
+# in the last _TAIL bytes.
+_END_MARKERS = {'JPEG': b'\xff\xd9', 'PNG': b'IEND\xaeB`\x82'}
+_TAIL = 1024
 _SCAN_THREADS = 32  # The scan waits on storage (a bucket's latency), not on the CPU.
 _PROGRESS_FROM = 5000  # Files from which the scan shows a progress bar.
 _WHITE = 1.0
@@ -205,7 +219,7 @@ def decode(file, *, draft_size: int | None = None) -> tuple[Image.Image, int]:
     try:
         data = _read(file)
     except FileNotFoundError:
-        raise FileNotFoundError(f'Image file {_describe(file)} not found. {SKIP_HINT}') from None
+        raise FileNotFoundError(f'Image file {_describe(file)} not found. {LOAD_HINT}') from None
     buffer = io.BytesIO(data)
     try:
         image = Image.open(buffer)
@@ -223,7 +237,7 @@ def decode(file, *, draft_size: int | None = None) -> tuple[Image.Image, int]:
         reason = f'{type(e).__name__}: {e}'.replace(repr(buffer), _describe(file))
         reason = reason.replace('\n', ' ')
         raise CorruptImageError(
-            f'Cannot decode image {_describe(file)} ({reason}). {SKIP_HINT}', reason
+            f'Cannot decode image {_describe(file)} ({reason}). {LOAD_HINT}', reason
         ) from e
     return rgb, orientation if orientation in _TRANSPOSE else 1
 
@@ -399,8 +413,11 @@ def _problem(path: str, mode: str) -> str | None:
                 try:
                     with Image.open(f) as image:
                         image.size  # noqa: B018  (the header holds it: reading it is the check)
+                        marker = _END_MARKERS.get(image.format)
                 except Exception as e:  # noqa: BLE001  (unidentified, truncated header, ...)
                     return f'{type(e).__name__}: {e}'.replace(repr(f), repr(path))
+                if marker is not None and marker not in _tail(f):
+                    return f'truncated: the file ends before its {image.format} end marker'
     except FileNotFoundError:
         return 'file not found'
     except CorruptImageError as e:
@@ -408,6 +425,13 @@ def _problem(path: str, mode: str) -> str | None:
     except Exception as e:  # noqa: BLE001  (unidentified, truncated header, permission, ...)
         return f'{type(e).__name__}: {e}'.replace('\n', ' ')
     return None
+
+
+def _tail(f) -> bytes:
+    """The last _TAIL bytes of an open file."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(max(0, size - _TAIL))
+    return f.read()
 
 
 def scan(
