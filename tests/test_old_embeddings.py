@@ -150,3 +150,12 @@ def test_a_missing_set_or_other_labels_stop_with_the_file_named(in_bcl_jax, tmp_
     np.save(partial / 'synthetic.gallery.labels.npy', np.roll(labels, 1))
     with pytest.raises(ValueError, match='labels of .* items differ'):
         main.run(smoke(embeddings=str(partial)), str(tmp_path / 'b'))
+
+
+def test_files_of_another_dimension_stop_before_training(in_bcl_jax, tmp_path):
+    _, _, folder = in_bcl_jax
+    wide = smoke(embeddings=folder)
+    wide.new.model.embedding_dim = 32  # the files hold 16-d rows
+    with pytest.raises(validate.ConfigError, match='16, as the dim of the files in'):
+        main.run(wide, str(tmp_path / 'wide'))
+    assert not os.path.exists(tmp_path / 'wide' / 'new_independent')
