@@ -6,11 +6,18 @@
 For each retrieval test of the config's dataset, `<test>.query` and `<test>.gallery` (no
 gallery for a test whose query set is its own gallery) in bcl_jax.embedding_files' format:
 float32 .npy rows, the image ids, the labels, and a manifest naming the model (weights digest,
-architecture, checkpoint, step). `python -m bcl_jax.crosstest` scores such folders, from this
-command or from a model of any other framework, against bcl_jax models.
+architecture, checkpoint, step). The folder is one unit: written under a temporary name and
+renamed into place whole, with `manifest.json` naming every file with its sha256 and the model's
+weights digest. `python -m bcl_jax.crosstest` scores such folders, from this command or from a
+model of any other framework, against bcl_jax models, and refuses a folder whose files differ
+from its manifest.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import uuid
 
 import jax
 import numpy as np
@@ -19,6 +26,7 @@ from ml_collections import config_flags
 
 from bcl_jax import console, embedding_files, evaluate, sharding, train
 from bcl_jax import data as data_lib
+from bcl_jax.data import storage
 
 
 def define_flags():
@@ -55,15 +63,43 @@ def export(config, checkpoint_dir: str, out: str) -> dict:
         checkpoint=checkpoint_dir,
         step=model.step,
     )
-    for name, source in sets(data):
-        emb = evaluate.embed(model, source, mesh=mesh, batch_size=config.eval.batch_size, what=name)
-        if jax.process_index() == 0:
-            labels = np.asarray(source.labels)
-            embedding_files.write_embeddings(
-                out, name, emb, ids=source_ids(source), labels=labels, identity=identity
+    out = storage.absolute(out)
+    # A local folder is written whole under a temporary name, then renamed into place; on an
+    # object store (no folder renames) the files are written in place, the manifest last.
+    local = storage.is_local(out)
+    target = f'{out.rstrip("/")}.tmp-{uuid.uuid4().hex}' if local else out
+    try:
+        for name, source in sets(data):
+            emb = evaluate.embed(
+                model, source, mesh=mesh, batch_size=config.eval.batch_size, what=name
             )
-        logging.info('%s: %d embeddings of %d dimensions -> %s', name, *emb.shape, out)
+            if jax.process_index() == 0:
+                labels = np.asarray(source.labels)
+                embedding_files.write_embeddings(
+                    target, name, emb, ids=source_ids(source), labels=labels, identity=identity
+                )
+            logging.info('%s: %d embeddings of %d dimensions -> %s', name, *emb.shape, out)
+        if jax.process_index() == 0:
+            embedding_files.write_folder_manifest(target, identity)
+            if local:
+                _replace_folder(target, out)
+    except BaseException:
+        if local and jax.process_index() == 0:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     return identity
+
+
+def _replace_folder(new: str, out: str):
+    """Puts the folder `new` at `out`: a folder already there (an earlier export) is renamed
+    away first and removed after, so `out` holds one export whole, never a mix of two."""
+    old = None
+    if os.path.lexists(out):
+        old = f'{out.rstrip("/")}.replaced-{uuid.uuid4().hex}'
+        os.rename(out, old)
+    os.rename(new, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def main(argv):

@@ -126,7 +126,7 @@ def main(argv):
         sharding.initialize_distributed()
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (validate.ConfigError, stage_lib.ChangedConfigError) as e:
+    except (validate.ConfigError, stage_lib.ChangedConfigError, checkpoint.DamagedError) as e:
         sys.exit(f'bcl_jax: {e}')
 
 
