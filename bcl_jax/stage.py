@@ -47,6 +47,7 @@ EXEMPT = (
     'data.workers',
     'data.scan_images',
     'data.skip_corrupt',
+    'data.fingerprint',  # how the data is identified; what it is enters through data_identity
     'data.prepared',
     'data.folder.train_dir',
     'data.folder.query_dir',

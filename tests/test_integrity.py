@@ -17,6 +17,7 @@ import pytest
 
 from bcl_jax import checkpoint, crosstest, embedding_files, export, main, prototypes, train
 from bcl_jax import data as data_lib
+from bcl_jax import stage as stage_lib
 from bcl_jax import step as step_lib
 from bcl_jax.data import storage
 from configs import common, synthetic
@@ -310,3 +311,66 @@ def test_ids_shuffled_against_their_rows_are_refused(smoke, tmp_path):
         )
     assert shuffled in str(e.value)
 
+
+# --------------------------------------------------------------------------- image content
+
+
+def write_png(path, rng, size=16):
+    """Random pixels, stored uncompressed: the file's size depends on the image's size only."""
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+        path, compress_level=0
+    )
+
+
+def folder_run_config(root):
+    rng = np.random.default_rng(0)
+    for split, classes, per_class in (
+        ('train', 'abcd', 8),
+        ('query', 'xy', 1),
+        ('gallery', 'xyz', 4),
+    ):
+        for c in classes:
+            os.makedirs(root / split / c)
+            for k in range(per_class):
+                write_png(root / split / c / f'{k}.png', rng)
+    cfg = synthetic.get_config('smoke')
+    cfg.methods = ('independent',)
+    cfg.data.name, cfg.data.image_size, cfg.data.old_fraction = 'folder', 16, 0.5
+    for split in ('train', 'query', 'gallery'):
+        cfg.data.folder[f'{split}_dir'] = str(root / split)
+    return cfg
+
+
+def test_a_training_image_replaced_under_its_name_changes_the_fingerprint(tmp_path, monkeypatch):
+    cfg = folder_run_config(tmp_path / 'images')
+    workdir = str(tmp_path / 'run')
+    results = main.run(cfg, workdir)
+    # Every training image's digest is cached in the work directory, as hashlib gives it.
+    cached = json.load(open(os.path.join(workdir, 'data_digests.json')))['files']
+    train_dir = tmp_path / 'images' / 'train'
+    images = sorted(str(p) for p in train_dir.rglob('*.png'))
+    assert sorted(cached) == images
+    assert all(cached[p]['sha256'] == sha256(p) for p in images)
+    names_cfg = cfg.data.copy_and_resolve_references()
+    names_cfg.fingerprint = 'names'
+    by_names = data_lib.build(names_cfg, workdir).fingerprint
+
+    # One image's pixels replaced by noise: the same name, the same size.
+    target = train_dir / 'b' / '3.png'
+    size = os.path.getsize(target)
+    write_png(target, np.random.default_rng(99))
+    assert os.path.getsize(target) == size and sha256(target) != cached[str(target)]['sha256']
+    read = []
+    real = storage.file_digest
+    monkeypatch.setattr(storage, 'file_digest', lambda p: read.append(str(p)) or real(p))
+    fingerprint = data_lib.build(cfg.data, workdir).fingerprint
+    assert fingerprint != results['data']['fingerprint']
+    assert read == [str(target)]  # the other images' digests came from the cache
+    monkeypatch.undo()
+    # The next run refuses the stages trained on the old images, naming the data.
+    with pytest.raises(stage_lib.ChangedConfigError, match='data_identity'):
+        main.run(cfg, workdir)
+    # data.fingerprint='names', the documented cheaper mode, does not see it.
+    assert data_lib.build(names_cfg, workdir).fingerprint == by_names
