@@ -202,6 +202,24 @@ def test_flipped_bytes_in_a_stored_bank_stop_naming_the_file(tiny, tmp_path, cap
     assert path in caplog.text and sha256(path) == json.load(open(path + '.json'))['sha256']
 
 
+def test_a_bank_without_a_digest_is_reused_with_one_warning(tiny, tmp_path, caplog):
+    """A bank stored by an older bcl_jax (no sha256 in its sidecar) is reused as it is."""
+    reference, source, mesh = tiny
+    kw = dict(num_classes=4, workdir=str(tmp_path), mesh=mesh, batch_size=8, data_identity='d')
+    bank = prototypes.old_bank(reference.old, source, **kw)
+    path = os.path.join(tmp_path, 'prototypes', 'old.npy')
+    sidecar = json.load(open(path + '.json'))
+    del sidecar['sha256']
+    json.dump(sidecar, open(path + '.json', 'w'))
+    before = os.stat(path).st_mtime_ns
+    with caplog.at_level('WARNING'):
+        again = prototypes.old_bank(reference.old, source, **kw)
+    np.testing.assert_array_equal(again, bank)
+    assert os.stat(path).st_mtime_ns == before  # reused, not rewritten
+    warned = [r.getMessage() for r in caplog.records if 'no content digest' in r.getMessage()]
+    assert len(warned) == 1 and path in warned[0]
+
+
 def test_flipped_bytes_in_stored_class_statistics_stop_naming_the_file(tiny, tmp_path):
     reference, source, mesh = tiny
     kw = dict(workdir=str(tmp_path), mesh=mesh, batch_size=8, data_identity='d')
