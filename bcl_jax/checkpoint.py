@@ -6,11 +6,18 @@ iterator's position) and `meta` (stage, model description, seconds trained). Orb
 step to a temporary folder and renames it when complete, so a killed run resumes from the last
 complete step. A step that cannot be read (a damaged disk, a hand-edited folder) is moved aside
 to `<directory>-damaged/<step>` with a warning, and the previous step is used.
+
+Once a step is written, process 0 records the sha256 digest of every file of its items in
+`<step>/digests.json`; reading a step first checks the files of the items it reads against it,
+and a file that differs stops with `DamagedError` naming it (restore it, or retrain the stage
+with --config.on_change=retrain): damaged weights never load. A step written by an older
+bcl_jax (no digests.json) still loads, with a one-line warning.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 
 import jax
@@ -19,6 +26,17 @@ from absl import logging
 from etils import epath
 
 from bcl_jax.data import storage
+from bcl_jax.data.storage import DamagedError
+
+__all__ = ['Checkpointer', 'DamagedError', 'MismatchError', 'write_atomic']
+
+ITEMS = ('weights', 'train', 'data', 'meta')
+DIGESTS = 'digests.json'  # in each step's folder: {"sha256": {relative path: hex digest}}
+DIGEST_FORMAT = 'bcl_jax.digests/1'
+REMEDY = (
+    'Restore the checkpoint from a copy, or rerun with --config.on_change=retrain to move the '
+    'stage aside (kept as <stage>.replaced-<n>) and train it anew.'
+)
 
 
 def write_atomic(path: str, text: str | bytes):
@@ -122,9 +140,91 @@ class Checkpointer:
             read_only=read_only,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=('weights', 'train', 'data', 'meta')
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._undigested: list[int] = []  # steps saved whose digests are not yet written
+        self._verified: set[tuple[int, str]] = set()  # (step, item) whose files were checked
+
+    # ------------------------------------------------------------------------ digests
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step)
+
+    def _item_files(self, step: int, item: str) -> dict[str, epath.Path]:
+        """{path relative to the step folder: path} of every file of `item` at `step`."""
+        root = self._step_dir(step)
+        base = root / item
+        if not base.exists():
+            return {}
+        files, folders = {}, [base]
+        while folders:  # a walk (epath's glob refuses '**' on object stores)
+            for p in folders.pop().iterdir():
+                if p.is_dir():
+                    folders.append(p)
+                else:
+                    files[str(p.relative_to(root))] = p
+        return dict(sorted(files.items()))
+
+    def _write_digests(self):
+        """Records the digests of the steps saved since the last call (once they are written)."""
+        pending, self._undigested = self._undigested, []
+        if not pending:
+            return
+        self._manager.wait_until_finished()
+        if jax.process_index() != 0:
+            return
+        for step in pending:
+            if not self._step_dir(step).exists():  # already deleted (max_to_keep)
+                continue
+            files = {}
+            for item in ITEMS:
+                files.update(
+                    {rel: storage.file_digest(p) for rel, p in self._item_files(step, item).items()}
+                )
+            record = {'format': DIGEST_FORMAT, storage.DIGEST: files}
+            storage.write_atomic(self._step_dir(step) / DIGESTS, json.dumps(record, indent=0))
+            self._verified.update((step, item) for item in ITEMS)
+
+    def verify(self, step: int, items=ITEMS):
+        """Checks the files of `items` at `step` against the step's recorded digests; raises
+        `DamagedError` naming the first file that is missing or differs. A step without digests
+        (written by an older bcl_jax) is let through with a warning."""
+        self._write_digests()
+        items = [i for i in items if (step, i) not in self._verified]
+        if not items:
+            return
+        path = self._step_dir(step) / DIGESTS
+        try:
+            record = json.loads(path.read_text())
+            recorded = record[storage.DIGEST]
+        except FileNotFoundError:
+            logging.warning(
+                'checkpoint step %d in %s has no content digests (written by an older bcl_jax): '
+                'its files cannot be checked',
+                step,
+                self.directory,
+            )
+            self._verified.update((step, i) for i in ITEMS)  # one warning per step
+            return
+        except (ValueError, KeyError, TypeError) as e:
+            raise DamagedError(f'{path} is damaged ({type(e).__name__}: {e}). {REMEDY}') from e
+        for item in items:
+            present = self._item_files(step, item)
+            for rel in sorted(r for r in recorded if r.split('/', 1)[0] == item):
+                if rel not in present:
+                    raise DamagedError(
+                        f'{self._step_dir(step) / rel} is missing from the checkpoint (it is '
+                        f'listed in {path}). {REMEDY}'
+                    )
+                storage.check_digest(
+                    present[rel], storage.file_digest(present[rel]), recorded[rel], remedy=REMEDY
+                )
+            extra = sorted(set(present) - set(recorded))
+            if extra:
+                raise DamagedError(
+                    f'{self._step_dir(step) / extra[0]} was not part of the checkpoint when it '
+                    f'was written (it is not listed in {path}). {REMEDY}'
+                )
+            self._verified.add((step, item))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -140,6 +240,7 @@ class Checkpointer:
             raise DiskFullError(self.directory) from None
 
     def _save(self, step: int, state: dict, data_state: dict, meta: dict):
+        self._write_digests()  # of the previous (asynchronous) save, now that it is written
         weights = dict(params=state['params'], batch_stats=state['batch_stats'])
         train = {k: v for k, v in state.items() if k not in weights}
         self._manager.save(
@@ -151,10 +252,13 @@ class Checkpointer:
                 meta=ocp.args.JsonSave(meta),
             ),
         )
+        self._undigested.append(step)
+        self._verified = {v for v in self._verified if v[0] != step}
         if not self._async:
-            self._manager.wait_until_finished()
+            self._write_digests()
 
     def _meta(self, step: int, expected: dict) -> dict:
+        self.verify(step, ('meta',))
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             'meta'
         ]
@@ -171,7 +275,7 @@ class Checkpointer:
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 value = read(step)
-            except MismatchError:
+            except (MismatchError, DamagedError):
                 raise
             except Exception as e:  # orbax raises many kinds on a damaged step  # noqa: BLE001
                 failed.append((step, e))
@@ -216,6 +320,7 @@ class Checkpointer:
         difference.
         """
         meta = self._meta(step, expected_meta)
+        self.verify(step, ('weights', 'train', 'data'))
         weights = dict(params=state['params'], batch_stats=state['batch_stats'])
         train = {k: v for k, v in state.items() if k not in weights}
         out = self._manager.restore(
@@ -237,6 +342,7 @@ class Checkpointer:
     def restore_weights(self, step: int, weights: dict, expected_meta: dict, *, strict=True):
         """(weights, meta) only: what using a finished model needs (`strict` as in `restore`)."""
         meta = self._meta(step, expected_meta)
+        self.verify(step, ('weights',))
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -252,8 +358,10 @@ class Checkpointer:
         )
 
     def close(self):
-        """Waits for a save still being written, then releases the manager."""
+        """Waits for a save still being written (and records its digests), then releases the
+        manager; a full disk stops with one `DiskFullError`."""
         try:
+            self._write_digests()
             self._manager.wait_until_finished()
         except Exception as e:
             if not _disk_full(e):

@@ -6,7 +6,10 @@
 
 Each --model is NAME=PATH, in upgrade order (the first is the old model whose gallery the others
 search): PATH is a bcl_jax checkpoint folder (a stage's ckpt/) or a folder of embedding files
-(bcl_jax.export's format; a gallery embedded by any framework). On the config's dataset, writes
+(bcl_jax.export's format; a gallery embedded by any framework). A folder of files is checked
+first: every file against the folder's manifest (written by bcl_jax.export) and each set's
+digests, all sets from one model, and the ids and the label of every id against the dataset.
+On the config's dataset, writes
 results.json/md in the work directory as a run does: old/old, new/new and new/old against the
 first model, the compatibility matrix of every pair, backfill curves and the figures.
 
@@ -21,7 +24,8 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+import numpy as np
+from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
@@ -45,13 +49,27 @@ class FileModel:
         self.directory, self.seconds, self.step = directory, 0.0, None
         self.notes = {}  # nothing settled in training that results.json would record
         self.sets = {}
+        folder = embedding_files.check_folder(directory)  # None: not written by bcl_jax.export
+        identities = {}
         for name, source in export.sets(data):
             found = embedding_files.read_embeddings(
                 directory, name, expected_ids=export.source_ids(source)
             )
+            check_labels(found, source, f'embeddings {name!r} in {directory}')
             self.sets[name] = found.emb
-        first = found.manifest
-        self.dim, self.identity_of = found.emb.shape[1], first.get('identity', {})
+            identities[name] = found.manifest.get('identity', {})
+        first = next(iter(identities.values()))
+        model = first if folder is None else folder.get('model', {})
+        key = lambda i: i.get('weights', json.dumps(i, sort_keys=True))  # the model's digest
+        mixed = {n: i.get('weights') for n, i in identities.items() if key(i) != key(model)}
+        if mixed:
+            raise ValueError(
+                f'{directory} mixes embedding sets of different models: '
+                + ', '.join(f'{n} (weights {w!r})' for n, w in mixed.items())
+                + f' differ from {model.get("weights")!r}. Embed every set with one model, '
+                'e.g. python -m bcl_jax.export into a new folder.'
+            )
+        self.dim, self.identity_of = found.emb.shape[1], model
 
     def identity(self) -> str:
         return str(self.identity_of.get('weights', self.directory))
@@ -59,6 +77,26 @@ class FileModel:
     def embeddings(self, tests) -> list:
         g = lambda t: self.sets.get(f'{t.name}.gallery')
         return [(self.sets[f'{t.name}.query'], g(t)) for t in tests]
+
+
+def check_labels(found, source, where: str):
+    """The set's label of every id equals the dataset's (rows already in the dataset's order): a
+    file whose ids were shuffled against its rows, or labels of another labelling, stops."""
+    if found.labels is None:
+        logging.warning('%s has no labels: its ids cannot be checked against its rows', where)
+        return
+    want = np.asarray(source.labels, np.int64)
+    bad = np.flatnonzero(found.labels != want)
+    if bad.size:
+        shown = ', '.join(
+            f'{found.ids[r]!r} (file {found.labels[r]}, dataset {want[r]})' for r in bad[:5]
+        )
+        raise ValueError(
+            f'{where}: {bad.size} of {len(want)} ids have another label than in the dataset, '
+            f'e.g. {shown}: the ids do not belong to their rows (shuffled?) or the set is of '
+            'another dataset. Write the ids, rows and labels in one order, e.g. with '
+            'python -m bcl_jax.export.'
+        )
 
 
 def parse(specs: list[str]) -> dict[str, str]:

@@ -7,7 +7,14 @@ with NumPy and json alone):
   <name>.ids.txt     the N item ids, one per line, in the rows' order (UTF-8)
   <name>.labels.npy  int64 (N,): the items' labels, only when the set has labels
   <name>.json        the manifest: {"format": "bcl_jax.embeddings/1", "num_items": N, "dim": D,
-                     "dtype": "float32", "has_labels": bool, "identity": {...}}
+                     "dtype": "float32", "has_labels": bool, "identity": {...},
+                     "sha256": {"<name>.npy": hex digest, "<name>.ids.txt": ..., ...}}
+
+`sha256` holds the digest of every other file of the set, as written; reading checks each file
+against it and a file that differs stops (`storage.DamagedError`, naming it): a set whose rows,
+ids or labels were changed or swapped for another set's after writing is never scored. A
+manifest without `sha256` (an older bcl_jax, or a script that leaves it out) is read with a
+warning.
 
 `identity` is whatever the caller records about the model (architecture, weights digest,
 checkpoint path, step, framework). Every file is written to a temporary name and renamed over
@@ -136,11 +143,20 @@ def write_embeddings(directory, name: str, emb, *, ids, labels=None, identity: d
         raise ValueError(f'{where}: identity is not strict JSON ({e}).') from e
 
     paths = file_paths(directory, name)
-    paths['manifest'].parent.mkdir(parents=True, exist_ok=True)
-    storage.write_atomic(paths['emb'], _npy_bytes(emb))
-    storage.write_atomic(paths['ids'], ''.join(i + '\n' for i in ids).encode('utf-8'))
+    payloads = {
+        'emb': _npy_bytes(emb),
+        'ids': ''.join(i + '\n' for i in ids).encode('utf-8'),
+    }
     if labels is not None:
-        storage.write_atomic(paths['labels'], _npy_bytes(labels))
+        payloads['labels'] = _npy_bytes(labels)
+    manifest[storage.DIGEST] = {
+        paths[k].name: storage.bytes_digest(data) for k, data in payloads.items()
+    }
+    manifest_text = json.dumps(manifest, indent=1, allow_nan=False)
+    paths['manifest'].parent.mkdir(parents=True, exist_ok=True)
+    paths['manifest'].unlink(missing_ok=True)  # no manifest beside files it does not describe
+    for key, data in payloads.items():
+        storage.write_atomic(paths[key], data)
     storage.write_atomic(paths['manifest'], manifest_text.encode('utf-8'))
     if labels is None:  # a labels file left by an earlier write of this name is not this set's
         paths['labels'].unlink(missing_ok=True)
@@ -182,12 +198,31 @@ def _reorder(ids: list[str], expected_ids, where: str) -> np.ndarray:
     return np.fromiter((row_of[i] for i in expected), dtype=np.int64, count=len(expected))
 
 
-def _load_array(path: epath.Path, where: str) -> np.ndarray:
-    with path.open('rb') as f:
-        try:
-            return np.load(f, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f'{where}: {path} is not a readable .npy array ({e}).') from e
+REMEDY = (
+    'Write the set again (python -m bcl_jax.export, or embedding_files.write_embeddings), or '
+    'restore the folder from a copy; never mix files of different sets or models.'
+)
+
+
+def _read_checked(path: epath.Path, manifest: dict, where: str) -> bytes:
+    """The file's bytes, checked against the manifest's digest of it when it records one."""
+    data = path.read_bytes()
+    recorded = manifest.get(storage.DIGEST)
+    if recorded is not None:
+        if path.name not in recorded:
+            raise storage.DamagedError(
+                f'{where}: {path} is not listed in the manifest of the set. {REMEDY}'
+            )
+        storage.check_digest(path, storage.bytes_digest(data), recorded[path.name], remedy=REMEDY)
+    return data
+
+
+def _load_array(path: epath.Path, where: str, manifest: dict) -> np.ndarray:
+    data = _read_checked(path, manifest, where)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f'{where}: {path} is not a readable .npy array ({e}).') from e
 
 
 def _unit_rows(emb: np.ndarray, ids: list[str], where: str, tolerance: float) -> np.ndarray:
@@ -235,16 +270,23 @@ def read_embeddings(
     count, dim = int(manifest['num_items']), int(manifest['dim'])
     if expected_dim is not None and dim != expected_dim:
         raise ValueError(f'{where}: embedding dim {dim}, but {expected_dim} is expected.')
-    ids = [i.removesuffix('\r') for i in paths['ids'].read_text(encoding='utf-8').split('\n')]
+    if storage.DIGEST not in manifest:
+        logging.warning(
+            '%s: the manifest records no content digests (an older bcl_jax or another writer): '
+            'its files cannot be checked',
+            where,
+        )
+    text = _read_checked(paths['ids'], manifest, where).decode('utf-8')
+    ids = [i.removesuffix('\r') for i in text.split('\n')]
     if ids and ids[-1] == '':  # the last line's newline
         ids.pop()
     _check_ids(ids, count, where + f' ({paths["ids"].name})')
     rows = None if expected_ids is None else _reorder(ids, expected_ids, where)
     labels = None
     if manifest.get('has_labels'):
-        labels = _check_labels(_load_array(paths['labels'], where), count, where)
+        labels = _check_labels(_load_array(paths['labels'], where, manifest), count, where)
 
-    emb = _load_array(paths['emb'], where)
+    emb = _load_array(paths['emb'], where, manifest)
     if emb.shape != (count, dim) or emb.dtype != np.float32:
         raise ValueError(
             f'{where}: {paths["emb"].name} holds {emb.dtype} {emb.shape}, but the manifest says '
@@ -256,3 +298,65 @@ def read_embeddings(
         emb, ids = emb[rows], [ids[r] for r in rows]
         labels = None if labels is None else labels[rows]
     return EmbeddingSet(emb=emb, ids=ids, labels=labels, manifest=manifest)
+
+
+# ------------------------------------------------------------------------ a folder as one unit
+
+FOLDER_MANIFEST = 'manifest.json'
+FOLDER_FORMAT = 'bcl_jax.embedding_folder/1'
+
+
+def write_folder_manifest(directory, identity: dict) -> dict:
+    """Writes `manifest.json` naming every file of the folder with its sha256 and the model
+    (`identity`, its weights digest among it) that embedded every set; returns it."""
+    d = epath.Path(directory)
+    files = sorted(
+        p for p in d.iterdir() if p.name != FOLDER_MANIFEST and not p.name.startswith('.')
+    )
+    manifest = {
+        'format': FOLDER_FORMAT,
+        'model': identity,
+        'sets': sorted(p.name[: -len('.json')] for p in files if p.name.endswith('.json')),
+        storage.DIGEST: {p.name: storage.file_digest(p) for p in files},
+    }
+    storage.write_atomic(d / FOLDER_MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def check_folder(directory) -> dict | None:
+    """The folder's manifest, once every file it names has its recorded digest and no file is
+    missing or added; None (with a warning) for a folder written without one. A difference stops
+    (`storage.DamagedError`, naming the file): the folder mixes files of several exports (e.g. one
+    model's query set beside another's gallery) or was changed after it was written."""
+    d = epath.Path(directory)
+    path = d / FOLDER_MANIFEST
+    if not path.exists():
+        logging.warning(
+            '%s has no %s (not written by python -m bcl_jax.export): its sets are checked one by '
+            'one, not as one unit',
+            directory,
+            FOLDER_MANIFEST,
+        )
+        return None
+    remedy = (
+        'The folder mixes files of different exports or was changed after it was written: '
+        'export the model again into a new folder (python -m bcl_jax.export).'
+    )
+    try:
+        manifest = json.loads(path.read_text())
+        recorded = manifest[storage.DIGEST]
+        if manifest.get('format') != FOLDER_FORMAT:
+            raise ValueError(f'format {manifest.get("format")!r}, expected {FOLDER_FORMAT!r}')
+    except (ValueError, KeyError, TypeError) as e:
+        raise storage.DamagedError(f'{path} is damaged ({e}). {remedy}') from e
+    present = {
+        p.name for p in d.iterdir() if p.name != FOLDER_MANIFEST and not p.name.startswith('.')
+    }
+    for name in sorted(recorded):
+        if name not in present:
+            raise storage.DamagedError(f'{d / name} is missing; {path} lists it. {remedy}')
+        storage.check_digest(d / name, storage.file_digest(d / name), recorded[name], remedy=remedy)
+    extra = sorted(present - set(recorded))
+    if extra:
+        raise storage.DamagedError(f'{d / extra[0]} is not listed in {path}. {remedy}')
+    return manifest

@@ -8,8 +8,11 @@ gallery for a test whose query set is its own gallery) and, with `--sets=all`, `
 training set: what `old.embeddings` needs of an old model, bcl_jax.old_embeddings), in
 bcl_jax.embedding_files' format:
 float32 .npy rows, the image ids, the labels, and a manifest naming the model (weights digest,
-architecture, checkpoint, step). `python -m bcl_jax.crosstest` scores such folders, from this
-command or from a model of any other framework, against bcl_jax models.
+architecture, checkpoint, step). The folder is one unit: written under a temporary name and
+renamed into place whole, with `manifest.json` naming every file with its sha256 and the model's
+weights digest. `python -m bcl_jax.crosstest` scores such folders, from this command or from a
+model of any other framework, against bcl_jax models, and refuses a folder whose files differ
+from its manifest.
 
 Before any work the command checks that `--out` can be written and that the checkpoint is
 finished (`--allow_unfinished` accepts one short of its last step); an error in the inputs ends
@@ -17,6 +20,10 @@ it with one line naming the file.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import uuid
 
 import jax
 import numpy as np
@@ -26,6 +33,7 @@ from ml_collections import config_flags
 from bcl_jax import console, embedding_files, evaluate, sharding, train
 from bcl_jax import data as data_lib
 from bcl_jax.old_embeddings import TRAIN_SET, set_names, source_ids  # noqa: F401 (crosstest)
+from bcl_jax.data import storage
 
 
 def define_flags():
@@ -63,15 +71,43 @@ def export(
         checkpoint=checkpoint_dir,
         step=model.step,
     )
-    for name, source in set_names(data) if which == 'all' else sets(data):
-        emb = evaluate.embed(model, source, mesh=mesh, batch_size=config.eval.batch_size, what=name)
-        if jax.process_index() == 0:
-            labels = np.asarray(source.labels)
-            embedding_files.write_embeddings(
-                out, name, emb, ids=source_ids(source), labels=labels, identity=identity
+    out = storage.absolute(out)
+    # A local folder is written whole under a temporary name, then renamed into place; on an
+    # object store (no folder renames) the files are written in place, the manifest last.
+    local = storage.is_local(out)
+    target = f'{out.rstrip("/")}.tmp-{uuid.uuid4().hex}' if local else out
+    try:
+        for name, source in set_names(data) if which == 'all' else sets(data):
+            emb = evaluate.embed(
+                model, source, mesh=mesh, batch_size=config.eval.batch_size, what=name
             )
-        logging.info('%s: %d embeddings of %d dimensions -> %s', name, *emb.shape, out)
+            if jax.process_index() == 0:
+                labels = np.asarray(source.labels)
+                embedding_files.write_embeddings(
+                    target, name, emb, ids=source_ids(source), labels=labels, identity=identity
+                )
+            logging.info('%s: %d embeddings of %d dimensions -> %s', name, *emb.shape, out)
+        if jax.process_index() == 0:
+            embedding_files.write_folder_manifest(target, identity)
+            if local:
+                _replace_folder(target, out)
+    except BaseException:
+        if local and jax.process_index() == 0:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     return identity
+
+
+def _replace_folder(new: str, out: str):
+    """Puts the folder `new` at `out`: a folder already there (an earlier export) is renamed
+    away first and removed after, so `out` holds one export whole, never a mix of two."""
+    old = None
+    if os.path.lexists(out):
+        old = f'{out.rstrip("/")}.replaced-{uuid.uuid4().hex}'
+        os.rename(out, old)
+    os.rename(new, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def main(argv):

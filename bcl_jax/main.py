@@ -149,7 +149,7 @@ def main(argv):
     try:
         with console.exit_on_input_error():  # a data error: one line naming the file
             run(_CONFIG.value, _WORKDIR.value)
-    except (validate.ConfigError, stage_lib.ChangedConfigError) as e:
+    except (validate.ConfigError, stage_lib.ChangedConfigError, checkpoint.DamagedError) as e:
         sys.exit(f'bcl_jax: {e}')
 
 

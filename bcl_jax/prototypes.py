@@ -2,8 +2,10 @@
 
 A prototype is the L2-normalised mean of a class's L2-normalised embeddings. The old bank is
 computed once with the frozen old model over the new training set and stored in the work
-directory as `.npy` beside a JSON file naming the old model's weights and the data; a rerun
-reuses it, and a different old model, other data or a damaged file recomputes it.
+directory as `.npy` beside a JSON file naming the old model's weights, the data and the sha256
+of the file's bytes; a rerun reuses it, a different old model or other data recomputes it, and
+a file whose bytes differ from its digest stops (restore it, or recompute it with
+--config.on_change=retrain).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcl_jax import checkpoint, sharding
+from bcl_jax.data import storage
 from bcl_jax.evaluate import embed_batches
 
 
@@ -78,9 +81,17 @@ def compute(
     return class_means(sharding.to_host(sums)[:num_classes], sharding.to_host(counts)[:num_classes])
 
 
-def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
+BANK_REMEDY = (
+    'Restore it from a copy, or delete it and its .json to compute it anew from the old model '
+    '(or rerun with --config.on_change=retrain, which does that).'
+)
+
+
+def _load(path: str, identity: dict, valid, retrain: bool = False) -> np.ndarray | dict | None:
     """What `path` holds if its sidecar names `identity`, the file is whole and `valid(value)`;
-    else None (a damaged file is reported, then recomputed)."""
+    else None (then it is computed anew). A file whose bytes differ from the digest in its
+    sidecar stops with `storage.DamagedError` (with `retrain`: is reported and recomputed);
+    a sidecar without a digest (an older bcl_jax) is trusted, with a warning."""
     try:
         saved = json.loads(epath.Path(path + '.json').read_text())
     except FileNotFoundError:
@@ -88,11 +99,27 @@ def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
     except (OSError, ValueError) as e:
         logging.warning('%s.json is damaged (%s); recomputing', path, e)
         return None
+    recorded = saved.pop(storage.DIGEST, None) if isinstance(saved, dict) else None
     if saved != identity:
         logging.info('%s was made by another old model or data; recomputing', path)
         return None
     try:
-        value = np.load(io.BytesIO(epath.Path(path).read_bytes()))
+        data = epath.Path(path).read_bytes()
+    except OSError as e:
+        logging.warning('%s cannot be read (%s); recomputing', path, e)
+        return None
+    if recorded is None:
+        logging.warning('%s has no content digest (written by an older bcl_jax): not checked', path)
+    else:
+        try:
+            storage.check_digest(path, storage.bytes_digest(data), recorded, remedy=BANK_REMEDY)
+        except storage.DamagedError:
+            if not retrain:
+                raise
+            logging.warning('%s is damaged (differs from its digest); recomputing it', path)
+            return None
+    try:
+        value = np.load(io.BytesIO(data))
         value = dict(value) if isinstance(value, np.lib.npyio.NpzFile) else value
     except (OSError, ValueError, EOFError) as e:
         logging.warning('%s is damaged (%s); recomputing', path, e)
@@ -106,18 +133,22 @@ def _load(path: str, identity: dict, valid) -> np.ndarray | dict | None:
     return value
 
 
-def _cached(path: str, identity: dict, compute, valid):
+def _cached(path: str, identity: dict, compute, valid, retrain: bool = False):
     """`compute()` (an array, or a dict of arrays), stored at `path` beside a sidecar naming
-    `identity` (written atomically by process 0), and reused while it is current and whole."""
-    value = _load(path, identity, valid)
+    `identity` and the sha256 of the file's bytes (written atomically by process 0: the old
+    sidecar removed first, the new one written last), and reused while it is current and whole."""
+    value = _load(path, identity, valid, retrain)
     if value is not None:
         return value
     value = compute()
     if jax.process_index() == 0:
         buf = io.BytesIO()
         np.savez(buf, **value) if isinstance(value, dict) else np.save(buf, value)
-        checkpoint.write_atomic(path, buf.getvalue())
-        checkpoint.write_atomic(path + '.json', json.dumps(identity, indent=1))
+        data = buf.getvalue()
+        epath.Path(path + '.json').unlink(missing_ok=True)  # never a sidecar of other bytes
+        checkpoint.write_atomic(path, data)
+        record = dict(identity, **{storage.DIGEST: storage.bytes_digest(data)})
+        checkpoint.write_atomic(path + '.json', json.dumps(record, indent=1))
     return value
 
 
@@ -131,12 +162,15 @@ def old_bank(
     batch_size: int,
     data_identity: str,
     name: str = 'old',
+    retrain: bool = False,
 ):
     """The old prototypes over the new training set, from the work directory when current
     (`prototypes/<name>.npy`).
 
     The bank is stored with the old model's weight digest and `data_identity` (what the
-    training data is): another old model or other data recomputes it, and so does a damaged file.
+    training data is): another old model or other data recomputes it. A file whose bytes differ
+    from the digest stored with it stops (`storage.DamagedError`); with `retrain` (the run's
+    on_change='retrain') it is recomputed.
     """
     path = os.path.join(workdir, 'prototypes', f'{name}.npy')
     identity = dict(
@@ -150,6 +184,7 @@ def old_bank(
         identity,
         lambda: compute(old, source, num_classes=num_classes, mesh=mesh, batch_size=batch_size),
         valid=lambda b: b.shape[0] == num_classes and b.ndim == 2 and np.isfinite(b).all(),
+        retrain=retrain,
     )
     logging.info('old prototypes: %d classes x %d dims (%s)', *bank.shape, path)
     return bank
@@ -195,7 +230,9 @@ def class_statistics(old, source, bank, old_label, *, mesh, batch_size: int) -> 
     return out
 
 
-def old_class_statistics(old, source, bank, old_label, *, workdir, mesh, batch_size, data_identity):
+def old_class_statistics(
+    old, source, bank, old_label, *, workdir, mesh, batch_size, data_identity, retrain=False
+):
     """`class_statistics`, stored beside the old bank and reused like it."""
     path = os.path.join(workdir, 'prototypes', 'old_stats.npz')
     identity = dict(old_model=old.identity(), data=data_identity, num_classes=len(old_label))
@@ -204,4 +241,5 @@ def old_class_statistics(old, source, bank, old_label, *, workdir, mesh, batch_s
         identity,
         lambda: class_statistics(old, source, bank, old_label, mesh=mesh, batch_size=batch_size),
         valid=lambda d: 'mean_norms' in d and all(v.shape == (len(old_label),) for v in d.values()),
+        retrain=retrain,
     )

@@ -47,6 +47,7 @@ EXEMPT = (
     'data.workers',
     'data.scan_images',
     'data.skip_corrupt',
+    'data.fingerprint',  # how the data is identified; what it is enters through data_identity
     'data.prepared',
     'data.folder.train_dir',
     'data.folder.query_dir',
@@ -339,6 +340,7 @@ def make_reference(config, old: Trained, data, *, mesh, workdir: str) -> Referen
 
     kw = dict(workdir=workdir, mesh=mesh, batch_size=config.eval.batch_size)
     kw['data_identity'] = data_identity(data)
+    kw['retrain'] = config.on_change == 'retrain'  # damaged stored banks are recomputed
     bank = prototypes.old_bank(old, data.train, num_classes=data.num_classes, **kw)
     stats = {}
     if any(methods.build(m, config).needs_class_stats for m in config.methods):

@@ -179,7 +179,9 @@ def _move_aside(directory: str) -> str:
 def _open_checkpoints(stage: Stage, directory: str, config) -> checkpoint.Checkpointer:
     """The stage's checkpoints, after checking that they were made by this stage's settings.
 
-    With `config.on_change='retrain'` a stage made with other settings is moved aside first.
+    A file of its latest step that differs from the digest recorded when it was written stops
+    (`checkpoint.DamagedError`). With `config.on_change='retrain'` a stage made with other
+    settings, or a damaged one, is moved aside first.
     """
     ckpt = checkpoint.Checkpointer(
         os.path.join(directory, 'ckpt'),
@@ -193,11 +195,13 @@ def _open_checkpoints(stage: Stage, directory: str, config) -> checkpoint.Checkp
         check_fingerprint(
             saved, stage.fingerprint, where=ckpt.directory, what=f'the stage {stage.name!r}'
         )
-    except ChangedConfigError:
+        ckpt.verify(ckpt.latest_step())  # every file of the step a resume or reuse reads
+    except (ChangedConfigError, checkpoint.DamagedError) as e:
         if config.on_change != 'retrain' or jax.process_count() > 1:
             raise
         ckpt.close()
-        logging.warning('[%s] settings changed: moved to %s', stage.name, _move_aside(directory))
+        why = 'damaged' if isinstance(e, checkpoint.DamagedError) else 'settings changed'
+        logging.warning('[%s] %s: moved to %s', stage.name, why, _move_aside(directory))
         return _open_checkpoints(stage, directory, config)
     return ckpt
 

@@ -124,6 +124,7 @@ def run(config, data, old, *, mesh, workdir: str) -> dict:
             num_classes=source.num_classes,
             data_identity=identity,
             name=f'{prev_name}_for_{up.name}',
+            retrain=config.on_change == 'retrain',
             **kw,
         )
         old_label = prev_label_of[up.classes]  # this model's label -> its predecessor's

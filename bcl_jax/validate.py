@@ -161,6 +161,7 @@ def check_config(config):
     for field, allowed in (
         ('eval_preprocess', ('center_crop', 'resize')),
         ('scan_images', ('header', 'decode', 'off')),
+        ('fingerprint', ('content', 'names')),
     ):
         _require(d[field] in allowed, f'data.{field}', d[field], f'one of {allowed}')
     _require(d.workers >= 0, 'data.workers', d.workers, '>= 0')

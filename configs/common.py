@@ -107,6 +107,12 @@ def base_config():
             # data.skipped).
             scan_images='header',
             skip_corrupt=False,
+            # What identifies the training data in the stages' fingerprints (a finished stage is
+            # reused only on the same data): 'content' adds the sha256 of every training image's
+            # bytes (data.name=folder; each file read once, cached in <workdir>/data_digests.json
+            # by path, size and mtime), so images replaced under the same names retrain; 'names'
+            # uses ids, labels and split only (no reading; blind to images changed in place).
+            fingerprint='content',
             # The built-in benchmark's spec: bcl_jax/data/synthetic.py explains every field.
             synthetic=config_dict.ConfigDict(
                 {k: v for k, v in dataclasses.asdict(SyntheticSpec()).items() if k != 'image_size'}

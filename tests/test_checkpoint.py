@@ -283,7 +283,10 @@ def test_load_refuses_an_unfinished_model_unless_allowed(tmp_path):
 
 
 def damage(step_dir):
-    """Corrupts a saved step the way a torn copy would: its weights' data files emptied."""
+    """Corrupts a saved step the way a torn copy would: its weights' data files emptied. The
+    step's digests are removed, as in a step written by an older bcl_jax: a step with digests
+    stops on such damage instead (tests/test_integrity.py)."""
+    os.remove(os.path.join(step_dir, checkpoint.DIGESTS))
     for root, _, files in os.walk(os.path.join(step_dir, 'weights')):
         for f in files:
             with open(os.path.join(root, f), 'w') as out:

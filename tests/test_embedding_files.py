@@ -31,6 +31,16 @@ def _write(tmp_path, n=6, labels=True, **kw):
     return emb, ids, lab
 
 
+def _as_written_elsewhere(tmp_path, name='gallery'):
+    """The manifest without its content digests, as a script of another framework writes it:
+    the checks below then meet the files as they are (with digests, any change after writing
+    stops first, tests/test_integrity.py)."""
+    path = tmp_path / f'{name}.json'
+    manifest = json.loads(path.read_text())
+    del manifest['sha256']
+    path.write_text(json.dumps(manifest))
+
+
 def test_round_trip_exact(tmp_path):
     emb, ids, labels = _write(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [
@@ -101,6 +111,7 @@ def test_missing_and_unknown_ids(tmp_path):
 
 def test_wrong_dim_stops_before_reading_the_array(tmp_path):
     _write(tmp_path)
+    _as_written_elsewhere(tmp_path)
     (tmp_path / 'gallery.npy').write_bytes(b'not an array')  # never read
     with pytest.raises(ValueError, match='embedding dim 8, but 16 is expected'):
         ef.read_embeddings(tmp_path, 'gallery', expected_dim=16)
@@ -110,6 +121,7 @@ def test_wrong_dim_stops_before_reading_the_array(tmp_path):
 
 def test_bad_files_stop_with_their_message(tmp_path):
     emb, ids, labels = _write(tmp_path)
+    _as_written_elsewhere(tmp_path)
     ids_file, npy, labels_file = (
         tmp_path / f for f in ('gallery.ids.txt', 'gallery.npy', 'gallery.labels.npy')
     )

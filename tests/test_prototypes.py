@@ -248,6 +248,8 @@ def test_old_bank_of_other_data_is_recomputed(model, source, mesh8, tmp_path, mo
 def test_damaged_old_bank_is_recomputed_with_a_warning(
     model, source, mesh8, tmp_path, damage, caplog
 ):
+    """A garbled sidecar is recomputed; a bank whose bytes differ from its digest is recomputed
+    when the run says on_change=retrain (without it, it stops: tests/test_integrity.py)."""
     kw = dict(num_classes=4, workdir=str(tmp_path), mesh=mesh8, batch_size=BATCH)
     bank = prototypes.old_bank(model, source, data_identity='d', **kw)
     path = os.path.join(tmp_path, 'prototypes', 'old.npy')
@@ -262,7 +264,7 @@ def test_damaged_old_bank_is_recomputed_with_a_warning(
         bad[1, 0] = np.nan
         np.save(path, bad)
     with caplog.at_level('WARNING'):
-        again = prototypes.old_bank(model, source, data_identity='d', **kw)
+        again = prototypes.old_bank(model, source, data_identity='d', retrain=True, **kw)
     np.testing.assert_array_equal(again, bank)
     assert path in caplog.text
     np.testing.assert_array_equal(np.load(path), bank)  # rewritten whole

@@ -18,7 +18,7 @@ import json
 import numpy as np
 from absl import logging
 
-from bcl_jax.data import images, pipeline, splits
+from bcl_jax.data import content, images, pipeline, splits
 from bcl_jax.data.dataset import DatasetParts, RetrievalTest, label_test
 
 __all__ = ['BUILDERS', 'NAMES', 'Data', 'DatasetParts', 'RetrievalTest', 'build', 'label_test']
@@ -45,11 +45,19 @@ class Data:
     num_classes: int
     description: str
     # What the training data is: a hex digest of the training images' identities, labels,
-    # preprocessing and old split (a rerun on other data must not reuse trained models).
-    fingerprint: str = ''
+    # preprocessing and old split, and for folder datasets their bytes (data.fingerprint): a
+    # rerun on other data must not reuse trained models. A string, or a function giving it when
+    # first asked for (`fingerprint`), so that commands that train nothing read no image.
+    _fingerprint: object = dataclasses.field(default='', repr=False)
     skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable files left out
     # The training classes held out as the validation split (labels of the whole training set).
     validation_classes: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        if callable(self._fingerprint):
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
 
 
 def build(cfg, workdir: str | None = None) -> Data:
@@ -82,7 +90,7 @@ def build(cfg, workdir: str | None = None) -> Data:
         tests=parts.tests,
         num_classes=train.num_classes,
         description=parts.description + _describe_preprocessing(cfg),
-        fingerprint=fingerprint(parts, split, preprocessing(cfg)),
+        _fingerprint=_fingerprint_fn(cfg, parts, split, workdir),
         skipped=[p for source in parts.sources() for p in getattr(source, 'skipped', ())],
         validation_classes=held_out,
     )
@@ -149,11 +157,31 @@ def _describe_preprocessing(cfg) -> str:
     return f' [{preprocess.describe()}; {augment.describe()}]'
 
 
-def fingerprint(parts: DatasetParts, split: splits.OldSplit, preprocessing: dict) -> str:
+def _fingerprint_fn(cfg, parts: DatasetParts, split, workdir: str | None):
+    """A function giving `fingerprint` of the data, with the digest of the training images'
+    bytes (bcl_jax.data.content) for a folder dataset read from its files with
+    data.fingerprint='content' (the synthetic benchmark is generated from its spec, the other
+    datasets are identified by their ids, and 'names' leaves the bytes out). The settings are
+    read now, the images only when the fingerprint is first asked for."""
+    mode = cfg.get('fingerprint', 'content')
+    if mode not in content.MODES:
+        raise ValueError(f'data.fingerprint={mode!r}: use one of {content.MODES}')
+    paths = getattr(parts.train, 'paths', None)
+    by_content = mode == 'content' and cfg.name == 'folder' and not cfg.prepared
+    by_content = by_content and paths is not None
+    pre, threads = preprocessing(cfg), cfg.num_threads
+    digest = lambda: content.images_digest(paths, cache_dir=workdir, threads=threads)
+    return lambda: fingerprint(parts, split, pre, content=digest() if by_content else None)
+
+
+def fingerprint(
+    parts: DatasetParts, split: splits.OldSplit, preprocessing: dict, content: str | None = None
+) -> str:
     """16 hex digits of sha256 over what the training data is: the dataset's identity (e.g. the
     synthetic spec), each training image's id (path relative to the root, GLDv2 id, ...) and
-    label, the preprocessing, and the old split (indices and old labels). Arrays are hashed,
-    not images, so it is cheap at any scale; where the data lives does not enter."""
+    label, the preprocessing, the old split (indices and old labels) and, when given, `content`:
+    the digest of the training images' bytes (`_content`). Without it arrays are hashed, not
+    images, so it is cheap at any scale; where the data lives never enters."""
     train = parts.train
     digest = hashlib.sha256()
 
@@ -169,6 +197,8 @@ def fingerprint(parts: DatasetParts, split: splits.OldSplit, preprocessing: dict
     add('preprocessing', json.dumps(preprocessing, sort_keys=True).encode())
     add('old_indices', np.asarray(split.indices, np.int64).tobytes())
     add('old_label', np.asarray(split.old_label, np.int64).tobytes())
+    if content is not None:  # absent: the digest of the ids alone, as before content entered
+        add('content', content.encode())
     return digest.hexdigest()[:16]
 
 

@@ -70,6 +70,9 @@ class Relabeled:
         ids = getattr(source, 'ids', None)
         if ids is not None:  # the images' identities, for the data fingerprint
             self.ids = [ids[i] for i in self._indices]
+        paths = getattr(source, 'paths', None)
+        if paths is not None:  # the image files, for the fingerprint of their bytes
+            self.paths = [paths[i] for i in self._indices]
 
     def __len__(self) -> int:
         return len(self._indices)

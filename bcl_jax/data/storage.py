@@ -10,6 +10,7 @@ there either.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 
@@ -55,3 +56,38 @@ def append(path: str | os.PathLike, text: str) -> None:
         return
     path = epath.Path(path)
     write_atomic(path, (path.read_text() if path.exists() else '') + text)
+
+
+# ------------------------------------------------------------------------------------ digests
+
+DIGEST = 'sha256'  # the algorithm of every content digest bcl_jax writes beside its files
+_CHUNK = 1 << 20
+
+
+class DamagedError(ValueError):
+    """A file's bytes differ from the digest recorded when it was written: it was damaged
+    (a disk, a copy, a hand edit) after bcl_jax wrote it. Never read past: restore the file, or
+    make it anew (for a stage: --config.on_change=retrain)."""
+
+
+def bytes_digest(data: bytes) -> str:
+    """The sha256 hex digest of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB chunks (any epath filesystem)."""
+    h = hashlib.sha256()
+    with epath.Path(path).open('rb') as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_digest(path, actual: str, recorded: str, *, remedy: str) -> None:
+    """Raises `DamagedError` naming `path` when `actual` differs from the `recorded` digest."""
+    if actual != recorded:
+        raise DamagedError(
+            f'{path} is damaged: its content differs from the {DIGEST} digest recorded when it '
+            f'was written ({recorded[:16]}..., now {actual[:16]}...). {remedy}'
+        )
