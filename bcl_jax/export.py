@@ -8,6 +8,8 @@ gallery for a test whose query set is its own gallery) in bcl_jax.embedding_file
 float32 .npy rows, the image ids, the labels, and a manifest naming the model (weights digest,
 architecture, checkpoint, step). `python -m bcl_jax.crosstest` scores such folders, from this
 command or from a model of any other framework, against bcl_jax models.
+
+`--format=stablehlo|onnx|torch` writes the model itself instead, for serving (bcl_jax.serving).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ def define_flags():
     config_flags.DEFINE_config_file('config', None, 'the experiment config (its dataset)')
     flags.DEFINE_string('checkpoint', None, "a stage's checkpoint folder (…/ckpt)")
     flags.DEFINE_string('out', None, 'the folder to write the embedding files to')
+    flags.DEFINE_enum(
+        'format',
+        'embeddings',
+        ['embeddings', 'stablehlo', 'onnx', 'torch'],
+        "embeddings: the dataset's embedding files; stablehlo, onnx, torch: the model for "
+        'serving (image batch in, embeddings out) and its manifest.json (bcl_jax.serving)',
+    )
     flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
 
 
@@ -72,6 +81,11 @@ def main(argv):
     console.quiet_logging()
     console.use_compile_cache()
     f = flags.FLAGS
+    if f.format != 'embeddings':
+        from bcl_jax import serving
+
+        serving.export(f.config, f.checkpoint, f.out, f.format)
+        return
     export(f.config, f.checkpoint, f.out)
 
 
