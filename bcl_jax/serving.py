@@ -127,8 +127,8 @@ def image_spec(size: int, dtype=jnp.uint8) -> jax.ShapeDtypeStruct:
 
 
 def to_stablehlo(trained, size: int) -> bytes:
-    """The embedding function serialised by jax.export (batch symbolic, for the CPU and, when
-    this jax has them, CUDA and TPU: the caller's platform must be among them)."""
+    """The embedding function serialised by jax.export, the batch dimension symbolic, lowered
+    for `export_platforms()` (a machine that reloads it must be of one of them)."""
     exported = jax.export.export(jax.jit(embed_function(trained)), platforms=export_platforms())(
         image_spec(size)
     )
