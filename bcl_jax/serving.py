@@ -149,9 +149,9 @@ def load_stablehlo(folder: str):
 def to_onnx(trained, size: int) -> bytes:
     """The embedding function converted by jax2onnx (opset 23), with a dynamic batch dimension.
 
-    jax2onnx goes in with `pip install --no-deps -r requirements-onnx.txt`: every release that
-    converts Flax NNX convolutions under this JAX (0.14 on) declares orbax-checkpoint < 0.11.37,
-    which bcl_jax's orbax-checkpoint 0.12 contradicts, and the converter does not use it.
+    jax2onnx goes in with `pip install --no-deps -r requirements-onnx.txt`: releases after 0.13.0
+    declare orbax-checkpoint < 0.11.37, which bcl_jax's orbax-checkpoint 0.12 contradicts; 0.13.0
+    fails on NNX's convolution padding under JAX 0.10; 0.17.1 works (requirements-onnx.txt).
     """
     with _quiet_jax2onnx():
         try:
