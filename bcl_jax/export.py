@@ -17,6 +17,8 @@ from its manifest.
 Before any work the command checks that `--out` can be written and that the checkpoint is
 finished (`--allow_unfinished` accepts one short of its last step); an error in the inputs ends
 it with one line naming the file.
+
+`--format=stablehlo|onnx|torch` writes the model itself instead, for serving (bcl_jax.serving).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import console, embedding_files, evaluate, sharding, train
+from bcl_jax import console, embedding_files, evaluate, serving, sharding, train
 from bcl_jax import data as data_lib
 from bcl_jax.old_embeddings import TRAIN_SET, set_names, source_ids  # noqa: F401 (crosstest)
 from bcl_jax.data import storage
@@ -45,6 +47,13 @@ def define_flags():
         'sets', 'tests', ['tests', 'all'], "the tests' sets, or all: the training set too"
     )
     flags.DEFINE_bool('allow_unfinished', False, 'accept a checkpoint short of its last step')
+    flags.DEFINE_enum(
+        'format',
+        'embeddings',
+        ['embeddings', 'stablehlo', 'onnx', 'torch'],
+        "embeddings: the dataset's embedding files; stablehlo, onnx, torch: the model for "
+        'serving (image batch in, embeddings out) and its manifest.json (bcl_jax.serving)',
+    )
     flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
 
 
@@ -117,7 +126,10 @@ def main(argv):
     console.use_compile_cache()
     f = flags.FLAGS
     with console.exit_on_input_error():  # a bad input: one line naming the file
-        export(f.config, f.checkpoint, f.out, which=f.sets, allow_unfinished=f.allow_unfinished)
+        if f.format == 'embeddings':
+            export(f.config, f.checkpoint, f.out, which=f.sets, allow_unfinished=f.allow_unfinished)
+        else:
+            serving.export(f.config, f.checkpoint, f.out, f.format)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,10 @@ QUICK_START = (
         'pip install -r requirements.txt && python -m bcl_jax.main --config=configs/synthetic.py'
         ' --workdir=runs/synthetic'
     ),
-    'pip install -r requirements.txt -r requirements-test.txt && python -m pytest',
+    (
+        'pip install -r requirements.txt -r requirements-test.txt'
+        ' && pip install --no-deps -r requirements-onnx.txt && python -m pytest'
+    ),
 )
 
 _FENCE = re.compile(r'^(```|~~~).*?^\1[^\n]*$', re.MULTILINE | re.DOTALL)

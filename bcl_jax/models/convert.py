@@ -45,15 +45,20 @@ _IGNORED = re.compile(r'(^fc\.(weight|bias)$)|(\.num_batches_tracked$)')
 _SHOW = 5  # names listed per kind of mismatch
 
 
-def layer_names(arch: str, backbone: dict) -> list[tuple[str, tuple, str]]:
+def layer_names(
+    arch: str, backbone: dict, spec: dict | None = None
+) -> list[tuple[str, tuple, str]]:
     """(PyTorch module name, path in bcl_jax's backbone tree, 'conv' or 'bn') for every layer
-    of `arch`, the blocks' shortcuts read from `backbone` (the model's backbone params)."""
-    if arch not in NAMED_RESNETS:
+    of `arch`, the blocks' shortcuts read from `backbone` (the model's backbone params).
+    `spec` (`resnet.backbone_spec`) names the layers of another ResNet, e.g. cifar_resnet's,
+    in the same torchvision scheme (bcl_jax.serving exports them)."""
+    if spec is None and arch not in NAMED_RESNETS:
         raise ValueError(
             f'pretrained ResNet weights exist for {sorted(NAMED_RESNETS)}, not arch={arch!r}'
         )
-    stage_sizes = NAMED_RESNETS[arch]['stage_sizes']
-    convs = 2 if NAMED_RESNETS[arch]['block'] == 'basic' else 3
+    spec = spec or NAMED_RESNETS[arch]
+    stage_sizes = spec['stage_sizes']
+    convs = 2 if spec['block'] == 'basic' else 3
     blocks = backbone.get('blocks', {})
     if len(blocks) != sum(stage_sizes) or 'stem_conv' not in backbone:
         raise ValueError(
@@ -75,9 +80,9 @@ def layer_names(arch: str, backbone: dict) -> list[tuple[str, tuple, str]]:
     return names
 
 
-def _entries(arch: str, backbone: dict):
+def _entries(arch: str, backbone: dict, spec: dict | None = None):
     """(PyTorch key, collection, path to the bcl_jax leaf, 'conv' | 'bn') per tensor."""
-    for name, path, kind in layer_names(arch, backbone):
+    for name, path, kind in layer_names(arch, backbone, spec):
         if kind == 'conv':
             yield f'{name}.weight', 'params', (*path, 'kernel'), kind
         else:
@@ -112,12 +117,15 @@ def _torch_shape(leaf, kind: str) -> tuple:
     return (shape[3], shape[2], shape[0], shape[1]) if kind == 'conv' else shape
 
 
-def backbone_to_torch(params: dict, batch_stats: dict, *, arch: str) -> dict[str, np.ndarray]:
+def backbone_to_torch(
+    params: dict, batch_stats: dict, *, arch: str, spec: dict | None = None
+) -> dict[str, np.ndarray]:
     """A torchvision ResNet state dict (NumPy arrays, without `fc`) of the model's backbone;
-    `params`/`batch_stats` are the model's pure dicts (keys 'backbone', 'head', ...)."""
+    `params`/`batch_stats` are the model's pure dicts (keys 'backbone', 'head', ...); `spec` as
+    in `layer_names`."""
     trees = {'params': params['backbone'], 'batch_stats': batch_stats['backbone']}
     state = {}
-    for key, collection, path, kind in _entries(arch, params['backbone']):
+    for key, collection, path, kind in _entries(arch, params['backbone'], spec):
         leaf = np.asarray(_get(trees[collection], path))
         state[key] = np.array(_to_torch_layout(leaf, kind), order='C')  # a writable copy
         if key.endswith('.running_var'):

@@ -133,6 +133,17 @@ class GeM(nnx.Module):
         return gem_pool(x, self.p[...], self.eps)
 
 
+def stem_max_pool(x: jax.Array) -> jax.Array:
+    """3x3/2 max pooling over one pixel of -inf padding (torchvision's MaxPool2d(3, 2, 1)).
+
+    The padding is a separate `jnp.pad`, not max_pool's `padding=`: bit for bit the same, but
+    jax2onnx 0.17.1 drops max_pool's explicit padding (its ONNX model came out a pixel short and
+    wrong by 0.1; tests/test_serving.py).
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2))
+
+
 class ResNet(nnx.Module):
     """ResNet trunk returning globally pooled features of size `out_features`.
 
@@ -189,7 +200,7 @@ class ResNet(nnx.Module):
     def __call__(self, x, *, train: bool):
         x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
         if self.stem == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = stem_max_pool(x)
         for blk in self.blocks:
             x = blk(x, train=train)
         if self.pool is not None:
@@ -205,6 +216,21 @@ NAMED_RESNETS = {
 BACKBONES = ("cifar_resnet", *NAMED_RESNETS)
 
 
+def backbone_spec(name: str, depth: int | None) -> dict:
+    """`stage_sizes`, `block` and `stem` of the backbone `name` (see `build_backbone`)."""
+    if name == "cifar_resnet":
+        if depth is None or depth < 8 or (depth - 2) % 6:
+            raise ValueError(
+                f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, "
+                f"56, 110, ...), got {depth!r}"
+            )
+        n = (depth - 2) // 6
+        return {"stage_sizes": (n, n, n), "block": "basic", "stem": "cifar"}
+    if name in NAMED_RESNETS:
+        return dict(NAMED_RESNETS[name])
+    raise ValueError(f"unknown backbone {name!r}; valid names: {list(BACKBONES)}")
+
+
 def build_backbone(
     name: str,
     *,
@@ -216,22 +242,5 @@ def build_backbone(
 ) -> ResNet:
     """Backbone by config name. `depth` selects the CIFAR net's size; named ResNets ignore it.
     `pool`: 'avg' or 'gem' (see `ResNet`)."""
-    if name == "cifar_resnet":
-        if depth is None or depth < 8 or (depth - 2) % 6:
-            raise ValueError(
-                f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, "
-                f"56, 110, ...), got {depth!r}"
-            )
-        n = (depth - 2) // 6
-        return ResNet(
-            stage_sizes=(n, n, n),
-            block="basic",
-            width=width,
-            stem="cifar",
-            rngs=rngs,
-            dtype=dtype,
-            pool=pool,
-        )
-    if name in NAMED_RESNETS:
-        return ResNet(**NAMED_RESNETS[name], width=width, rngs=rngs, dtype=dtype, pool=pool)
-    raise ValueError(f"unknown backbone {name!r}; valid names: {list(BACKBONES)}")
+    spec = backbone_spec(name, depth)
+    return ResNet(**spec, width=width, rngs=rngs, dtype=dtype, pool=pool)
