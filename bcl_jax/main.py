@@ -31,6 +31,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for everything the run writes')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'multi-host: see launch/README.md')
+_FROM_RESULTS = flags.DEFINE_bool(
+    'from_results',
+    False,
+    "with config.seeds: aggregate the seeds' results.json already in the workdir (each seed run "
+    'by its own command, here or elsewhere); trains and evaluates nothing',
+)
 
 
 SMOKE_NOTE = (
@@ -39,17 +45,27 @@ SMOKE_NOTE = (
 )
 
 
-def run(config, workdir: str) -> dict:
-    """One run, or with `config.seeds` one run per seed (DIR/seed_<s>), aggregated and paired."""
+def run(config, workdir: str, *, from_results: bool = False) -> dict:
+    """One run, or with `config.seeds` one run per seed (DIR/seed_<s>), aggregated and paired.
+
+    `from_results`: aggregate the seeds' results.json files already in DIR (written by each
+    seed's own command, on this machine or another) and train and evaluate nothing; each must
+    hold this config with its seed."""
     validate.check_config(config)  # before anything trains: a typo must not cost an old model
     console.use_compile_cache()  # a rerun or another seed loads what an earlier one compiled
     if not config.seeds:
+        if from_results:
+            raise validate.ConfigError('seeds', (), 'the seeds whose results.json to aggregate')
         return run_one(config, workdir)
     start, per_seed = time.time(), []
     for seed in config.seeds:
         seeded = config.copy_and_resolve_references()
         seeded.seed, seeded.seeds = seed, ()
-        per_seed.append(run_one(seeded, os.path.join(workdir, f'seed_{seed}')))
+        seed_dir = os.path.join(workdir, f'seed_{seed}')
+        if from_results:
+            per_seed.append(seed_results(seeded, seed_dir))
+        else:
+            per_seed.append(run_one(seeded, seed_dir))
     results = evaluate.aggregate(per_seed)
     if stats.strength_arms(results['methods']):  # method.md §11's selection phase
         results['selection'] = stats.select_strength(per_seed, results['paired'])
@@ -61,6 +77,38 @@ def run(config, workdir: str) -> dict:
     results.update(wall_seconds=time.time() - start, config=json.loads(config.to_json()))
     evaluate.write_results(results, workdir)
     return results
+
+
+def seed_results(config, seed_dir: str) -> dict:
+    """The results.json of one seed's finished run, which must have been made with `config`:
+    a field whose value differs stops; a field only one side has (added to bcl_jax since, or
+    removed) is named in a warning."""
+    path = os.path.join(seed_dir, 'results.json')
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(f'{path} not found: run that seed first (--config.seeds="(S,)")')
+    results = json.loads(epath.Path(path).read_text())
+    saved, wanted = _flat(results.get('config') or {}), _flat(json.loads(config.to_json()))
+    shared = sorted(saved.keys() & wanted.keys())
+    changed = [f'{k}: {saved[k]!r} -> {wanted[k]!r}' for k in shared if saved[k] != wanted[k]]
+    if changed or not saved:
+        raise stage_lib.ChangedConfigError(
+            f'{path} was made with other settings: {"; ".join(changed) or "(none saved)"}'
+        )
+    one_side = sorted(saved.keys() ^ wanted.keys())
+    if one_side:
+        logging.warning('%s: fields only one side has (bcl_jax versions): %s', path, one_side)
+    return results
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+    """A nested config dict as {'a.b.c': value}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f'{prefix}{k}.'))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def run_one(config, workdir: str) -> dict:
@@ -148,7 +196,7 @@ def main(argv):
     console.add_time('start-up (imports)', time.time() - _IMPORTS_START)
     try:
         with console.exit_on_input_error():  # a data error: one line naming the file
-            run(_CONFIG.value, _WORKDIR.value)
+            run(_CONFIG.value, _WORKDIR.value, from_results=_FROM_RESULTS.value)
     except (validate.ConfigError, stage_lib.ChangedConfigError, checkpoint.DamagedError) as e:
         sys.exit(f'bcl_jax: {e}')
 

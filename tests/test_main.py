@@ -473,3 +473,33 @@ def _close(a, b):
         else:
             assert x == pytest.approx(y, abs=1e-6)
     return True
+
+
+def test_seeds_run_apart_are_aggregated_from_their_results_files(e2e, tmp_path):
+    """--from_results: each seed's results.json (run by its own command, here seed 0's from the
+    e2e run) aggregated without training; a file made with other settings stops."""
+    _, workdir, results, _ = e2e
+    seeds = tmp_path / 'seeds'
+    for seed, value in ((0, 0.25), (1, 0.75)):
+        saved = json.loads(json.dumps(results))
+        saved['config']['seed'] = seed
+        saved['old_old']['mAP'] = value  # distinct per seed: the mean below is checked
+        (seeds / f'seed_{seed}').mkdir(parents=True)
+        (seeds / f'seed_{seed}' / 'results.json').write_text(json.dumps(saved))
+    cfg = smoke_config()
+    cfg.seeds = (0, 1)
+    aggregated = main.run(cfg, str(seeds), from_results=True)
+    assert aggregated['seeds'] == [0, 1]
+    assert aggregated['old_old']['mAP'] == pytest.approx(0.5)
+    assert aggregated['std']['old_old']['mAP'] == pytest.approx(np.std([0.25, 0.75], ddof=1))
+    assert not (seeds / 'seed_0' / 'old').exists()  # nothing trained
+    assert read_json(seeds / 'results.json')['old_old']['mAP'] == pytest.approx(0.5)
+
+    other = json.loads((seeds / 'seed_1' / 'results.json').read_text())
+    other['config']['new']['train']['epochs'] = 3
+    (seeds / 'seed_1' / 'results.json').write_text(json.dumps(other))
+    with pytest.raises(stage_lib.ChangedConfigError, match=r'new\.train\.epochs: 3 -> 2'):
+        main.run(cfg, str(seeds), from_results=True)
+    cfg.seeds = (0, 2)
+    with pytest.raises(FileNotFoundError, match='seed_2'):
+        main.run(cfg, str(seeds), from_results=True)
