@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import os
 import sys
 import time
@@ -219,7 +220,14 @@ def exit_on_input_error():
     except (OSError, ValueError) as e:
         if not getattr(e, 'bcl_jax_input', False):
             raise
-        sys.exit(f'bcl_jax: {" ".join(str(e).split())}')
+        message = f'bcl_jax: {" ".join(str(e).split())}'
+        if getattr(e, 'errno', None) == errno.ENOSPC:
+            # With the disk full the checkpoint writer's threads fail again while the process
+            # shuts down, each printing a traceback; nothing is left to finish: leave at once.
+            sys.stdout.flush()
+            print(message, file=sys.stderr, flush=True)
+            os._exit(1)
+        sys.exit(message)
 
 
 def check_writable(folder: str, flag: str):

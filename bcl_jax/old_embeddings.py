@@ -65,6 +65,7 @@ class GivenEmbeddings:
     def for_data(cls, directory: str, data) -> GivenEmbeddings:
         """The folder's sets for `data`; a missing set stops here, naming the file it needs."""
         given = cls(directory, list(set_names(data)))
+        embedding_files.check_folder(directory)  # an export's folder: whole, of one model
         for name, _ in given.sets:
             path = embedding_files.file_paths(directory, name)['manifest']
             if not path.exists():

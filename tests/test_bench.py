@@ -287,6 +287,7 @@ def test_torch_step_without_torch(monkeypatch):
     assert result == {'available': False, 'error': "No module named 'torch'"}
 
 
+@pytest.mark.slow  # ~25 s: a PyTorch child process (the default run stays under 10 min)
 def test_torch_step_measurement_quick():
     """At --quick sizes, eager only, with a stand-in train_step result."""
     jax_step = {'devices': 2, 'steps': {'new_resnet50_bct': {'images_per_sec': 4.0}}}

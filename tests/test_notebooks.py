@@ -135,6 +135,7 @@ def test_colab_install_keeps_the_pins_but_not_the_test_tools(tmp_path):
     assert got == sorted(f'{p}=={v}' for p, v in expected.items())
 
 
+@pytest.mark.slow  # ~15-30 s each: every notebook run end to end
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_notebook_runs_in_smoke_mode(name, tmp_path):
     start = time.time()

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from bcl_jax import export, main, validate
+from bcl_jax import embedding_files, export, main, validate
 from bcl_jax import data as data_lib
 from configs import synthetic
 
@@ -43,9 +43,12 @@ def numbers(results):
 def test_files_of_the_old_model_give_the_same_run(in_bcl_jax, tmp_path):
     base, results, folder = in_bcl_jax
     assert sorted(os.listdir(folder)) == sorted(
-        f'{name}.{ext}'
-        for name in ('train', 'synthetic.query', 'synthetic.gallery')
-        for ext in ('npy', 'ids.txt', 'labels.npy', 'json')
+        ['manifest.json']  # the folder as one unit (bcl_jax.embedding_files.check_folder)
+        + [
+            f'{name}.{ext}'
+            for name in ('train', 'synthetic.query', 'synthetic.gallery')
+            for ext in ('npy', 'ids.txt', 'labels.npy', 'json')
+        ]
     )
     given = main.run(smoke(embeddings=folder), str(tmp_path / 'run'))
     assert numbers(given) == numbers(results)
@@ -132,22 +135,24 @@ def test_refused_before_any_work(in_bcl_jax, tmp_path):
 
 def test_a_missing_set_or_other_labels_stop_with_the_file_named(in_bcl_jax, tmp_path):
     _, _, folder = in_bcl_jax
-    partial = tmp_path / 'partial'
+    partial = tmp_path / 'partial'  # a folder put together by hand: no folder manifest
     partial.mkdir()
     for f in os.listdir(folder):
-        if not f.startswith('synthetic.gallery'):
+        if not f.startswith(('synthetic.gallery', 'manifest')):
             (partial / f).write_bytes(open(os.path.join(folder, f), 'rb').read())
     with pytest.raises(FileNotFoundError, match='synthetic.gallery.json'):
         main.run(smoke(embeddings=str(partial)), str(tmp_path / 'a'))
-    # Labels that are not the dataset's: the files were written for other data.
-    (partial / 'synthetic.gallery.json').write_bytes(
-        open(os.path.join(folder, 'synthetic.gallery.json'), 'rb').read()
+    # The gallery written whole, but with labels that are not the dataset's: files made for
+    # other data.
+    gallery = embedding_files.read_embeddings(folder, 'synthetic.gallery')
+    embedding_files.write_embeddings(
+        partial,
+        'synthetic.gallery',
+        gallery.emb,
+        ids=gallery.ids,
+        labels=np.roll(gallery.labels, 1),
+        identity=gallery.manifest['identity'],
     )
-    for ext in ('npy', 'ids.txt'):
-        src = os.path.join(folder, f'synthetic.gallery.{ext}')
-        (partial / f'synthetic.gallery.{ext}').write_bytes(open(src, 'rb').read())
-    labels = np.load(os.path.join(folder, 'synthetic.gallery.labels.npy'))
-    np.save(partial / 'synthetic.gallery.labels.npy', np.roll(labels, 1))
     with pytest.raises(ValueError, match='labels of .* items differ'):
         main.run(smoke(embeddings=str(partial)), str(tmp_path / 'b'))
 

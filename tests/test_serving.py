@@ -206,6 +206,7 @@ def test_onnx_matches_the_evaluation_on_real_and_random_images(smoke, tmp_path):
     assert real <= ONNX_TOLERANCE and random <= ONNX_TOLERANCE, (real, random)
 
 
+@pytest.mark.slow  # ~20 s: an ImageNet ResNet converted; the smoke model's ONNX runs by default
 def test_onnx_of_an_imagenet_resnet_with_gem(tmp_path):
     _need_jax2onnx()
     trained = random_model('resnet18', width=8, pool='gem')
@@ -231,6 +232,7 @@ def test_torch_module_reproduces_the_smoke_models_embeddings(smoke, tmp_path):
     assert diff <= TORCH_TOLERANCE, diff
 
 
+@pytest.mark.slow  # ~20-30 s each; the smoke model's PyTorch module runs by default
 @pytest.mark.parametrize(
     'arch, pool, head',
     [('resnet18', 'gem', 'softmax'), ('resnet50', 'avg', 'arcface')],

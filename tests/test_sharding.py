@@ -225,6 +225,7 @@ _CASES = [
 ]
 
 
+@pytest.mark.slow  # ~80 s in all; one step on 8 devices runs by default (test_step.py)
 @pytest.mark.parametrize('method, shard_classes', _CASES)
 def test_two_steps_on_8_devices_equal_1_device(method, shard_classes):
     r8, r1 = two_steps(method, 8, shard_classes), two_steps(method, 1, False)
