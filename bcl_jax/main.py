@@ -88,16 +88,31 @@ def seed_results(config, seed_dir: str) -> dict:
         raise FileNotFoundError(f'{path} not found: run that seed first (--config.seeds="(S,)")')
     results = json.loads(epath.Path(path).read_text())
     saved, wanted = _flat(results.get('config') or {}), _flat(json.loads(config.to_json()))
-    shared = sorted(saved.keys() & wanted.keys())
-    changed = [f'{k}: {saved[k]!r} -> {wanted[k]!r}' for k in shared if saved[k] != wanted[k]]
+    shared = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
+    changed = [f'{k}: {saved[k]!r} -> {wanted[k]!r}' for k in shared if not _is_location(k)]
     if changed or not saved:
         raise stage_lib.ChangedConfigError(
             f'{path} was made with other settings: {"; ".join(changed) or "(none saved)"}'
         )
+    moved = [k for k in shared if _is_location(k)]
     one_side = sorted(saved.keys() ^ wanted.keys())
-    if one_side:
-        logging.warning('%s: fields only one side has (bcl_jax versions): %s', path, one_side)
+    if moved or one_side:
+        logging.warning(
+            '%s: other locations %s (another machine or folder); fields only one side has '
+            '(bcl_jax versions): %s',
+            path,
+            moved,
+            one_side,
+        )
     return results
+
+
+def _is_location(field: str) -> bool:
+    """A field that says where something lies (data, a given model, phase 1's results), which
+    differs between machines, not what it is."""
+    return field == 'selected_by' or field.endswith(
+        ('.root', '_dir', '.prepared', '.checkpoint', '.embeddings')
+    )
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

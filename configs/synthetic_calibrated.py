@@ -15,7 +15,7 @@ Phase 2, confirmation, on all training classes and the test classes, 8 fresh see
 strengths that phase 1 chose (read from its results.json):
 
     python -m bcl_jax.main \
-        --config=configs/synthetic_calibrated.py:confirmation=runs/calibrated_selection \
+        --config=configs/synthetic_calibrated.py:confirmation=docs/studies/calibrated_selection \
         --workdir=runs/calibrated_confirmation --config.seeds='(100,101,102,103,104,105,106,107)'
 
 The regime is method.md §9's pre-registered alternative: τ = 0.01, λ = 1
