@@ -222,10 +222,15 @@ def exit_on_input_error():
             raise
         message = f'bcl_jax: {" ".join(str(e).split())}'
         if getattr(e, 'errno', None) == errno.ENOSPC:
-            # With the disk full the checkpoint writer's threads fail again while the process
-            # shuts down, each printing a traceback; nothing is left to finish: leave at once.
+            # With the disk full the checkpoint writer's threads keep failing, each printing a
+            # traceback, and nothing is left to finish: silence them, say why, leave at once.
             sys.stdout.flush()
-            print(message, file=sys.stderr, flush=True)
+            sys.stderr.flush()
+            stderr = os.dup(2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            os.write(
+                stderr, f'\n{message}\n'.encode()
+            )  # on its own line, whatever was half-written
             os._exit(1)
         sys.exit(message)
 

@@ -373,9 +373,18 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path):
     finally:
         subprocess.run(['umount', str(disk)], check=False)
     assert out.returncode != 0
-    lines = [line for line in out.stderr.strip().splitlines() if not line.startswith('I')]
+    # asyncio's "Event loop is closed" tracebacks, printed by tensorstore's callbacks once
+    # orbax's failed background save has closed its loop, come or not depending on timing: they
+    # are left out. Every other error line counts (a flood of the libraries' errors ends each
+    # of its tracebacks with one), and bcl_jax's own line comes last, whole.
+    lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith('bcl_jax: no space left on the device writing a checkpoint to ')
-    assert len(lines) <= 3, out.stderr[-3000:]  # the warning that it is a smoke run, and this
+    errors = [
+        line
+        for line in lines[:-1]
+        if 'Error' in line and 'Event loop is closed' not in line and not line.startswith(' ')
+    ]
+    assert not errors, out.stderr[-3000:]
 
 
 def cases() -> dict[str, str]:
