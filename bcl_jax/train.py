@@ -227,6 +227,30 @@ class _Waits:
             console.add_time(f'{self.stage}: {part}', seconds)
 
 
+def _meta(stage: Stage, steps: int) -> dict:
+    """What a stage's checkpoints record of it (checked when they are read back)."""
+    return dict(
+        stage=stage.name,
+        model=describe(stage.model_cfg),
+        num_classes=stage.num_classes,
+        total_steps=steps,
+        method=stage.method.name,
+        fingerprint=stage.fingerprint,
+    )
+
+
+def _stream(stage: Stage, data_cfg) -> pipeline.TrainStream:
+    """The stage's endless, seeded, augmented stream of training batches."""
+    return pipeline.train_stream(
+        stage.source,
+        global_batch=stage.train_cfg.batch_size,
+        seed=stage.seed,
+        augment=pipeline.Augment.from_config(data_cfg),
+        num_threads=data_cfg.num_threads,
+        workers=data_cfg.workers,
+    )
+
+
 def train(
     stage: Stage,
     reference: Reference | None = None,
@@ -258,22 +282,8 @@ def train(
 
     # ---------------------------------------------------------------- resume
     ckpt = _open_checkpoints(stage, directory, config)
-    meta = dict(
-        stage=stage.name,
-        model=describe(stage.model_cfg),
-        num_classes=stage.num_classes,
-        total_steps=steps,
-        method=method.name,
-        fingerprint=stage.fingerprint,
-    )
-    stream = pipeline.train_stream(
-        stage.source,
-        global_batch=batch,
-        seed=stage.seed,
-        augment=pipeline.Augment.from_config(config.data),
-        num_threads=config.data.num_threads,
-        workers=config.data.workers,
-    )
+    meta = _meta(stage, steps)
+    stream = _stream(stage, config.data)
     state, start, seconds = _resume(ckpt, state, meta, stream, stage.name)
     console.add_time(f'{stage.name}: set-up and restore', time.perf_counter() - set_up_start)
     product = lambda state, seconds: Trained(
