@@ -128,6 +128,10 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 
 def run_one(config, workdir: str) -> dict:
     start = time.time()
+    # A fresh profile for this run (a notebook or a test may have trained before), from imports.
+    imports = console.take_profile().get('start-up (imports)')
+    if imports is not None:
+        console.add_time('start-up (imports)', imports)
     if config.smoke:
         logging.warning('%s', SMOKE_NOTE)
     mesh = sharding.make_mesh(config.mesh)
