@@ -51,6 +51,17 @@ class EmbeddingSet:
     manifest: dict
 
 
+def model_identity(model, checkpoint_dir: str) -> dict:
+    """What a manifest records of a bcl_jax model (a `stage.Trained`) and where it came from."""
+    return dict(
+        framework='bcl_jax',
+        weights=model.identity(),
+        model=model.describe(),
+        checkpoint=checkpoint_dir,
+        step=model.step,
+    )
+
+
 def file_paths(directory, name: str) -> dict[str, epath.Path]:
     """The four files of the set `name` in `directory` (keys emb, ids, labels, manifest)."""
     if not name or '/' in name or name.startswith('.'):

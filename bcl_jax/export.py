@@ -73,13 +73,7 @@ def export(
     with console.input_errors():
         model = train.load_checkpoint(checkpoint_dir, mesh, allow_unfinished=allow_unfinished)
         data = data_lib.build(config.data)
-    identity = dict(
-        framework='bcl_jax',
-        weights=model.identity(),
-        model=model.describe(),
-        checkpoint=checkpoint_dir,
-        step=model.step,
-    )
+    identity = embedding_files.model_identity(model, checkpoint_dir)
     out = storage.absolute(out)
     # A local folder is written whole under a temporary name, then renamed into place; on an
     # object store (no folder renames) the files are written in place, the manifest last.

@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging as absl_logging
 from etils import epath
 
-from bcl_jax import sharding
+from bcl_jax import embedding_files, sharding
 from bcl_jax.models.heads import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = 'bcl_jax.serving/1'
@@ -240,13 +240,7 @@ def export(config, checkpoint_dir: str, out: str, fmt: str) -> dict:
     if fmt not in FORMATS:  # before loading anything
         raise ValueError(f'--format={fmt!r}: choose embeddings or one of {list(FORMATS)}')
     trained = train.load_checkpoint(checkpoint_dir, sharding.make_mesh(config.mesh))
-    identity = dict(
-        framework='bcl_jax',
-        weights=trained.identity(),
-        model=trained.describe(),
-        checkpoint=checkpoint_dir,
-        step=trained.step,
-    )
+    identity = embedding_files.model_identity(trained, checkpoint_dir)
     written = write(fmt, trained, config.data, out, identity)
     absl_logging.info('%s of %s -> %s/%s', fmt, checkpoint_dir, out, written['artefact'])
     return written
