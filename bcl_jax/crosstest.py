@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from bcl_jax import console, embedding_files, evaluate, export, sharding, train
 from bcl_jax import data as data_lib
+from bcl_jax import embed as embed_lib
 
 
 def define_flags():
@@ -186,7 +187,7 @@ def run(config, paths: dict, workdir: str, *, allow_unfinished: bool = False) ->
     embeddings = {
         name: m.embeddings(data.tests)
         if isinstance(m, FileModel)
-        else evaluate.embed_tests(
+        else embed_lib.embed_tests(
             m, data.tests, mesh=mesh, batch_size=config.eval.batch_size, name=name
         )
         for name, m in models.items()

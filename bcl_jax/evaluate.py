@@ -11,67 +11,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 import jax
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
-from bcl_jax import checkpoint
-from bcl_jax.data import pipeline
+from bcl_jax import checkpoint, lifecycle, plots, stats
+from bcl_jax.embed import embed_tests
+from bcl_jax.lifecycle import update_gain
 from bcl_jax.old_embeddings import GivenEmbeddings
-
-
-def embed_batches(model, source, *, mesh, batch_size: int):
-    """Yields (embeddings, labels, valid) global arrays, batch by batch, sharded over the mesh."""
-    if isinstance(model, GivenEmbeddings):  # an old model known by its embedding files
-        yield from model.batches(source, mesh=mesh, batch_size=batch_size)
-        return
-    embed_fn = model.embed_fn(mesh)
-    for batch, valid in pipeline.eval_batches(source, global_batch=batch_size):
-        batch = pipeline.to_global(dict(batch, valid=valid), mesh)
-        yield (
-            embed_fn(model.params, model.batch_stats, batch['image']),
-            batch['label'],
-            batch['valid'],
-        )
-
-
-def embed(model, source, *, mesh, batch_size: int, what: str = '') -> np.ndarray:
-    """(N, D) float32 embeddings of the whole source, in order, on every host. With `what`, a
-    progress line with the rate and the ETA about every 30 s (a GLDv2 index takes a while)."""
-    chunks, done, start, shown = [], 0, time.time(), time.time()
-    for emb, _, valid in embed_batches(model, source, mesh=mesh, batch_size=batch_size):
-        emb, valid = multihost_utils.process_allgather((emb, valid), tiled=True)
-        chunks.append(np.asarray(emb)[np.asarray(valid)])
-        done += len(chunks[-1])
-        if what and time.time() - shown > 30:
-            shown, rate = time.time(), done / (time.time() - start)
-            eta = (len(source) - done) / max(rate, 1e-9)
-            logging.info(
-                'embedding %s: %d/%d images, %.0f/s, ETA %ds', what, done, len(source), rate, eta
-            )
-    return np.concatenate(chunks)
-
-
-def embed_tests(model, tests, *, mesh, batch_size: int, name: str = '') -> list:
-    """A model's (query, gallery or None) embeddings for each test (None: the query set is the
-    gallery)."""
-    emb = lambda s, what: embed(model, s, mesh=mesh, batch_size=batch_size, what=f'{name} {what}')
-    return [
-        (
-            emb(t.query, f'{t.name} queries'),
-            None if t.gallery is None else emb(t.gallery, f'{t.name} gallery'),
-        )
-        for t in tests
-    ]
-
-
-def update_gain(new_old: float, old_old: float, reference_new_new: float) -> float | None:
-    """(new/old − old/old) / (new*/new* − old/old); None when the reference does not beat old/old."""
-    denominator = reference_new_new - old_old
-    return float((new_old - old_old) / denominator) if denominator > 0 else None
 
 
 def _flat_metrics(tests, embeddings_per_test, eval_cfg) -> dict:
@@ -157,8 +104,6 @@ def score(
             else None
         )
     if len(embeddings) > 1 and eval_cfg.matrix:
-        from bcl_jax import lifecycle
-
         results['matrix'] = lifecycle.compatibility_matrix(tests, embeddings, eval_cfg)
     if new_models and eval_cfg.backfill:
         predecessors = {n: (predecessors or {}).get(n, old_name) for n in new_models}
@@ -175,8 +120,6 @@ def backfill_curves(embeddings, tests, eval_cfg, predecessors, orders, models) -
     (`eval_cfg.backfill_seed`), and in the order its method gives (`orders`: name ->
     `(old model, old gallery embeddings) -> order`, e.g. Hot-refresh's most uncertain first;
     `models`: name -> model, for those orders)."""
-    from bcl_jax import lifecycle
-
     test, curves = tests[0], {}
     for name, before in predecessors.items():
         (new_q, new_g), (old_q, old_g) = embeddings[name][0], embeddings[before][0]
@@ -201,7 +144,6 @@ def aggregate(per_seed: list[dict]) -> dict:
     """Mean and standard deviation (ddof=1) over seeds of every number in the results, the
     paired comparisons of the methods (bcl_jax.stats), the seeds, the benchmark and the
     machine."""
-    from bcl_jax import stats
 
     def combine(values, reducer):
         first = values[0]
@@ -332,8 +274,6 @@ def machine() -> str:
 def write_figures(results: dict, workdir: str):
     """compatibility_<test>.png (each test's headline metric), backfill.png and, with upgrades,
     upgrades.png (the update gain of each upgrade, the cross-test over earlier galleries)."""
-    from bcl_jax import lifecycle, plots
-
     matrix = results.get('matrix')
     if matrix:
         for test, cell in matrix['tests'].items():
@@ -377,8 +317,6 @@ def write_results(results: dict, workdir: str):
     if results.get('note'):
         table = f'**{results["note"]}**\n\n{table}'
     if results.get('paired'):
-        from bcl_jax import stats
-
         table += '\nPaired by seed (method − reference, 95% CI):\n\n' + stats.paired_markdown(
             results['paired']
         )

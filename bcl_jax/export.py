@@ -32,10 +32,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcl_jax import console, embedding_files, evaluate, serving, sharding, train
+from bcl_jax import console, embedding_files, serving, sharding, train
 from bcl_jax import data as data_lib
-from bcl_jax.old_embeddings import TRAIN_SET, set_names, source_ids  # noqa: F401 (crosstest)
+from bcl_jax import embed as embed_lib
 from bcl_jax.data import storage
+from bcl_jax.old_embeddings import TRAIN_SET, set_names, source_ids  # noqa: F401 (crosstest)
 
 
 def define_flags():
@@ -81,7 +82,7 @@ def export(
     target = f'{out.rstrip("/")}.tmp-{uuid.uuid4().hex}' if local else out
     try:
         for name, source in set_names(data) if which == 'all' else sets(data):
-            emb = evaluate.embed(
+            emb = embed_lib.embed(
                 model, source, mesh=mesh, batch_size=config.eval.batch_size, what=name
             )
             if jax.process_index() == 0:

@@ -15,9 +15,13 @@ import math
 
 import numpy as np
 
-from bcl_jax.evaluate import update_gain
-
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))  # 0, 0.1, …, 1
+
+
+def update_gain(new_old: float, old_old: float, reference_new_new: float) -> float | None:
+    """(new/old − old/old) / (new*/new* − old/old); None when the reference does not beat old/old."""
+    denominator = reference_new_new - old_old
+    return float((new_old - old_old) / denominator) if denominator > 0 else None
 
 
 def _json_number(value):
@@ -95,7 +99,7 @@ def upgrade_summary(matrix: dict, *, test: str, metric: str, references: dict | 
     Per upgrade φ_k → φ_{k+1} (consecutive models in `matrix['models']`), with M = the matrix:
       old_old = M[k][k], new_old = M[k+1][k] (new queries, the previous gallery), new_new =
       M[k+1][k+1]; compatible = new_old > old_old (BCT's criterion, method.md §7); update_gain =
-      (new_old − old_old) / (R − old_old) (BCT, Shen et al. CVPR 2020; `evaluate.update_gain`),
+      (new_old − old_old) / (R − old_old) (BCT, Shen et al. CVPR 2020; `update_gain`),
       with R = references[φ_{k+1}] (the self-test of an independently trained model of that
       step, as method.md §7 defines it) when given, else R = new_new, the upgrade's own
       self-test: then the gain is the share of the full-backfill improvement that the upgrade

@@ -3,7 +3,8 @@
 Runs the stages of a backward-compatible upgrade: train (or load) the old model, compute the old
 prototypes, train each new model of `config.methods` against them, evaluate old/old, new/new and
 new/old, and write results.json and results.md. Every stage resumes or is skipped when the
-command is rerun; a stage trained under other settings stops the run (bcl_jax.stage).
+command is rerun; a stage trained under other settings stops the run (bcl_jax.fingerprint).
+The stages, their settings and references come from the run's plan (bcl_jax.plan).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from bcl_jax import checkpoint, console, evaluate, sharding, stats, train, upgrades, validate
-from bcl_jax.console import quiet_logging  # noqa: F401 (notebooks call main.quiet_logging)
+from bcl_jax import checkpoint, console, evaluate, sharding, stats, train, validate
 from bcl_jax import data as data_lib
-from bcl_jax import stage as stage_lib
+from bcl_jax import plan as plan_lib
+from bcl_jax.console import quiet_logging  # noqa: F401 (notebooks call main.quiet_logging)
+from bcl_jax.errors import ChangedConfigError, ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'experiment config file', lock_config=True
@@ -55,7 +57,7 @@ def run(config, workdir: str, *, from_results: bool = False) -> dict:
     console.use_compile_cache()  # a rerun or another seed loads what an earlier one compiled
     if not config.seeds:
         if from_results:
-            raise validate.ConfigError('seeds', (), 'the seeds whose results.json to aggregate')
+            raise ConfigError('seeds', (), 'the seeds whose results.json to aggregate')
         return run_one(config, workdir)
     start, per_seed = time.time(), []
     for seed in config.seeds:
@@ -91,7 +93,7 @@ def seed_results(config, seed_dir: str) -> dict:
     shared = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
     changed = [f'{k}: {saved[k]!r} -> {wanted[k]!r}' for k in shared if not _is_location(k)]
     if changed or not saved:
-        raise stage_lib.ChangedConfigError(
+        raise ChangedConfigError(
             f'{path} was made with other settings: {"; ".join(changed) or "(none saved)"}'
         )
     moved = [k for k in shared if _is_location(k)]
@@ -139,7 +141,7 @@ def run_one(config, workdir: str) -> dict:
     with console.timed('data'), console.input_errors():
         data = data_lib.build(config.data, workdir=workdir)
     logging.info('data: %s', evaluate.describe_data(data))
-    validate.check_run(config, data)
+    plan = validate.check_run(config, data)  # the stages of this run, resolved once
     # config.json: the settings of the models in the work directory. Written once every setting
     # is known to work; over an earlier run's only once the stages are trained, so that a rerun
     # refused for changed settings (bcl_jax.stage) leaves it as it was.
@@ -148,24 +150,33 @@ def run_one(config, workdir: str) -> dict:
         _write_config(config, config_json)
 
     # 1. The old model: given, or trained on the old split.
-    old = train.old_model(config, data, mesh=mesh, workdir=workdir)
+    old = plan_lib.old_model(plan, mesh=mesh, workdir=workdir)
+    chain_models = {up.name: up.method for up in plan.upgrades}
     if config.old.checkpoint:  # the given model matches config.old.model: now its dim is known
-        validate.check_dims(config)
+        validate.check_dims(plan.methods, chain_models, config.old.model.embedding_dim)
     elif config.old.embeddings:  # the old model's files: their dim
-        validate.check_dims(config, old.dim, f'the dim of the files in {config.old.embeddings}')
+        where = f'the dim of the files in {config.old.embeddings}'
+        validate.check_dims(plan.methods, chain_models, old.dim, where)
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
     with console.timed('old prototypes'):
-        reference = stage_lib.make_reference(config, old, data, mesh=mesh, workdir=workdir)
+        reference = plan_lib.reference(plan, old, mesh=mesh, workdir=workdir)
 
     # 3. New models, one per method, all from the same initialisation and data order; then the
     # sequential upgrades (config.upgrades), each trained against the model before it.
+    where = dict(mesh=mesh, workdir=workdir)
     new_models, orders = {}, {}
-    for name in config.methods:
-        stage = stage_lib.new_stage(config, name, data, reference)
-        new_models[name] = train.train(stage, reference, config=config, mesh=mesh, workdir=workdir)
-        orders[name] = stage.method.backfill_order
-    chain = upgrades.run(config, data, old, mesh=mesh, workdir=workdir)
+    for name, method in plan.methods.items():
+        stage = plan_lib.new_stage(plan, name, reference)
+        new_models[name] = train.train(stage, reference, plan.loop, **where)
+        orders[name] = method.backfill_order
+    chain, before = {}, None  # the upgrade before the next one (None: the old model)
+    for up in plan.upgrades:
+        model_before = old if before is None else chain[before.name]
+        up_reference = plan_lib.upgrade_reference(plan, up, before, model_before, **where)
+        stage = plan_lib.upgrade_stage(plan, up, up_reference)
+        chain[up.name] = train.train(stage, up_reference, plan.loop, **where)
+        before = up
     _write_config(config, config_json)  # every stage now holds a model of these settings
 
     # 4. Retrieval tests, the compatibility matrix, backfill curves and the results files.
@@ -216,7 +227,7 @@ def main(argv):
     try:
         with console.exit_on_input_error():  # a data error: one line naming the file
             run(_CONFIG.value, _WORKDIR.value, from_results=_FROM_RESULTS.value)
-    except (validate.ConfigError, stage_lib.ChangedConfigError, checkpoint.DamagedError) as e:
+    except (ConfigError, ChangedConfigError, checkpoint.DamagedError) as e:
         sys.exit(f'bcl_jax: {e}')
 
 

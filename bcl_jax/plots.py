@@ -26,6 +26,8 @@ import io
 
 import numpy as np
 
+from bcl_jax.data.storage import write_atomic
+
 # Row blocks for the top-1 search: at most this many rows, and at most this many similarity
 # entries per block (2**25 float32 = 128 MiB), so that 100k classes take blocks of ~335 rows.
 BLOCK_ROWS = 2048
@@ -43,14 +45,10 @@ def _as_bank(name: str, x) -> np.ndarray:
 
 
 def _unit_rows(a: np.ndarray) -> np.ndarray:
-    """(C, D) NumPy rows over their L2 norm, zero rows left zero: the models' own normaliser.
-
-    `heads.l2_normalize` takes NumPy and returns a jax.Array; np.asarray brings it back.
-    Imported here so that drawing a figure does not import flax up front.
-    """
-    from bcl_jax.models.heads import l2_normalize
-
-    return np.asarray(l2_normalize(a))
+    """(C, D) NumPy rows over their L2 norm, zero rows left zero: `heads.l2_normalize`'s
+    formula, x / max(||x||, 1e-12), in NumPy (a figure needs no flax)."""
+    a = np.asarray(a, np.float32)
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 def top1_similarity(bank: np.ndarray, *, block_rows: int = BLOCK_ROWS) -> np.ndarray:
@@ -120,8 +118,6 @@ def _figure(figsize):
 
 def _save_png(fig, path: str):
     """Renders `fig` at DPI and writes it to `path` atomically."""
-    from bcl_jax.checkpoint import write_atomic
-
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=DPI)
     write_atomic(path, buf.getvalue())

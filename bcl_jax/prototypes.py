@@ -22,9 +22,9 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, sharding
+from bcl_jax import checkpoint, class_stats, sharding
 from bcl_jax.data import storage
-from bcl_jax.evaluate import embed_batches
+from bcl_jax.embed import embed_batches
 
 
 @jax.jit(static_argnames=('num_classes', 'mesh'))
@@ -197,13 +197,11 @@ def class_statistics(old, source, bank, old_label, *, mesh, batch_size: int) -> 
     split, exactly the old model's training set. Returns (C,) arrays: `centre_norms` m_c (the
     norm of the mean of the class's unit old embeddings; the centre is m_c·p_c), `max_angle`
     and `max_distance` (the largest angle to p_c and distance to m_c·p_c after the 1.5·IQR
-    outlier rule, bcl_jax.methods.lce.class_radii) and `kept` (radii kept; the references use a
+    outlier rule, bcl_jax.methods.class_stats.class_radii) and `kept` (radii kept; the references use a
     class's statistics when kept >= 2). Classes the old model never saw get zeros. And
     `mean_norms`, m_c over every image of every class (NDPP/ODPP's
     `perturb.prototype_norm='mean'`: negatives as unnormalised class means m_c·p_c).
     """
-    from bcl_jax.methods import lce  # the statistics' formulas live with the methods
-
     c = len(old_label)
     sums = counts = all_sums = all_counts = 0
     batches = []
@@ -215,26 +213,37 @@ def class_statistics(old, source, bank, old_label, *, mesh, batch_size: int) -> 
         s, n = class_sums(emb, labels, valid, num_classes=c)
         sums, counts = sums + s, counts + n
         batches.append((emb[valid], labels[valid]))
-    _, norms = lce.class_centres(np.asarray(sums), np.asarray(counts))
-    _, mean_norms = lce.class_centres(np.asarray(all_sums), np.asarray(all_counts))
+    _, norms = class_stats.class_centres(np.asarray(sums), np.asarray(counts))
+    _, mean_norms = class_stats.class_centres(np.asarray(all_sums), np.asarray(all_counts))
     emb = np.concatenate([e for e, _ in batches])
     labels = np.concatenate([l for _, l in batches])
     out = dict(
         centre_norms=np.asarray(norms, np.float32), mean_norms=np.asarray(mean_norms, np.float32)
     )
     for name, metric in (('max_angle', 'angle'), ('max_distance', 'distance')):
-        radii = lce.sample_radii(emb, labels, bank, norms, metric=metric)
-        radius, kept = lce.class_radii(radii, labels, num_classes=c)
+        radii = class_stats.sample_radii(emb, labels, bank, norms, metric=metric)
+        radius, kept = class_stats.class_radii(radii, labels, num_classes=c)
         out[name] = np.asarray(radius, np.float32)
     out['kept'] = np.asarray(kept, np.int32)
     return out
 
 
 def old_class_statistics(
-    old, source, bank, old_label, *, workdir, mesh, batch_size, data_identity, retrain=False
+    old,
+    source,
+    bank,
+    old_label,
+    *,
+    workdir,
+    mesh,
+    batch_size,
+    data_identity,
+    name: str = 'old',
+    retrain=False,
 ):
-    """`class_statistics`, stored beside the old bank and reused like it."""
-    path = os.path.join(workdir, 'prototypes', 'old_stats.npz')
+    """`class_statistics`, stored beside the old bank (`prototypes/<name>_stats.npz`) and
+    reused like it."""
+    path = os.path.join(workdir, 'prototypes', f'{name}_stats.npz')
     identity = dict(old_model=old.identity(), data=data_identity, num_classes=len(old_label))
     return _cached(
         path,

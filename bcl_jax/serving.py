@@ -35,8 +35,10 @@ import numpy as np
 from absl import logging as absl_logging
 from etils import epath
 
-from bcl_jax import embedding_files, sharding
+from bcl_jax import embedding_files, sharding, train
+from bcl_jax.models import convert
 from bcl_jax.models.heads import IMAGENET_MEAN, IMAGENET_STD
+from bcl_jax.models.resnet import backbone_spec
 
 FORMAT = 'bcl_jax.serving/1'
 FORMATS = ('stablehlo', 'onnx', 'torch')
@@ -79,8 +81,6 @@ def preprocessing(data_cfg) -> dict:
 
 def architecture(trained) -> dict:
     """What a PyTorch module needs to rebuild the model (bcl_jax/serving_torch.py)."""
-    from bcl_jax.models.resnet import backbone_spec
-
     cfg = trained.model_cfg
     spec = backbone_spec(cfg.arch, cfg.get('depth'))
     return dict(
@@ -204,9 +204,6 @@ def _quiet_jax2onnx():
 
 def torch_state_dict(trained) -> dict[str, np.ndarray]:
     """The whole model's weights under bcl_jax_torch.EmbeddingModel's (PyTorch) names."""
-    from bcl_jax.models import convert
-    from bcl_jax.models.resnet import backbone_spec
-
     params, stats = host_weights(trained)
     cfg = trained.model_cfg
     spec = backbone_spec(cfg.arch, cfg.get('depth'))
@@ -235,8 +232,6 @@ def to_safetensors(trained) -> bytes:
 def export(config, checkpoint_dir: str, out: str, fmt: str) -> dict:
     """`python -m bcl_jax.export --format=<fmt>`: the checkpoint's model as a serving artefact
     in `out`, with the preprocessing of `config.data`; returns the manifest."""
-    from bcl_jax import train
-
     if fmt not in FORMATS:  # before loading anything
         raise ValueError(f'--format={fmt!r}: choose embeddings or one of {list(FORMATS)}')
     trained = train.load_checkpoint(checkpoint_dir, sharding.make_mesh(config.mesh))

@@ -25,14 +25,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcl_jax import losses, sharding
-from bcl_jax.methods import StepInputs
+from bcl_jax import stage as stage_lib
+from bcl_jax.methods.base import StepInputs
+from bcl_jax.models import convert
 from bcl_jax.models.heads import build_model
 
 
 def total_steps(train_cfg, num_examples: int) -> tuple[int, float]:
     """(steps, steps_per_epoch) of a stage."""
-    per_epoch = num_examples / train_cfg.batch_size
-    steps = train_cfg.steps or int(round(train_cfg.epochs * per_epoch))
+    steps, per_epoch = stage_lib.steps_of(train_cfg, num_examples)
     if steps < 1:
         raise ValueError('the training stage has 0 steps: raise epochs/steps or lower batch_size')
     return steps, per_epoch
@@ -84,8 +85,6 @@ def init_model(model_cfg, num_classes: int, seed: int, *, pretrained: bool = Tru
     graphdef, initialise = _initialiser(model_cfg, num_classes)
     params, stats = initialise(jax.random.key(seed))
     if pretrained and model_cfg.get('pretrained'):
-        from bcl_jax.models import convert
-
         params, stats = convert.load_pretrained(
             model_cfg.pretrained, params, stats, arch=model_cfg.arch
         )

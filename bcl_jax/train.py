@@ -1,6 +1,6 @@
 """The training loop of bcl_jax, for an old model or a compatible new model.
 
-One function, `train(stage, reference)`, read top to bottom: set-up (bcl_jax.step builds the
+One function, `train(stage, reference, loop)`, read top to bottom: set-up (bcl_jax.step builds the
 state and the jitted step), resume, the loop, shutdown. What a stage trains against (the frozen
 old model and its prototypes) is its `stage.Reference`; what its method adds (loss terms, state,
 work between steps) is asked of `stage.method` (bcl_jax.methods) in one place each.
@@ -9,6 +9,7 @@ work between steps) is asked of `stage.method` (bcl_jax.methods) in one place ea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -20,20 +21,43 @@ from absl import logging
 from etils import epath
 
 from bcl_jax import checkpoint, console, sharding
-from bcl_jax.checkpoint import MODEL_DEFAULTS
 from bcl_jax import step as step_lib
+from bcl_jax.checkpoint import MODEL_DEFAULTS
 from bcl_jax.data import pipeline, storage
+from bcl_jax.errors import ChangedConfigError
+from bcl_jax.fingerprint import check_fingerprint
 from bcl_jax.methods import HookContext
-from bcl_jax.old_embeddings import GivenEmbeddings
-from bcl_jax.stage import (
-    ChangedConfigError,
-    Reference,
-    Stage,
-    Trained,
-    check_fingerprint,
-    describe,
-    old_stage,
-)
+from bcl_jax.stage import Reference, Stage, Trained, describe
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """The options of the training loop that every stage of a run shares (from its config):
+    logging, checkpoints, the input stream, the class layout and what a changed stage does."""
+
+    log_every_steps: int = 50
+    ckpt_every_steps: int = 500
+    max_to_keep: int | None = 2
+    async_save: bool = True
+    retrain: bool = False  # config.on_change='retrain': a changed or damaged stage moves aside
+    shard_classes: bool = False
+    augment: pipeline.Augment = pipeline.Augment()
+    num_threads: int = 2
+    workers: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> Loop:
+        return cls(
+            log_every_steps=config.log_every_steps,
+            ckpt_every_steps=config.ckpt.every_steps,
+            max_to_keep=config.ckpt.max_to_keep,
+            async_save=config.ckpt.async_save,
+            retrain=config.on_change == 'retrain',
+            shard_classes=config.mesh.shard_classes,
+            augment=pipeline.Augment.from_config(config.data),
+            num_threads=config.data.num_threads,
+            workers=config.data.workers,
+        )
 
 
 class _Log:
@@ -60,9 +84,9 @@ class _Log:
             ]
             checkpoint.write_atomic(self.path, ''.join(kept))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        from tensorboardX import SummaryWriter  # TF-free event writer
-
         import importlib.util
+
+        from tensorboardX import SummaryWriter  # TF-free event writer
 
         # tensorboardX writes gs:// events through google-cloud-storage, when it is installed.
         if storage.is_local(directory) or importlib.util.find_spec('google.cloud.storage'):
@@ -122,13 +146,13 @@ def _resume(ckpt, state, meta: dict, stream, name: str):
     return state, start, saved.get('seconds', 0.0)
 
 
-def _banner(stage: Stage, setup, steps: int, per_epoch: float, mesh, config) -> str:
+def _banner(stage: Stage, setup, steps: int, per_epoch: float, mesh, shard_classes: bool) -> str:
     batch = stage.train_cfg.batch_size
     return (
         f'method={stage.method.name} params={setup.num_params:,} steps={steps} '
         f'({steps / per_epoch:.1f} epochs of {len(stage.source)} images) global batch={batch} '
         f'({batch // mesh.size} per device on {mesh.size} devices); {stage.num_classes} '
-        f'classes {"sharded by class" if config.mesh.shard_classes else "replicated"}'
+        f'classes {"sharded by class" if shard_classes else "replicated"}'
     )
 
 
@@ -176,17 +200,17 @@ def _move_aside(directory: str) -> str:
     return f'{directory}.replaced-{n}'
 
 
-def _open_checkpoints(stage: Stage, directory: str, config) -> checkpoint.Checkpointer:
+def _open_checkpoints(stage: Stage, directory: str, loop: Loop) -> checkpoint.Checkpointer:
     """The stage's checkpoints, after checking that they were made by this stage's settings.
 
     A file of its latest step that differs from the digest recorded when it was written stops
-    (`checkpoint.DamagedError`). With `config.on_change='retrain'` a stage made with other
+    (`checkpoint.DamagedError`). With `loop.retrain` (on_change='retrain') a stage made with other
     settings, or a damaged one, is moved aside first.
     """
     ckpt = checkpoint.Checkpointer(
         os.path.join(directory, 'ckpt'),
-        max_to_keep=config.ckpt.max_to_keep,
-        async_save=config.ckpt.async_save,
+        max_to_keep=loop.max_to_keep,
+        async_save=loop.async_save,
     )
     if ckpt.latest_step() is None:
         return ckpt
@@ -197,12 +221,12 @@ def _open_checkpoints(stage: Stage, directory: str, config) -> checkpoint.Checkp
         )
         ckpt.verify(ckpt.latest_step())  # every file of the step a resume or reuse reads
     except (ChangedConfigError, checkpoint.DamagedError) as e:
-        if config.on_change != 'retrain' or jax.process_count() > 1:
+        if not loop.retrain or jax.process_count() > 1:
             raise
         ckpt.close()
         why = 'damaged' if isinstance(e, checkpoint.DamagedError) else 'settings changed'
         logging.warning('[%s] %s: moved to %s', stage.name, why, _move_aside(directory))
-        return _open_checkpoints(stage, directory, config)
+        return _open_checkpoints(stage, directory, loop)
     return ckpt
 
 
@@ -239,32 +263,29 @@ def _meta(stage: Stage, steps: int) -> dict:
     )
 
 
-def _stream(stage: Stage, data_cfg) -> pipeline.TrainStream:
+def _stream(stage: Stage, loop: Loop) -> pipeline.TrainStream:
     """The stage's endless, seeded, augmented stream of training batches."""
     return pipeline.train_stream(
         stage.source,
         global_batch=stage.train_cfg.batch_size,
         seed=stage.seed,
-        augment=pipeline.Augment.from_config(data_cfg),
-        num_threads=data_cfg.num_threads,
-        workers=data_cfg.workers,
+        augment=loop.augment,
+        num_threads=loop.num_threads,
+        workers=loop.workers,
     )
 
 
 def train(
     stage: Stage,
-    reference: Reference | None = None,
+    reference: Reference | None,
+    loop: Loop,
     *,
-    config,
     mesh,
     workdir: str,
     stop_after_steps: int | None = None,
 ) -> Trained:
-    """Trains (or resumes, or just loads a finished) `stage` against `reference`; returns it.
-
-    `config`: the run's config, for its checkpoint, logging, augmentation and sharding settings
-    (`ckpt`, `log_every_steps`, `data`, `mesh.shard_classes`, `on_change`).
-    """
+    """Trains (or resumes, or just loads a finished) `stage` against `reference` with the
+    loop options `loop` (bcl_jax.plan builds all three); returns it."""
     # ---------------------------------------------------------------- set-up
     set_up_start = time.perf_counter()
     pipeline.check_source(stage.source, f'{stage.name} training set')
@@ -272,7 +293,7 @@ def train(
     steps, per_epoch = step_lib.total_steps(stage.train_cfg, len(stage.source))
     batch = stage.train_cfg.batch_size
     pipeline.local_batch_size(batch)  # fails early on a batch the devices cannot split
-    shard_classes = config.mesh.shard_classes
+    shard_classes = loop.shard_classes
     logging.info('[%s] building the model, its optimizer and its train step', stage.name)
     setup = step_lib.build(stage, reference, mesh=mesh, shard_classes=shard_classes)
     state, method = setup.state, stage.method
@@ -281,9 +302,9 @@ def train(
     )
 
     # ---------------------------------------------------------------- resume
-    ckpt = _open_checkpoints(stage, directory, config)
+    ckpt = _open_checkpoints(stage, directory, loop)
     meta = _meta(stage, steps)
-    stream = _stream(stage, config.data)
+    stream = _stream(stage, loop)
     state, start, seconds = _resume(ckpt, state, meta, stream, stage.name)
     console.add_time(f'{stage.name}: set-up and restore', time.perf_counter() - set_up_start)
     product = lambda state, seconds: Trained(
@@ -302,7 +323,9 @@ def train(
         ckpt.close()
         stream.close()
         return product(state, seconds)
-    logging.info('[%s] %s', stage.name, _banner(stage, setup, steps, per_epoch, mesh, config))
+    logging.info(
+        '[%s] %s', stage.name, _banner(stage, setup, steps, per_epoch, mesh, shard_classes)
+    )
 
     # ---------------------------------------------------------------- loop
     log = _Log(directory, stage.name, start)
@@ -327,7 +350,7 @@ def train(
                 state, metrics = setup.step_fn(state, images, setup.reference)
             pending.append(metrics)
             done = step + 1
-            if done % config.log_every_steps == 0 or done == end:
+            if done % loop.log_every_steps == 0 or done == end:
                 _check_finite(state, stage, ckpt.directory, directory)
                 now = time.time()
                 seconds += now - t_log
@@ -337,7 +360,7 @@ def train(
                     done, steps, pending, lr=float(setup.schedule(done - 1)), rate=rate, eta=eta
                 )
                 pending, t_log, step_log = [], now, done
-            if done % config.ckpt.every_steps == 0 or done == steps:
+            if done % loop.ckpt_every_steps == 0 or done == steps:
                 with waits('checkpoints'):
                     _check_finite(state, stage, ckpt.directory, directory)
                     ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
@@ -427,20 +450,3 @@ def load_checkpoint(
         allow_unfinished=allow_unfinished,
         unfinished_hint=hint,
     )
-
-
-def old_model(config, data, *, mesh, workdir: str) -> Trained:
-    """The old model: its embedding files (`config.old.embeddings`), loaded from
-    `config.old.checkpoint`, or trained on the old split."""
-    if config.old.embeddings:
-        return GivenEmbeddings.for_data(config.old.embeddings, data)
-    if config.old.checkpoint:
-        return load(
-            config.old.checkpoint,
-            config.old.model,
-            data.old_train.num_classes,
-            mesh,
-            shard_classes=config.mesh.shard_classes,
-            allow_unfinished=config.old.allow_unfinished,
-        )
-    return train(old_stage(config, data), config=config, mesh=mesh, workdir=workdir)

@@ -10,7 +10,7 @@
 
 Each upgrade is a stage like the others (its folder is its name; it resumes, and refuses other
 settings), trained on its classes against a `Reference` made of its predecessor and the
-predecessor's prototypes of the upgrade's classes. Class sets are nested: the old model's classes
+predecessor's prototypes of the upgrade's classes (bcl_jax.plan builds both; main trains them). Class sets are nested: the old model's classes
 first, then the other classes in an order drawn once with `data.split_seed`. Only class splits
 (`data.old_split='classes'`) nest this way.
 """
@@ -21,8 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from bcl_jax import methods, prototypes, sharding, train
-from bcl_jax import stage as stage_lib
+from bcl_jax import methods
 from bcl_jax.data import splits
 
 
@@ -32,9 +31,12 @@ class Upgrade:
 
     name: str
     classes: np.ndarray
-    method: str
-    config: object  # the run's config with the method's variant and this model's fields set
+    method: methods.Method  # its config: the run's, with the variant and this model's fields set
     fraction: float = 1.0  # config.upgrades.<name>.fraction, named in its fingerprint
+
+    @property
+    def config(self):
+        return self.method.config
 
 
 def class_order(old_label: np.ndarray, seed: int) -> np.ndarray:
@@ -47,6 +49,20 @@ def class_order(old_label: np.ndarray, seed: int) -> np.ndarray:
     return np.concatenate([old, rest])
 
 
+def methods_of(config) -> dict:
+    """upgrade name -> its Method: `method` (a method or variant, default 'bct') on the run's
+    config with the upgrade's `model` and `train` fields set under `new`."""
+    out = {}
+    for name, spec in (config.get('upgrades') or {}).items():
+        changes = {
+            f'new.{group}.{field}': value
+            for group in ('model', 'train')
+            for field, value in (spec.get(group) or {}).items()
+        }
+        out[name] = methods.build(spec.get('method', 'bct'), config, changes)
+    return out
+
+
 def plan(config, old_label: np.ndarray) -> list[Upgrade]:
     """The upgrades of `config`, with their class sets, checked before any work."""
     if not config.upgrades:
@@ -55,7 +71,7 @@ def plan(config, old_label: np.ndarray) -> list[Upgrade]:
         raise ValueError(
             "config.upgrades needs data.old_split='classes': upgrades grow the set of classes"
         )
-    order = class_order(old_label, config.data.split_seed)
+    order, built = class_order(old_label, config.data.split_seed), methods_of(config)
     num_classes, seen, out = len(old_label), int((old_label >= 0).sum()), []
     for name, spec in config.upgrades.items():
         count = splits.share(spec.fraction, num_classes) if spec.fraction < 1 else num_classes
@@ -64,77 +80,16 @@ def plan(config, old_label: np.ndarray) -> list[Upgrade]:
                 f'config.upgrades.{name}.fraction={spec.fraction}: {count} classes, not more '
                 f'than the {seen} of the model before it; fractions must grow'
             )
-        method = spec.get('method', 'bct')
-        _, cfg = methods.resolve(config, method)
-        cfg = cfg.copy_and_resolve_references()
-        for group in ('model', 'train'):
-            for field, value in (spec.get(group) or {}).items():
-                cfg.new[group][field] = value
-        out.append(Upgrade(name, np.sort(order[:count]), method, cfg, float(spec.fraction)))
+        method = built[name]
+        out.append(Upgrade(name, np.sort(order[:count]), method, float(spec.fraction)))
         seen = count
     return out
 
 
-def _subset(data, classes: np.ndarray):
+def subset(data, classes: np.ndarray):
     """(source, label_of_class) of the training images of `classes`, labels 0..n-1 in class
     order; label_of_class (C,) maps a class id to its label there, -1 outside."""
     label_of = np.full(data.num_classes, -1, np.int32)
     label_of[classes] = np.arange(len(classes), dtype=np.int32)
     indices = np.flatnonzero(label_of[np.asarray(data.train.labels)] >= 0)
     return splits.Relabeled(data.train, indices, label_of), label_of
-
-
-def _stage(up: Upgrade, source, reference, data) -> stage_lib.Stage:
-    method = methods.build(up.method, up.config)
-    c = method.config
-    sections = ('seed', 'data', 'new.model', 'new.train') + method.config_sections
-    bank = sharding.to_host(reference.prototypes)[: source.num_classes]
-    fingerprint = dict(
-        stage_lib.config_fingerprint(c, sections),
-        method=type(method).name,
-        data_identity=stage_lib.data_identity(data),
-        classes=stage_lib.array_digest(up.classes),
-        **{f'upgrades.{up.name}.fraction': up.fraction},  # what the classes' digest stands for
-        old_model=reference.old.identity(),
-        prototypes=stage_lib.array_digest(bank),
-    )
-    return stage_lib.Stage(
-        name=up.name,
-        model_cfg=c.new.model,
-        train_cfg=c.new.train,
-        source=source,
-        num_classes=source.num_classes,
-        seed=c.seed + 1,
-        method=method,
-        fingerprint=fingerprint,
-    )
-
-
-def run(config, data, old, *, mesh, workdir: str) -> dict:
-    """Trains (or resumes, or loads) every upgrade after `old`; {name: Trained}, in order."""
-    chain, previous = {}, ('old', old, np.asarray(data.old_label))
-    for up in plan(config, np.asarray(data.old_label)):
-        source, label_of = _subset(data, up.classes)
-        prev_name, prev_model, prev_label_of = previous
-        kw = dict(workdir=workdir, mesh=mesh, batch_size=config.eval.batch_size)
-        identity = stage_lib.data_identity(data) + stage_lib.array_digest(up.classes)
-        bank = prototypes.old_bank(
-            prev_model,
-            source,
-            num_classes=source.num_classes,
-            data_identity=identity,
-            name=f'{prev_name}_for_{up.name}',
-            retrain=config.on_change == 'retrain',
-            **kw,
-        )
-        old_label = prev_label_of[up.classes]  # this model's label -> its predecessor's
-        stats = {}
-        if methods.build(up.method, config).needs_class_stats:
-            stats = prototypes.class_statistics(
-                prev_model, source, bank, old_label, mesh=mesh, batch_size=config.eval.batch_size
-            )
-        reference = stage_lib.Reference(prev_model, bank, old_label, stats)
-        stage = _stage(up, source, reference, data)
-        chain[up.name] = train.train(stage, reference, config=up.config, mesh=mesh, workdir=workdir)
-        previous = (up.name, chain[up.name], label_of)
-    return chain

@@ -1,13 +1,14 @@
 """Defaults shared by every experiment config; each config file overrides what it needs.
 
 Groups: data, old (model, train, checkpoint), new (model, train), compat (loss weights and
-temperature), eval, ckpt, mesh. Units are in the names (`*_steps`, `*_epochs`).
+temperature), each method's own (bcl_jax/methods), eval, ckpt, mesh. Units are in the names (`*_steps`, `*_epochs`).
 """
 
 import dataclasses
 
 from ml_collections import config_dict
 
+from bcl_jax import methods
 from bcl_jax.data.synthetic import SyntheticSpec
 
 
@@ -168,78 +169,10 @@ def base_config():
             temperature=0.07,  # τ of L_comp
         )
     )
-    c.perturb = config_dict.ConfigDict(
-        dict(  # NDPP / ODPP (method.md §4-§6)
-            start_epochs=2.0,  # p̃ = p before this (perturb_start)
-            refresh_every_epochs=1.0,  # recompute p̃ this often (refresh_every)
-            new_prototypes='ema',  # ema: per-class EMA in the train state | exact: a pass over the data
-            ema_decay=0.9,  # per appearance of a class in a batch
-            exact_batch_size=256,
-            perturb_negatives=False,  # True: L_comp uses p̃ for every class, not only the positive
-            # unit: negatives are the unit prototypes; mean: unnormalised class means m_c·p_c
-            # (m_c = norm of the mean unit old embedding; the reference's banks may have been)
-            prototype_norm='unit',
-            # K, α, β each applied once, weights clamped at 0, j = c left out of the new-space
-            # neighbours. The reference code's own arithmetic (perturbation.ndpp_authors_mode):
-            # alpha=0.16, beta=0.004, clamp_weights=False, exclude_self=False.
-            # rho (method.md §11): a strength in nearest-neighbour distances; when set, α is
-            # found by bisection on the old bank before training (bcl_jax.calibrate); rho_beta
-            # likewise sets β (the new-space term on its own, at q = p). new_push: a second
-            # push of p̃ away from its top-K new prototypes, scaled by α (the reference's).
-            ndpp=config_dict.ConfigDict(
-                dict(
-                    k=100,
-                    alpha=0.16,
-                    beta=0.004,
-                    clamp_weights=True,
-                    exclude_self=True,
-                    new_push=False,
-                    rho=config_dict.placeholder(float),
-                    rho_beta=config_dict.placeholder(float),
-                )
-            ),
-            # method.md §5 (bcl_jax.odpp.OdppOptions): J on p + Δ unnormalised, Δ solved afresh
-            # at each refresh; normalize_in_objective and warm_start are the alternatives.
-            odpp=config_dict.ConfigDict(
-                dict(
-                    passes=100,
-                    pairs_per_step=1024,
-                    learning_rate=1e-3,
-                    pairs='random',
-                    k=100,
-                    margin_old=0.9,
-                    margin_new=0.9,
-                    lambda_old=1.0,
-                    lambda_new=1.0,
-                    gamma=0.0,
-                    normalize_in_objective=False,
-                    warm_start=False,
-                    # method.md §11: margin_old from a strength in nearest-neighbour distances
-                    # (needs pairs='neighbours' and normalize_in_objective=True), and with
-                    # margin_new_quantile, margin_new re-set at every refresh at the same
-                    # quantile of the top-K new-prototype similarities p_c·q_j (j ≠ c).
-                    rho=config_dict.placeholder(float),
-                    margin_new_quantile=False,
-                )
-            ),
-        )
-    )
-    # The field's baselines (bcl_jax.methods); each term also carries λ = compat.weight.
-    c.lce = config_dict.ConfigDict(
-        dict(
-            align_weight=1.0,  # AdvBCT's port of LCE (LCE's official code: 100)
-            boundary_weight=1.0,
-            align_over='batch',  # batch (AdvBCT) | classes (LCE's official code)
-            boundary_space='angle',  # angle (AdvBCT) | cosine (LCE's official code)
-        )
-    )
-    c.unibct = config_dict.ConfigDict(
-        dict(kind='arcface', scale=30.0, margin=0.3, old_classes_only=True)  # AdvBCT's form
-    )
-    c.hot_refresh = config_dict.ConfigDict(dict(temperature=0.01, topk_negatives=10))
-    c.advbct = config_dict.ConfigDict(
-        dict(hidden=100, threshold=1.0, boundary_weight=1.0, adversarial_weight=1.0)
-    )
+    # Each method's own settings (perturb, lce, unibct, hot_refresh, advbct), declared in its
+    # file under bcl_jax/methods (`config_defaults`, with what each field means).
+    for section, fields in methods.config_defaults().items():
+        c[section] = config_dict.ConfigDict(fields)
     c.eval = config_dict.ConfigDict(
         dict(
             batch_size=256,

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import prototypes
+from bcl_jax import class_stats, prototypes
 from bcl_jax.methods import advbct, hot_refresh, lce, unibct
 
 RTOL = 1e-5
@@ -96,11 +96,11 @@ def test_class_statistics_match_reference(old_data, metric):
     sums, counts = prototypes.class_sums(
         *_f32(feat), jnp.asarray(labels), jnp.ones(len(labels), bool), num_classes=num_classes
     )
-    protos, norms = jax.jit(lce.class_centres)(sums, counts)
-    radii = jax.jit(functools.partial(lce.sample_radii, metric=metric))(
+    protos, norms = jax.jit(class_stats.class_centres)(sums, counts)
+    radii = jax.jit(functools.partial(class_stats.sample_radii, metric=metric))(
         *_f32(feat), jnp.asarray(labels), protos, norms
     )
-    stats = jax.jit(lce.class_radii, static_argnames=('num_classes', 'outlier_rule'))
+    stats = jax.jit(class_stats.class_radii, static_argnames=('num_classes', 'outlier_rule'))
     r_max, kept = stats(radii, jnp.asarray(labels), num_classes=num_classes)
 
     meta = _ref_class_meta(feat, labels, metric)
@@ -124,7 +124,7 @@ def test_class_radii_streams_without_outlier_rule(old_data):
     rng = np.random.default_rng(1)
     radii = jnp.asarray(rng.random(len(labels)).astype(np.float32))
     valid = rng.random(len(labels)) < 0.8
-    stats = jax.jit(lce.class_radii, static_argnames=('num_classes', 'outlier_rule'))
+    stats = jax.jit(class_stats.class_radii, static_argnames=('num_classes', 'outlier_rule'))
     c = len(SIZES)
     whole = stats(
         radii, jnp.asarray(labels), jnp.asarray(valid), num_classes=c, outlier_rule='none'
@@ -156,7 +156,7 @@ def test_class_radii_streams_without_outlier_rule(old_data):
 def test_class_radii_hand_case():
     # One class, radii 1..7 and 100: q1 = r[2] = 3, q3 = r[6] = 7, fences [-3, 13] drop 100.
     radii = jnp.array([5.0, 100.0, 1.0, 7.0, 2.0, 6.0, 3.0, 4.0])
-    stats = jax.jit(functools.partial(lce.class_radii, num_classes=1))
+    stats = jax.jit(functools.partial(class_stats.class_radii, num_classes=1))
     r_max, kept = stats(radii, jnp.zeros(8, jnp.int32))
     assert float(r_max[0]) == 7.0 and int(kept[0]) == 7
 
@@ -223,10 +223,12 @@ def test_boundary_loss_hand_case():
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(ValueError, match='lce.class_radii: outlier_rule'):
-        lce.class_radii(jnp.ones(3), jnp.zeros(3, jnp.int32), num_classes=1, outlier_rule='max')
-    with pytest.raises(ValueError, match='lce.sample_radii: metric'):
-        lce.sample_radii(
+    with pytest.raises(ValueError, match='class_stats.class_radii: outlier_rule'):
+        class_stats.class_radii(
+            jnp.ones(3), jnp.zeros(3, jnp.int32), num_classes=1, outlier_rule='max'
+        )
+    with pytest.raises(ValueError, match='class_stats.sample_radii: metric'):
+        class_stats.sample_radii(
             jnp.ones((1, 2)), jnp.zeros(1, jnp.int32), jnp.ones((1, 2)), jnp.ones(1), metric='cos'
         )
     with pytest.raises(ValueError, match=r'lce.alignment_loss: kernel \(5, 3\)'):

@@ -10,9 +10,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcl_jax import checkpoint, train
-from bcl_jax.data import storage
 from bcl_jax import step as step_lib
-from bcl_jax.data import pipeline
+from bcl_jax.data import pipeline, storage
 from configs import common
 
 NUM_CLASSES = 6

@@ -6,12 +6,13 @@ import importlib
 import json
 import os
 
+import fake_datasets
 import numpy as np
 import pytest
 
-import fake_datasets
-from bcl_jax import evaluate, main, sharding, train, validate
 from bcl_jax import data as data_lib
+from bcl_jax import embed as embed_lib
+from bcl_jax import main, sharding, train, validate
 from bcl_jax.data import gldv2, prepare, revisited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def test_gldv2_smoke_end_to_end(gldv2_files, tmp_path):
     new = train.load(
         os.path.join(workdir, 'new_bct', 'ckpt'), cfg.new.model, data.num_classes, mesh
     )
-    embed = lambda model, s: evaluate.embed(model, s, mesh=mesh, batch_size=8)
+    embed = lambda model, s: embed_lib.embed(model, s, mesh=mesh, batch_size=8)
     tests = {t.name: t for t in data.tests}
     assert list(tests) == ['roxford5k', 'rparis6k', 'gldv2']
     for name in ('roxford5k', 'rparis6k'):
@@ -223,7 +224,9 @@ def test_cub_end_to_end_query_set_is_its_own_gallery(tmp_path):
         os.path.join(workdir, 'old', 'ckpt'), cfg.old.model, data.old_train.num_classes, mesh
     )
     new = train.load(os.path.join(workdir, 'new_bct', 'ckpt'), cfg.new.model, 10, mesh)
-    old_emb, new_emb = (evaluate.embed(m, test.query, mesh=mesh, batch_size=16) for m in (old, new))
+    old_emb, new_emb = (
+        embed_lib.embed(m, test.query, mesh=mesh, batch_size=16) for m in (old, new)
+    )
     labels = np.asarray(test.query.labels)
     want = metrics.retrieval_metrics(
         new_emb, labels, old_emb, labels, ks=(1, 2, 4, 8), exclude_self=True

@@ -10,6 +10,7 @@ from PIL import Image
 
 from bcl_jax import data
 from bcl_jax.data import splits
+from bcl_jax.data import synthetic as synthetic_data
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 from configs import synthetic as synthetic_config
 
@@ -50,6 +51,27 @@ def test_synthetic_images_are_pure_in_seed_split_label_index():
     for i in [35, 0, 17]:
         np.testing.assert_array_equal(src_a[i]['image'], src_b[i]['image'])
         np.testing.assert_array_equal(src_a[i]['image'], a.image(0, i // 4, i % 4))
+
+
+def test_synthetic_sources_keep_each_image_they_made_and_hand_out_copies(monkeypatch):
+    """A source makes an image once (then serves it from its cache) and the cached image is the
+    one `image` makes; a record is its own array; above CACHE_BYTES nothing is kept."""
+    bench = SyntheticBenchmark(SyntheticSpec(seed=5, **SMALL))
+    made = []
+    image = bench.image
+    monkeypatch.setattr(bench, 'image', lambda *a: made.append(a) or image(*a))
+    src = bench.split('gallery')
+    first = [src[i]['image'] for i in range(len(src))]
+    again = src[4]['image']
+    assert len(made) == len(src)  # the second read of image 4 made nothing
+    np.testing.assert_array_equal(again, image(1, 4 // 3, 2 + 4 % 3))  # gallery: offset 2
+    again[:] = 0  # a caller's change stays in its own copy
+    np.testing.assert_array_equal(src[4]['image'], first[4])
+    monkeypatch.setattr(synthetic_data, 'CACHE_BYTES', 10)
+    uncached = bench.split('gallery')
+    uncached[4], uncached[4]
+    assert len(made) == len(src) + 2
+    np.testing.assert_array_equal(uncached[4]['image'], first[4])
 
 
 def test_synthetic_split_sizes_and_labels():

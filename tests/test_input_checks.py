@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcl_jax import crosstest, export, main, sharding, train, upgrades, validate
+from bcl_jax import crosstest, export, fingerprint, main, sharding, train, validate
 from bcl_jax import data as data_lib
-from bcl_jax import stage as stage_lib
+from bcl_jax import plan as plan_lib
 from bcl_jax.data.folder import ImageFolder
 from bcl_jax.data.images import CorruptImageError
 from configs import synthetic, synthetic_sequential
@@ -106,19 +106,18 @@ def test_changed_upgrade_fraction():
     data = data_lib.build(cfg.data)
     reference = stages.reference(num_classes=data.num_classes, old_classes=4, dim=16)
 
-    def fingerprint(config):
-        up = upgrades.plan(config, np.asarray(data.old_label))[0]
-        source, _ = upgrades._subset(data, up.classes)
-        return upgrades._stage(up, source, reference, data).fingerprint
+    def stamp(config):
+        run = plan_lib.plan(config, data)
+        return plan_lib.upgrade_stage(run, run.upgrades[0], reference).fingerprint
 
-    saved = fingerprint(cfg)
+    saved = stamp(cfg)
     cfg.upgrades.v2.fraction = 0.8
-    with pytest.raises(stage_lib.ChangedConfigError) as err:
-        stage_lib.check_fingerprint(saved, fingerprint(cfg), where='v2/ckpt', what='v2')
+    with pytest.raises(fingerprint.ChangedConfigError) as err:
+        fingerprint.check_fingerprint(saved, stamp(cfg), where='v2/ckpt', what='v2')
     assert 'upgrades.v2.fraction: 0.6 -> 0.8' in str(err.value)
     # A stage saved before the fraction was recorded: its classes' digest alone decides.
     legacy = {k: v for k, v in saved.items() if not k.endswith('.fraction')}
-    assert stage_lib.differences(legacy, saved) == []
+    assert fingerprint.differences(legacy, saved) == []
 
 
 # --------------------------------------------------------------------------- training runs
@@ -133,7 +132,7 @@ def nan_run(tmp_path_factory):
     with pytest.raises(FloatingPointError) as nan:
         main.run(smoke(**changes, **{'old.train.learning_rate': 1e30}), workdir)
     lower = {**changes, 'old.train.learning_rate': 0.1}
-    with pytest.raises(stage_lib.ChangedConfigError) as refused:
+    with pytest.raises(fingerprint.ChangedConfigError) as refused:
         main.run(smoke(**lower), workdir)
     results = main.run(smoke(**lower, on_change='retrain'), workdir)
     return workdir, str(nan.value), str(refused.value), results
@@ -159,7 +158,7 @@ def test_refused_rerun_leaves_config_json(nan_run, tmp_path):
     before = config_json.read_text()
     assert json.loads(before)['old']['train']['learning_rate'] == 0.1
     changes = {'methods': (), 'log_every_steps': 1, 'ckpt.every_steps': 1}
-    with pytest.raises(stage_lib.ChangedConfigError):
+    with pytest.raises(fingerprint.ChangedConfigError):
         main.run(smoke(**changes, **{'old.train.learning_rate': 0.05}), workdir)
     assert config_json.read_text() == before
 
@@ -171,9 +170,11 @@ def unfinished(tmp_path_factory):
     cfg = smoke()
     data = data_lib.build(cfg.data)
     workdir = str(tmp_path_factory.mktemp('unfinished'))
-    stage = stage_lib.old_stage(cfg, data)
+    stage = plan_lib.old_stage(plan_lib.plan(cfg, data))
     mesh = sharding.make_mesh(cfg.mesh)
-    train.train(stage, config=cfg, mesh=mesh, workdir=workdir, stop_after_steps=2)
+    train.train(
+        stage, None, train.Loop.from_config(cfg), mesh=mesh, workdir=workdir, stop_after_steps=2
+    )
     ckpt, files = os.path.join(workdir, 'old', 'ckpt'), os.path.join(workdir, 'embeddings')
     export.export(cfg, ckpt, files, allow_unfinished=True)
     return cfg, ckpt, files

@@ -15,9 +15,16 @@ import jax
 import numpy as np
 import pytest
 
-from bcl_jax import checkpoint, crosstest, embedding_files, export, main, prototypes, train
+from bcl_jax import (
+    checkpoint,
+    crosstest,
+    embedding_files,
+    export,
+    main,
+    prototypes,
+    train,
+)
 from bcl_jax import data as data_lib
-from bcl_jax import stage as stage_lib
 from bcl_jax import step as step_lib
 from bcl_jax.data import storage
 from configs import common, synthetic
@@ -383,12 +390,12 @@ def test_a_training_image_replaced_under_its_name_changes_the_fingerprint(tmp_pa
     read = []
     real = storage.file_digest
     monkeypatch.setattr(storage, 'file_digest', lambda p: read.append(str(p)) or real(p))
-    fingerprint = data_lib.build(cfg.data, workdir).fingerprint
-    assert fingerprint != results['data']['fingerprint']
+    changed = data_lib.build(cfg.data, workdir).fingerprint
+    assert changed != results['data']['fingerprint']
     assert read == [str(target)]  # the other images' digests came from the cache
     monkeypatch.undo()
     # The next run refuses the stages trained on the old images, naming the data.
-    with pytest.raises(stage_lib.ChangedConfigError, match='data_identity'):
+    with pytest.raises(fingerprint.ChangedConfigError, match='data_identity'):
         main.run(cfg, workdir)
     # data.fingerprint='names', the documented cheaper mode, does not see it.
     assert data_lib.build(names_cfg, workdir).fingerprint == by_names

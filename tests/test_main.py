@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from bcl_jax import evaluate, main, sharding, train
 from bcl_jax import data as data_lib
+from bcl_jax import embed as embed_lib
+from bcl_jax import fingerprint, main, sharding, train
+from bcl_jax import plan as plan_lib
 from bcl_jax import stage as stage_lib
 from configs import synthetic
 
@@ -196,7 +198,7 @@ def test_metrics_agree_with_a_numpy_recomputation(e2e, data):
 
     def embeddings(model):
         return [
-            evaluate.embed(model, s, mesh=m, batch_size=cfg.eval.batch_size)
+            embed_lib.embed(model, s, mesh=m, batch_size=cfg.eval.batch_size)
             for s in (data.tests[0].query, data.tests[0].gallery)
         ]
 
@@ -207,7 +209,7 @@ def test_metrics_agree_with_a_numpy_recomputation(e2e, data):
     assert_metrics_match(results['old_old'], old_q, q_labels, old_g, g_labels)
 
     # The old prototypes: normalised class means of normalised old embeddings of the new set.
-    train_emb = np.asarray(evaluate.embed(old, data.train, mesh=m, batch_size=16), np.float64)
+    train_emb = np.asarray(embed_lib.embed(old, data.train, mesh=m, batch_size=16), np.float64)
     labels = np.asarray(data.train.labels)
     means = np.stack([train_emb[labels == c].mean(0) for c in range(data.num_classes)])
     means /= np.linalg.norm(means, axis=1, keepdims=True)
@@ -251,8 +253,8 @@ def test_rerun_skips_finished_stages(e2e):
 
 
 def run_old_stage(cfg, data, workdir, **kw):
-    stage = stage_lib.old_stage(cfg, data)
-    return train.train(stage, config=cfg, mesh=mesh(), workdir=workdir, **kw)
+    stage = plan_lib.old_stage(plan_lib.plan(cfg, data))
+    return train.train(stage, None, train.Loop.from_config(cfg), mesh=mesh(), workdir=workdir, **kw)
 
 
 @pytest.mark.parametrize('stop', [2, 3])
@@ -308,10 +310,12 @@ def test_interrupted_odpp_training_resumes_to_the_same_params_and_bank(e2e, data
     )
     bank = np.load(os.path.join(e2e_dir, 'prototypes', 'old.npy'))
     reference = stage_lib.Reference(old, bank, data.old_label)
-    stage = stage_lib.new_stage(cfg, 'odpp', data, reference)
+    stage = plan_lib.new_stage(plan_lib.plan(cfg, data), 'odpp', reference)
 
     def run(**kw):
-        return train.train(stage, reference, config=cfg, mesh=mesh(), workdir=str(tmp_path), **kw)
+        return train.train(
+            stage, reference, train.Loop.from_config(cfg), mesh=mesh(), workdir=str(tmp_path), **kw
+        )
 
     assert run(stop_after_steps=9).step == 9  # killed after checkpoint 8, past refresh 4
     final = run()
@@ -498,7 +502,7 @@ def test_seeds_run_apart_are_aggregated_from_their_results_files(e2e, tmp_path):
     other = json.loads((seeds / 'seed_1' / 'results.json').read_text())
     other['config']['new']['train']['epochs'] = 3
     (seeds / 'seed_1' / 'results.json').write_text(json.dumps(other))
-    with pytest.raises(stage_lib.ChangedConfigError, match=r'new\.train\.epochs: 3 -> 2'):
+    with pytest.raises(fingerprint.ChangedConfigError, match=r'new\.train\.epochs: 3 -> 2'):
         main.run(cfg, str(seeds), from_results=True)
     cfg.seeds = (0, 2)
     with pytest.raises(FileNotFoundError, match='seed_2'):

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from bcl_jax import embedding_files, export, main, validate
 from bcl_jax import data as data_lib
+from bcl_jax import embedding_files, export, main, validate
 from configs import synthetic
 
 METHODS = ('independent', 'bct', 'ndpp')

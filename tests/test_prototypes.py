@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bcl_jax import evaluate, prototypes, sharding, step
-from bcl_jax.stage import Trained
+from bcl_jax import embed as embed_lib
+from bcl_jax import prototypes, sharding, step
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
+from bcl_jax.stage import Trained
 
 BATCH = 8  # divisible by the 8 fake devices
 
@@ -131,7 +132,7 @@ def mesh1():
 
 def test_embed_matches_direct_forward(model, source, mesh8):
     """The reference embeddings: evaluate.embed covers every image once, in order, padding cut."""
-    emb = evaluate.embed(model, source, mesh=mesh8, batch_size=BATCH)
+    emb = embed_lib.embed(model, source, mesh=mesh8, batch_size=BATCH)
     assert emb.shape == (len(source), MODEL_CFG.embedding_dim)
     images = np.stack([source[i]['image'] for i in range(len(source))])
     direct = nnx.merge(model.graphdef, model.params, model.batch_stats).embed(jnp.asarray(images))
@@ -143,7 +144,7 @@ def test_compute_matches_numpy(which, model, source, request):
     mesh = request.getfixturevalue(which)
     assert mesh.devices.size == (8 if which == 'mesh8' else 1)
     bank = prototypes.compute(model, source, num_classes=4, mesh=mesh, batch_size=BATCH)
-    emb = evaluate.embed(model, source, mesh=mesh, batch_size=BATCH)
+    emb = embed_lib.embed(model, source, mesh=mesh, batch_size=BATCH)
     assert emb.shape[0] == len(source)  # padded rows were dropped
     expect = _ref_bank(emb, np.asarray(source.labels), 4)
     assert bank.shape == (4, MODEL_CFG.embedding_dim) and bank.dtype == np.float32
@@ -152,7 +153,7 @@ def test_compute_matches_numpy(which, model, source, request):
 
 def test_compute_padding_is_masked(model, source, mesh8):
     """The last batch repeats the last image 4 times; counting it would move class 3's mean."""
-    emb = evaluate.embed(model, source, mesh=mesh8, batch_size=BATCH)
+    emb = embed_lib.embed(model, source, mesh=mesh8, batch_size=BATCH)
     labels = np.asarray(source.labels)
     padded_emb = np.concatenate([emb, np.repeat(emb[-1:], 4, axis=0)])
     padded_labels = np.concatenate([labels, np.repeat(labels[-1:], 4)])
@@ -180,7 +181,7 @@ def test_old_bank_writes_reuses_and_recomputes(model, source, mesh8, tmp_path, m
     path = os.path.join(workdir, 'prototypes', 'old.npy')
     stored = np.load(path)  # a binary .npy array, not JSON
     np.testing.assert_array_equal(stored, bank)
-    emb = evaluate.embed(model, source, mesh=mesh8, batch_size=BATCH)
+    emb = embed_lib.embed(model, source, mesh=mesh8, batch_size=BATCH)
     np.testing.assert_allclose(bank, _ref_bank(emb, np.asarray(source.labels), 4), atol=1e-5)
     with open(path + '.json') as f:
         meta = json.load(f)
@@ -209,7 +210,7 @@ def test_old_bank_writes_reuses_and_recomputes(model, source, mesh8, tmp_path, m
     monkeypatch.setattr(prototypes, 'compute', counting)
     new_bank = prototypes.old_bank(other, source, **kw)
     assert calls == [1]
-    emb = evaluate.embed(other, source, mesh=mesh8, batch_size=BATCH)
+    emb = embed_lib.embed(other, source, mesh=mesh8, batch_size=BATCH)
     np.testing.assert_allclose(new_bank, _ref_bank(emb, np.asarray(source.labels), 4), atol=1e-5)
     assert np.abs(new_bank - bank).max() > 1e-3
     np.testing.assert_array_equal(np.load(path), new_bank)

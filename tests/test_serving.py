@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 from bcl_jax import data as data_lib
 from bcl_jax import embedding_files, export, serving, sharding, train
+from bcl_jax import plan as plan_lib
 from bcl_jax import step as step_lib
 from bcl_jax.stage import Trained
 from configs import synthetic
@@ -41,7 +42,7 @@ def smoke(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('run'))
     mesh = sharding.make_mesh(cfg.mesh)
     data = data_lib.build(cfg.data)
-    train.old_model(cfg, data, mesh=mesh, workdir=workdir)
+    plan_lib.old_model(plan_lib.plan(cfg, data), mesh=mesh, workdir=workdir)
     ckpt = os.path.join(workdir, 'old', 'ckpt')
     emb = str(tmp_path_factory.mktemp('embeddings'))
     export.export(cfg, ckpt, emb)

@@ -15,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 
 from bcl_jax import (
     checkpoint,
-    evaluate,
     methods,
     metrics,
     odpp,
@@ -24,6 +23,7 @@ from bcl_jax import (
     sharding,
     train,
 )
+from bcl_jax import embed as embed_lib
 from bcl_jax import step as step_lib
 from bcl_jax.data.synthetic import SyntheticBenchmark, SyntheticSpec
 from bcl_jax.methods import HookContext
@@ -588,7 +588,7 @@ def test_prototypes_and_evaluation_with_a_class_sharded_model():
     emb = {}
     for name, model, mesh in (('8', m8, mesh_of(8)), ('1', m1, mesh_of(1))):
         emb[name] = [
-            evaluate.embed(model, bench.split(s), mesh=mesh, batch_size=B)
+            embed_lib.embed(model, bench.split(s), mesh=mesh, batch_size=B)
             for s in ('query', 'gallery')
         ]
     err = max_rel(emb['8'], emb['1'])

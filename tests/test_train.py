@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, sharding, stage as stage_lib, train
+from bcl_jax import checkpoint, sharding, train
 from bcl_jax import data as data_lib
+from bcl_jax import plan as plan_lib
 from bcl_jax import step as step_lib
 from bcl_jax.data import pipeline
 from configs import synthetic
 from tests.stages import host
 from tests.test_step import assert_trees_close, cosface_loss_reference
-
 
 # --------------------------------------------------------------------------- NaN stop
 
@@ -33,8 +33,10 @@ def smoke():
 def train_old(cfg, data, workdir, mesh=None, **kw):
     """The old stage of `cfg` as main.run trains it."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-    stage = stage_lib.old_stage(cfg, data)
-    return train.train(stage, config=cfg, mesh=mesh, workdir=str(workdir), **kw)
+    stage = plan_lib.old_stage(plan_lib.plan(cfg, data))
+    return train.train(
+        stage, None, train.Loop.from_config(cfg), mesh=mesh, workdir=str(workdir), **kw
+    )
 
 
 def restore_params(directory, cfg, data, step):
@@ -145,10 +147,14 @@ def test_overflowing_update_is_not_checkpointed(smoke, tmp_path):
 
 def test_compatible_method_without_old_model_is_refused(smoke, tmp_path):
     cfg, data = smoke
-    stage = stage_lib.new_stage(cfg, 'bct', data, None)
+    stage = plan_lib.new_stage(plan_lib.plan(cfg, data), 'bct', None)
     with pytest.raises(ValueError, match="'bct' needs the old model"):
         train.train(
-            stage, None, config=cfg, mesh=sharding.make_mesh(cfg.mesh), workdir=str(tmp_path)
+            stage,
+            None,
+            train.Loop.from_config(cfg),
+            mesh=sharding.make_mesh(cfg.mesh),
+            workdir=str(tmp_path),
         )
     assert not os.path.exists(os.path.join(tmp_path, 'new_bct'))
 

@@ -1,29 +1,51 @@
 """Compatibility methods by name (`config.methods`), and named variants of them.
 
 A method is an object the training loop asks for loss terms, state and work between steps
-(`base.Method`). A variant is a method run with other settings, declared in `config.variants`
-as `name: 'base field=value ...'` (e.g. `odpp_warm: 'odpp perturb.odpp.warm_start=True'`), so
-that one run trains and compares several settings of one method, paired by seed.
+(`base.Method`). Each module of this package is a plug-in: importing it registers its methods
+(`base.register`), so adding a method is adding its file (and its tests). A variant is a method
+run with other settings, declared in `config.variants` as `name: 'base field=value ...'` (e.g.
+`odpp_warm: 'odpp perturb.odpp.warm_start=True'`), so that one run trains and compares several
+settings of one method, paired by seed.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 
-from bcl_jax.methods.advbct import AdvBCT
-from bcl_jax.methods.base import HookContext, Method, StepInputs
-from bcl_jax.methods.bct import BCT, L2, BCTInfluence
-from bcl_jax.methods.hot_refresh import HotRefresh
-from bcl_jax.methods.lce import LCE
-from bcl_jax.methods.perturbed import NDPP, ODPP
-from bcl_jax.methods.unibct import UniBCT
+from bcl_jax.methods.base import REGISTRY, HookContext, Method, StepInputs, register
 
-REGISTRY = {
-    m.name: m for m in (Method, BCT, BCTInfluence, L2, LCE, UniBCT, HotRefresh, AdvBCT, NDPP, ODPP)
-}
+for _plugin in pkgutil.iter_modules(__path__):
+    importlib.import_module(f'{__name__}.{_plugin.name}')
 NAMES = tuple(REGISTRY)
 
-__all__ = ['HookContext', 'Method', 'NAMES', 'REGISTRY', 'StepInputs', 'build', 'resolve']
+__all__ = [
+    'HookContext',
+    'Method',
+    'NAMES',
+    'REGISTRY',
+    'StepInputs',
+    'build',
+    'config_defaults',
+    'register',
+    'resolve',
+]
+
+
+def config_defaults() -> dict:
+    """{section: ConfigDict-able dict} of every registered method's own settings; a section may
+    be declared by one method (and the classes that inherit it) only."""
+    out, owner = {}, {}
+    for cls in REGISTRY.values():
+        declared_by = cls.config_defaults.__qualname__
+        for section, fields in cls.config_defaults().items():
+            if owner.setdefault(section, declared_by) != declared_by:
+                raise ValueError(
+                    f'config section {section!r} declared by {owner[section]} and {declared_by}'
+                )
+            out.setdefault(section, fields)
+    return out
 
 
 def _value(text: str):
@@ -33,24 +55,30 @@ def _value(text: str):
         return text  # a bare word: a string
 
 
-def resolve(config, name: str):
-    """(base method name, the stage's config) for `name`: a method, or a variant of one."""
+def resolve(config, name: str, changes: dict | None = None):
+    """(base method name, the stage's config) for `name`, a method or a variant of one, with
+    `changes` ({dotted field: value}, e.g. an upgrade's `new.model.width`) set on a copy."""
     variants = config.get('variants') or {}
-    if name in REGISTRY:
-        return name, config
-    if name not in variants:
+    if name not in REGISTRY and name not in variants:
         raise ValueError(
             f'config.methods: unknown method {name!r}; use one of {NAMES} or a name declared '
             f'in config.variants ({tuple(variants) or "none declared"})'
         )
-    base, *settings = str(variants[name]).split()
-    if base not in REGISTRY:
-        raise ValueError(f'config.variants.{name}={variants[name]!r}: {base!r} is not a method')
+    base, settings = name, {}
+    if name not in REGISTRY:
+        base, *words = str(variants[name]).split()
+        if base not in REGISTRY:
+            raise ValueError(f'config.variants.{name}={variants[name]!r}: {base!r} is not a method')
+        for word in words:
+            field, sep, text = word.partition('=')
+            if not sep:
+                raise ValueError(f'config.variants.{name}: {word!r} is not field=value')
+            settings[field] = _value(text)
+    settings.update(changes or {})
+    if not settings:
+        return base, config
     stage_config = config.copy_and_resolve_references()
-    for setting in settings:
-        field, sep, text = setting.partition('=')
-        if not sep:
-            raise ValueError(f'config.variants.{name}: {setting!r} is not field=value')
+    for field, value in settings.items():
         parent, _, leaf = field.rpartition('.')
         try:
             group = stage_config
@@ -58,15 +86,15 @@ def resolve(config, name: str):
                 group = group[part]
             if leaf not in group:
                 raise KeyError(field)
-            group[leaf] = _value(text)
+            group[leaf] = value
         except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f'config.variants.{name}: cannot set {field}={text} ({e})') from e
+            raise ValueError(f'config.variants.{name}: cannot set {field}={value} ({e})') from e
     return base, stage_config
 
 
-def build(name: str, config) -> Method:
-    """The method (or variant) `name`, configured from `config`."""
-    base, stage_config = resolve(config, name)
+def build(name: str, config, changes: dict | None = None) -> Method:
+    """The method (or variant) `name`, configured from `config` (with `changes`, see `resolve`)."""
+    base, stage_config = resolve(config, name, changes)
     method = REGISTRY[base](stage_config)
     method.name = name
     return method

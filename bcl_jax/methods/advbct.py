@@ -31,8 +31,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bcl_jax.methods.base import Method
-from bcl_jax.methods.lce import check_batch, masked_mean
+from bcl_jax.class_stats import check_batch, class_valid, masked_mean
+from bcl_jax.errors import require
+from bcl_jax.methods.base import Method, old_embeddings, register
+from bcl_jax.stage import steps_of
 
 __all__ = [
     'adversarial_loss',
@@ -190,8 +192,8 @@ def elastic_boundary_loss(
     """L_boundary = Σ_i h_i / #{i : h_i > 0},  h_i = max(||f_i − m_y p_y|| − r̃_y, 0),
 
     over the samples i of valid classes (`class_valid`: old statistics with `kept >= 2`), f_i the
-    new embedding, m_y p_y the unnormalised old class centre (`lce.class_centres`), r̃_y the
-    elastic radius from the 'distance' `max_radius` (`lce.class_radii`, 1.5·IQR rule) and the
+    new embedding, m_y p_y the unnormalised old class centre (`class_stats.class_centres`), r̃_y the
+    elastic radius from the 'distance' `max_radius` (`class_stats.class_radii`, 1.5·IQR rule) and the
     trained gate `weights` (C,), or the fixed r_y when `weights` is None.
 
     The mean is over the samples OUTSIDE their boundary, not over the batch (reference:
@@ -214,6 +216,7 @@ def elastic_boundary_loss(
     return masked_mean(hinge, class_valid[labels] & (hinge > 0))
 
 
+@register
 class AdvBCT(Method):
     """`advbct`: L_cls + λ·(b·L_boundary + a·w_e·L_adv), λ = compat.weight, a and b from
     `config.advbct` (1 and 1, AdvBCT's config), w_e and the reversal scale α on the reference's
@@ -225,15 +228,26 @@ class AdvBCT(Method):
     needs_class_stats = True
     config_sections = ('compat', 'advbct')
 
+    @staticmethod
+    def config_defaults():
+        # Each term also carries λ = compat.weight.
+        return {
+            'advbct': dict(hidden=100, threshold=1.0, boundary_weight=1.0, adversarial_weight=1.0)
+        }
+
+    def check(self):
+        c = self.config.advbct
+        require(c.hidden >= 1, 'advbct.hidden', c.hidden, '>= 1')
+        for field in ('boundary_weight', 'adversarial_weight'):
+            require(c[field] >= 0, f'advbct.{field}', c[field], '>= 0')
+
     @property
     def weights(self):
         c, lam = self.config.advbct, self.config.compat.weight
         return {'boundary': lam * c.boundary_weight, 'adv': lam * c.adversarial_weight}
 
     def init_state(self, stage, reference):
-        train = stage.train_cfg
-        self.steps_per_epoch = len(stage.source) / train.batch_size
-        self.total_steps = train.steps or int(round(train.epochs * self.steps_per_epoch))
+        self.total_steps, self.steps_per_epoch = steps_of(stage.train_cfg, len(stage.source))
         self.epochs = max(1, int(round(self.total_steps / self.steps_per_epoch)))
         disc_key, gate_key = jax.random.split(jax.random.fold_in(jax.random.key(stage.seed), 1))
         dim = stage.model_cfg.embedding_dim
@@ -245,8 +259,6 @@ class AdvBCT(Method):
         return {'params': params}
 
     def terms(self, inputs, reference, state):
-        from bcl_jax.methods.bct import old_embeddings
-        from bcl_jax.methods.lce import class_valid
 
         c, stats = self.config.advbct, reference.class_stats
         boundary = elastic_boundary_loss(

@@ -1,4 +1,9 @@
-"""The interface between the training loop and a compatibility method.
+"""The interface between the training loop and a compatibility method, and the method registry.
+
+A method is one file of this package: a `Method` subclass decorated with `@register`, which
+declares the config sections it adds (`config_defaults`, merged into every config by
+configs/common.py), checks its settings before any work (`check`, called by bcl_jax.validate)
+and names the sections that enter its stages' fingerprints (`config_sections`).
 
 The loop (bcl_jax.train) knows no method by name. It asks the stage's `Method` in four places:
 
@@ -19,10 +24,21 @@ updates them with `optimizer(...)`.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from bcl_jax import stage as stage_lib
+import jax
+
+from bcl_jax import stage as stage_lib
+
+REGISTRY: dict[str, type[Method]] = {}  # name -> method class, in the order they registered
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Makes a `Method` subclass usable by its `name` in `config.methods` (a class decorator)."""
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f'two methods named {cls.name!r}: {REGISTRY[cls.name]} and {cls}')
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +68,13 @@ class HookContext:
 
     def model(self, state) -> stage_lib.Trained:
         """The model being trained, with the state's current weights."""
-        from bcl_jax.stage import Trained  # the stage module builds methods: import late
-
         s = self.stage
-        return Trained(
+        return stage_lib.Trained(
             self.graphdef, state['params'], state['batch_stats'], s.model_cfg, s.num_classes, 0
         )
 
 
+@register
 class Method:
     """Independent training: L_cls alone. Every other method derives from this one."""
 
@@ -73,6 +88,16 @@ class Method:
 
     def __init__(self, config):
         self.config = config  # the stage's resolved config (variants applied)
+
+    @staticmethod
+    def config_defaults() -> dict:
+        """{section: {field: default}}: the config sections this method adds to every config
+        (made afresh at each call: a config owns its placeholders)."""
+        return {}
+
+    def check(self):
+        """Stops with an `errors.ConfigError` naming the field when a setting of this method's
+        config cannot work; bcl_jax.validate calls it before any work."""
 
     def notes(self) -> dict:
         """What the method settled before training that results.json records (e.g. a
@@ -103,3 +128,8 @@ class Method:
     def optimizer(self, model_tx):
         """The optax optimizer of `state['params']`: by default the model's own (`model_tx`)."""
         return model_tx
+
+
+def old_embeddings(reference, images):
+    """The frozen old model's embeddings of the batch (no gradient flows into it)."""
+    return jax.lax.stop_gradient(reference.old_model()(images, train=False)[0])

@@ -11,12 +11,11 @@ Each adds its term to L_cls with weight λ = `config.compat.weight`.
 
 from __future__ import annotations
 
-import jax
-
 from bcl_jax import losses
-from bcl_jax.methods.base import Method
+from bcl_jax.methods.base import Method, old_embeddings, register
 
 
+@register
 class BCT(Method):
     name = 'bct'
     needs_reference = True
@@ -45,6 +44,7 @@ class BCT(Method):
         return {'comp': comp}, state
 
 
+@register
 class BCTInfluence(Method):
     name = 'bct_influence'
     needs_reference = True
@@ -69,11 +69,7 @@ class BCTInfluence(Method):
         return {'influence': term}, state
 
 
-def old_embeddings(reference, images):
-    """The frozen old model's embeddings of the batch (no gradient flows into it)."""
-    return jax.lax.stop_gradient(reference.old_model()(images, train=False)[0])
-
-
+@register
 class L2(Method):
     name = 'l2'
     needs_reference = True

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bcl_jax import losses
-from bcl_jax.methods.base import Method
-from bcl_jax.methods.bct import old_embeddings
+from bcl_jax import losses, sharding
+from bcl_jax.errors import require
+from bcl_jax.methods.base import Method, old_embeddings, register
 from bcl_jax.models.heads import l2_normalize
 
 __all__ = ['backfill_mask', 'backfill_order', 'gallery_uncertainty', 'ract_loss']
@@ -114,6 +114,7 @@ def backfill_mask(order, num_backfilled):
     return rank < num_backfilled
 
 
+@register
 class HotRefresh(Method):
     """`hot_refresh`: L_cls + λ·L_RACT, λ = compat.weight, τ and k from `config.hot_refresh`
     (0.01 and 10, OpenCompatible's defaults). Its backfilling order is `gallery_uncertainty`."""
@@ -121,6 +122,15 @@ class HotRefresh(Method):
     name = 'hot_refresh'
     needs_reference = True
     config_sections = ('compat', 'hot_refresh')
+
+    @staticmethod
+    def config_defaults():
+        return {'hot_refresh': dict(temperature=0.01, topk_negatives=10)}
+
+    def check(self):
+        c = self.config.hot_refresh
+        require(c.temperature > 0, 'hot_refresh.temperature', c.temperature, '> 0')
+        require(c.topk_negatives >= 1, 'hot_refresh.topk_negatives', c.topk_negatives, '>= 1')
 
     @property
     def weights(self):
@@ -140,8 +150,6 @@ class HotRefresh(Method):
     def uncertainty(self, old_model, old_gallery, block: int = 4096) -> np.ndarray:
         """The gallery rows most uncertain under the old classifier first (`gallery_uncertainty`,
         the old classifier's entropy), in blocks of rows: (N, C_old) logits are never held."""
-        from bcl_jax import sharding
-
         cfg, c = old_model.model_cfg, old_model.num_classes
         weights = sharding.unpad((old_model.params, old_model.batch_stats), c)  # on the host
         classifier = old_model.model(*weights).classifier

@@ -15,13 +15,17 @@ what training adds around it:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections.config_dict import placeholder
 
-from bcl_jax import calibrate, odpp, perturbation, prototypes, sharding
+from bcl_jax import calibrate, odpp, perturbation, plots, prototypes, sharding
+from bcl_jax.errors import ConfigError, require
+from bcl_jax.methods.base import register
 from bcl_jax.methods.bct import BCT
 from bcl_jax.models.heads import l2_normalize
 
@@ -31,6 +35,74 @@ class Perturbed(BCT):
     `perturb(old, new, banks, key, num_classes, search) -> (p̃, banks to keep, stats to log)`."""
 
     config_sections = ('compat', 'perturb')
+
+    @staticmethod
+    def config_defaults():
+        # method.md §4-§6. NDPP: K, α, β each applied once, weights clamped at 0, j = c left out
+        # of the new-space neighbours; the reference code's own arithmetic
+        # (perturbation.ndpp_authors_mode) is alpha=0.16, beta=0.004, clamp_weights=False,
+        # exclude_self=False. rho (method.md §11): a strength in nearest-neighbour distances;
+        # when set, α is found by bisection on the old bank before training (bcl_jax.calibrate);
+        # rho_beta likewise sets β (the new-space term on its own, at q = p). new_push: a second
+        # push of p̃ away from its top-K new prototypes, scaled by α (the reference's).
+        ndpp = dict(k=100, alpha=0.16, beta=0.004, clamp_weights=True, exclude_self=True)
+        ndpp.update(new_push=False, rho=placeholder(float), rho_beta=placeholder(float))
+        # ODPP: odpp.OdppOptions (method.md §5): J on p + Δ unnormalised, Δ solved afresh at
+        # each refresh; normalize_in_objective and warm_start are the alternatives. method.md
+        # §11: margin_old from a strength rho in nearest-neighbour distances (needs
+        # pairs='neighbours' and normalize_in_objective=True), and with margin_new_quantile,
+        # margin_new re-set at every refresh at the same quantile of the top-K new-prototype
+        # similarities p_c·q_j (j ≠ c).
+        odpp_fields = dataclasses.asdict(odpp.OdppOptions())
+        odpp_fields.update(rho=placeholder(float), margin_new_quantile=False)
+        perturb = dict(
+            start_epochs=2.0,  # p̃ = p before this (perturb_start)
+            refresh_every_epochs=1.0,  # recompute p̃ this often (refresh_every)
+            new_prototypes='ema',  # ema: per-class EMA in the train state | exact: a data pass
+            ema_decay=0.9,  # per appearance of a class in a batch
+            exact_batch_size=256,
+            perturb_negatives=False,  # True: L_comp uses p̃ for every class, not only the positive
+            # unit: negatives are the unit prototypes; mean: unnormalised class means m_c·p_c
+            # (m_c = norm of the mean unit old embedding)
+            prototype_norm='unit',
+            ndpp=ndpp,
+            odpp=odpp_fields,
+        )
+        return {'perturb': perturb}
+
+    def check(self):
+        c = self.config.perturb
+        require(
+            c.new_prototypes in ('ema', 'exact'),
+            'perturb.new_prototypes',
+            c.new_prototypes,
+            "'ema' or 'exact'",
+        )
+        require(0 <= c.ema_decay < 1, 'perturb.ema_decay', c.ema_decay, 'in [0, 1)')
+        require(
+            c.prototype_norm in ('unit', 'mean'),
+            'perturb.prototype_norm',
+            c.prototype_norm,
+            "'unit' or 'mean'",
+        )
+        require(c.start_epochs >= 0, 'perturb.start_epochs', c.start_epochs, '>= 0')
+        require(
+            c.refresh_every_epochs > 0,
+            'perturb.refresh_every_epochs',
+            c.refresh_every_epochs,
+            '> 0',
+        )
+        require(c.exact_batch_size > 0, 'perturb.exact_batch_size', c.exact_batch_size, '> 0')
+        require(c.ndpp.k >= 1, 'perturb.ndpp.k', c.ndpp.k, '>= 1')
+        for field in ('ndpp.rho', 'ndpp.rho_beta', 'odpp.rho'):
+            method, name = field.split('.')
+            rho = c[method][name]
+            require(
+                rho is None or 0 < rho <= calibrate.RHO_MAX,
+                f'perturb.{field}',
+                rho,
+                f'unset, or in (0, {calibrate.RHO_MAX}] nearest-neighbour distances',
+            )
 
     def __init__(self, config):
         super().__init__(config)
@@ -130,8 +202,6 @@ class Perturbed(BCT):
     def finish(self, state, ctx):
         if jax.process_index() != 0:
             return
-        from bcl_jax import plots  # matplotlib only where a figure is made
-
         bank = lambda x: sharding.to_host(x)[: ctx.stage.num_classes]
         banks = state['method']['banks']
         plots.perturbation_figure(
@@ -143,6 +213,7 @@ class Perturbed(BCT):
         )
 
 
+@register
 class NDPP(Perturbed):
     name = 'ndpp'
 
@@ -163,8 +234,34 @@ class NDPP(Perturbed):
         return perturbation.ndpp(old, new, num_classes=num_classes, **search, **options), {}, {}
 
 
+@register
 class ODPP(Perturbed):
     name = 'odpp'
+
+    def check(self):
+        super().check()
+        c = self.config.perturb.odpp
+        require(c.k >= 1, 'perturb.odpp.k', c.k, '>= 1')
+        require(c.passes >= 0, 'perturb.odpp.passes', c.passes, '>= 0')
+        try:
+            self.options()  # its own checks: pairs, margins in [-1, 1], pairs_per_step, ...
+        except ValueError as e:  # its message starts with the field: 'margin_old=2 is outside'
+            field = str(e).split()[0].split('=')[0]
+            raise ConfigError(f'perturb.odpp.{field}', c.get(field), str(e)) from None
+        require(
+            not c.margin_new_quantile or c.rho is not None,
+            'perturb.odpp.margin_new_quantile',
+            c.margin_new_quantile,
+            'False unless perturb.odpp.rho is set (its quantile is the calibrated one)',
+        )
+        if c.rho is not None:
+            for field, wanted in (('pairs', 'neighbours'), ('normalize_in_objective', True)):
+                require(
+                    c[field] == wanted,
+                    f'perturb.odpp.{field}',
+                    c[field],
+                    f'{wanted!r} when perturb.odpp.rho is set (method.md §11)',
+                )
 
     def options(self, **calibrated) -> odpp.OdppOptions:
         """The configured options, with calibrated margins where given."""

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from bcl_jax import losses
-from bcl_jax.methods.base import Method
-from bcl_jax.methods.lce import check_batch, masked_mean
+from bcl_jax.class_stats import check_batch, masked_mean
+from bcl_jax.errors import require
+from bcl_jax.methods.base import Method, register
 from bcl_jax.models.heads import l2_normalize
 
 __all__ = ['compatibility_loss', 'propagation_matrix', 'refine_prototypes']
@@ -150,6 +151,7 @@ def compatibility_loss(
     return masked_mean(losses.cross_entropy(z, target, num_classes=num_classes), counted)
 
 
+@register
 class UniBCT(Method):
     """`unibct`: L_cls + λ·L_uni on the old prototypes, λ = compat.weight; `config.unibct`
     chooses AdvBCT's form (default: ArcFace s = 30, m = 0.3, old classes only) or MixBCT's
@@ -159,6 +161,16 @@ class UniBCT(Method):
     name = 'unibct'
     needs_reference = True
     config_sections = ('compat', 'unibct')
+
+    @staticmethod
+    def config_defaults():
+        # AdvBCT's form; each term also carries λ = compat.weight.
+        return {'unibct': dict(kind='arcface', scale=30.0, margin=0.3, old_classes_only=True)}
+
+    def check(self):
+        c = self.config.unibct
+        require(c.kind in losses.HEADS, 'unibct.kind', c.kind, f'one of {losses.HEADS}')
+        require(c.scale > 0, 'unibct.scale', c.scale, '> 0')
 
     @property
     def weights(self):
