@@ -20,6 +20,7 @@ from bcl_jax import (
     crosstest,
     embedding_files,
     export,
+    fingerprint,
     main,
     prototypes,
     train,
