@@ -19,8 +19,8 @@ import torch
 from flax import nnx
 
 from bcl_jax import bench
-from bcl_jax.bench import eval_topk, registry, torch_step, train_step
-from bcl_jax.bench.harness import random_unit_np
+from bcl_jax.bench import benchmark_step, eval_topk, registry, torch_step, train_step
+from bcl_jax.bench.harness import alternating_blocks, random_unit_np
 from bcl_jax.models.heads import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -159,6 +159,34 @@ def test_gldv2_spec_is_what_the_gldv2_configs_set():
             assert theirs[key] == value, key
     assert set(spec.new_model) == set(config.new.model)
     assert set(spec.perturb) == set(config.perturb)
+
+
+def test_synthetic_spec_and_sizes_are_what_the_synthetic_config_sets():
+    from configs import synthetic
+
+    config, spec = synthetic.get_config(), benchmark_step.synthetic_spec()
+    for ours, theirs in (
+        (spec.new_model, config.new.model),
+        (spec.train, config.new.train),
+        (spec.compat, config.compat),
+        (spec.perturb, config.perturb),
+    ):
+        assert set(ours) <= set(theirs)
+        for key, value in ours.items():
+            assert theirs[key] == value, key
+    assert set(spec.new_model) == set(config.new.model)
+    data, sizes = config.data, bench.config()
+    assert sizes['benchmark_image_size'] == data.image_size
+    assert sizes['benchmark_batch'] == config.new.train.batch_size
+    classes = data.synthetic.train_families * data.synthetic.siblings_per_family
+    assert sizes['benchmark_classes'] == classes and data.validation_fraction == 0
+
+
+def test_alternating_blocks_reverse_every_other_round():
+    order = []
+    blocks = {name: (lambda name=name: order.append(name) or [len(order)]) for name in 'ab'}
+    assert alternating_blocks(blocks, rounds=3) == {'a': [1, 4, 5], 'b': [2, 3, 6]}
+    assert ''.join(order) == 'abbaab'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,8 +358,9 @@ def _nonzero_residual_scales(tree, rng):
     }
 
 
-def _bcl_jax_steps(spec, params, stats, bank, batch, classes):
-    """Losses (loss, cls, comp) and weights, as torch state dicts, after each of two steps."""
+def _bcl_jax_steps(spec, params, stats, bank, batch, classes, **state_kw):
+    """Losses (loss, cls, comp) and weights, as torch state dicts (`torch_state(..., **state_kw)`),
+    after each of two steps."""
     mesh = jax.make_mesh(
         (1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
     )
@@ -348,11 +377,11 @@ def _bcl_jax_steps(spec, params, stats, bank, batch, classes):
     for _ in range(2):
         state, metrics = built.step(state, batch)
         losses.append([float(metrics[k]) for k in ('loss', 'cls', 'comp')])
-        weights.append(torch_step.torch_state(*jax.device_get(built.weights(state))))
+        weights.append(torch_step.torch_state(*jax.device_get(built.weights(state)), **state_kw))
     return np.array(losses), weights
 
 
-def _torch_steps(spec, params, stats, bank, batch, classes):
+def _torch_steps(spec, params, stats, bank, batch, classes, **state_kw):
     """The same for torch_step's module and optimizer, from the same weights."""
     model_cfg = spec.new_model
     module = torch_step.torch_bct_module(
@@ -363,8 +392,9 @@ def _torch_steps(spec, params, stats, bank, batch, classes):
         temperature=spec.compat.temperature,
         weight=spec.compat.weight,
         prototypes=bank,
+        backbone=state_kw.get('backbone'),
     )
-    torch_step.load_bcl_jax_weights(module, params, stats)
+    torch_step.load_state(module, torch_step.torch_state(params, stats, **state_kw))
     module = module.to(memory_format=torch.channels_last).train()
     optimizer, _ = torch_step.torch_sgd(
         module,
@@ -421,3 +451,80 @@ def test_torch_step_matches_bcl_jax_step():
     assert max(head.values()) < 1e-3, sorted(head.items(), key=lambda kv: -kv[1])[:3]
     np.testing.assert_allclose(torch_losses[1], jax_losses[1], rtol=3e-4)
     assert not np.allclose(jax_losses[1], jax_losses[0], rtol=1e-3)  # the update mattered
+
+
+def _first_update_differences(start, jax_after, torch_after):
+    """Per weight: |bcl_jax's first update - PyTorch's| / max |PyTorch's update|."""
+    diffs = {}
+    for name, after in torch_after.items():
+        update = start[name] - after
+        diffs[name] = np.abs(start[name] - jax_after[name] - update).max() / np.abs(update).max()
+    return diffs
+
+
+@pytest.mark.slow
+def test_benchmark_torch_step_matches_bcl_jax_step():
+    """benchmark_step's PyTorch step is bcl_jax's for the built-in benchmark's CIFAR ResNet-8
+    (bcl_jax's own PyTorch ResNet): from the same weights (residual scales made nonzero, so that
+    every convolution counts) and batch, the losses of two steps agree, and so does the first
+    update of every weight (this net is shallow enough for its BatchNorm gradients to agree)."""
+    spec, classes = benchmark_step.synthetic_spec(), 10
+    kw = {'arch': 'cifar_resnet', 'backbone': benchmark_step.torch_backbone_spec(spec.new_model)}
+    model = build_model(spec.new_model, classes, rngs=nnx.Rngs(0))
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params = jax.device_get(nnx.to_pure_dict(params))
+    params = _nonzero_residual_scales(params, np.random.default_rng(1))
+    stats = jax.device_get(nnx.to_pure_dict(stats))
+    bank = random_unit_np(2, classes, spec.new_model.embedding_dim)
+    batch = train_step.random_batch(16, 16, classes)
+    jax_losses, jax_weights = _bcl_jax_steps(spec, params, stats, bank, batch, classes, **kw)
+    torch_losses, torch_weights = _torch_steps(spec, params, stats, bank, batch, classes, **kw)
+
+    assert np.all(jax_losses > 0.1)
+    np.testing.assert_allclose(torch_losses[0], jax_losses[0], rtol=1e-6)
+    start = torch_step.torch_state(params, stats, **kw)
+    diffs = _first_update_differences(start, jax_weights[0], torch_weights[0])
+    assert len(diffs) == 3 + 3 * 6 + 2 * 3 + 2 + 1  # stem, blocks, shortcuts, proj, kernel
+    print('update differences, max', max(diffs.values()))
+    print('second step, bcl_jax', jax_losses[1], 'torch', torch_losses[1])
+    assert max(diffs.values()) < 1e-3, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    np.testing.assert_allclose(torch_losses[1], jax_losses[1], rtol=1e-5)
+    assert not np.allclose(jax_losses[1], jax_losses[0], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark_step
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_cpu_device(monkeypatch):
+    """The fake devices of conftest.py left out: XLA's pool would have a thread per device."""
+    monkeypatch.setenv('XLA_FLAGS', '')
+
+
+@pytest.mark.slow  # ~30 s: JAX compiles the step, a PyTorch child process starts
+def test_benchmark_step_quick(tmp_path, one_cpu_device):
+    """The built-in benchmark's model's step in JAX and PyTorch (eager), in turn, at --quick
+    sizes (~30 s): both timed, the ratio from them, the same model and thread count in both."""
+    out = tmp_path / 'bench.json'
+    done = run_bench('--quick', '--measure=benchmark_step', f'--out={out}')
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())['results']['benchmark_step']
+    assert r['available'] and 'error' not in r, r.get('error')
+    assert (r['image_size'], r['batch'], r['classes']) == (16, 32, 1000)  # the quick sizes
+    assert r['model'] == benchmark_step.synthetic_spec().new_model.to_dict()
+    assert set(r['steps']) == {'jax', 'torch_eager'}  # --quick leaves torch.compile out
+    for timing in r['steps'].values():
+        assert timing['runs'] == len(timing['all_seconds']) == 2 * 2  # rounds x steps
+        assert timing['median_seconds'] == pytest.approx(np.median(timing['all_seconds']))
+        assert timing['images_per_sec'] == pytest.approx(32 / timing['median_seconds'])
+    jax_rate, torch_rate = (r['steps'][k]['images_per_sec'] for k in ('jax', 'torch_eager'))
+    assert r['jax_to_torch'] == {'eager': pytest.approx(jax_rate / torch_rate)}
+    threads = r['threads']
+    assert threads['jax'] == threads['torch'] >= 1 and threads['jax_from'].startswith('counted')
+    same = r['same_model']
+    assert same['parameters']['jax'] == same['parameters']['torch'] > 0
+    assert same['batch_stats']['jax'] == same['batch_stats']['torch'] > 0
+    assert same['first_loss_max_rel_diff'] < benchmark_step.LOSS_RTOL and same['ok']
+    assert r['steps']['torch_eager']['first_loss'] == same['first_loss']['torch_eager']

@@ -7,6 +7,8 @@ One module per group of measurements, each a function registered by name (`regis
 - eval_topk.py: eval_topk: the GLDv2 retrieval search, `knn.topk` against faiss.
 - train_step.py: train_step: one training step of the GLDv2 models, images per second.
 - torch_step.py: torch_step: the same BCT step in PyTorch (the weights convert both ways).
+- benchmark_step.py: benchmark_step: the built-in benchmark's new model's step on the CPU, JAX
+  and PyTorch timed in turn.
 
 Shared timing helpers: harness.py. Measured numbers, profiles and what was tried:
 docs/benchmarks.md.
@@ -17,11 +19,13 @@ from bcl_jax.bench import refresh  # noqa: I001
 from bcl_jax.bench import eval_topk
 from bcl_jax.bench import train_step
 from bcl_jax.bench import torch_step
+from bcl_jax.bench import benchmark_step
 from bcl_jax.bench.registry import MEASUREMENTS, SIZES, config, run
 
 __all__ = [
     'MEASUREMENTS',
     'SIZES',
+    'benchmark_step',
     'config',
     'eval_topk',
     'refresh',

@@ -3,8 +3,9 @@
     python -m bcl_jax.bench [--measure=floor,ndpp,odpp] [--quick] [--out=FILE] [--SIZE=N ...]
 
 Measurements: floor, ndpp, ndpp_parts, odpp (prototype refreshes); eval_topk (knn.topk vs
-faiss); train_step (the GLDv2 models' step); torch_step (that step in PyTorch). --quick: small
-sizes, seconds. Results: --out, by default runs/bench/bench-<time>.json in the checkout.
+faiss); train_step (the GLDv2 models' step); torch_step (that step in PyTorch); benchmark_step
+(the built-in benchmark's model's CPU step, JAX and PyTorch in turn). --quick: small sizes,
+seconds. Results: --out, by default runs/bench/bench-<time>.json in the checkout.
 What each computes and measured numbers: docs/benchmarks.md. Help on each size: --helpfull.
 """
 

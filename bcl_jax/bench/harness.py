@@ -36,6 +36,17 @@ def timed_together(calls: dict, repeats: int = 1) -> dict:
     return out
 
 
+def alternating_blocks(blocks: dict, rounds: int) -> dict:
+    """{name: seconds of every step} of `blocks` {name: fn() -> [seconds of each step it ran]},
+    run in turn for `rounds` rounds, every other round in reverse order (a b, b a, a b, ...): load
+    that changes with time, a steady drift included, falls on every block alike."""
+    out = {name: [] for name in blocks}
+    for r in range(rounds):
+        for name in list(blocks) if r % 2 == 0 else reversed(list(blocks)):
+            out[name] += blocks[name]()
+    return out
+
+
 def ratios(results: dict, a: str, b: str) -> dict:
     """min(a) / min(b), and a / b run by run (each pair ran back to back)."""
     ta, tb = results[a]['all_seconds'], results[b]['all_seconds']

@@ -10,10 +10,14 @@ share no CUDA libraries, memory pools or CPU threads. After `train_step` in the 
 `jax_to_torch` is JAX's BCT images/s per device over PyTorch's on one (target >= 1 on a GPU at
 224 px and batch 256). Needs torch and torchvision (requirements-test.txt), else `available`
 is false.
+
+benchmark_step uses the same module on another ResNet (`torch_backbone`) in a child process that
+times blocks of steps on request (`serve_main`, `torch_server`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -34,7 +39,7 @@ from bcl_jax.models import convert
 SIZES = sizes(
     'torch_step',
     {
-        'torch_compile': Size(True, False, 'also time the step under torch.compile'),
+        'torch_compile': Size(True, False, 'also time torch.compile (also benchmark_step)'),
         'torch_warmup': Size(3, 1, 'untimed steps first (cudnn autotuning)'),
     },
 )
@@ -49,6 +54,24 @@ def tf32_for(jax_precision) -> bool:
     return name not in ('highest', 'float32', 'f32_f32_f32')
 
 
+def torch_backbone(backbone: dict | None):
+    """(module, features per image): torchvision's ResNet-50 without `fc` for None (the GLDv2
+    model), else bcl_jax's own PyTorch ResNet (`serving_torch.ResNet`, what `export
+    --format=torch` writes; its outputs equal bcl_jax's, tests/test_serving.py) of `backbone`
+    (`resnet.backbone_spec` plus width and pool): torchvision has no CIFAR ResNet."""
+    import torch
+    import torchvision
+
+    if backbone is None:
+        module = torchvision.models.resnet50(weights=None, zero_init_residual=True)
+        module.fc = torch.nn.Identity()
+        return module, module.inplanes
+    from bcl_jax.serving_torch import ResNet
+
+    module = ResNet(**{k: backbone[k] for k in ('stage_sizes', 'block', 'width', 'stem', 'pool')})
+    return module, module.out_features
+
+
 def torch_bct_module(
     classes: int,
     *,
@@ -58,15 +81,16 @@ def torch_bct_module(
     temperature: float = 0.07,
     weight: float = 1.0,
     prototypes=None,
+    backbone: dict | None = None,
 ):
     """The GLDv2 configs' new model and BCT loss in PyTorch (needs torch and torchvision):
-    uint8 NHWC images -> ImageNet standardisation -> torchvision ResNet-50 (no fc) ->
-    Linear(2048, dim) -> L2 normalisation; CosFace cosines against the normalised columns of
-    `kernel` (dim, C), clipped to [-1, 1]; loss = CE(s·(cos − m on the target)) + weight ·
-    CE(emb·prototypesᵀ / temperature), as bcl_jax.losses. `prototypes` (C, dim): a fixed bank
-    (default: random unit vectors). `forward(images, labels)` returns (loss, l_cls, l_comp)."""
+    uint8 NHWC images -> ImageNet standardisation -> torchvision ResNet-50 (no fc; another
+    ResNet with `backbone`, see `torch_backbone`) -> Linear(features, dim) -> L2 normalisation;
+    CosFace cosines against the normalised columns of `kernel` (dim, C), clipped to [-1, 1];
+    loss = CE(s·(cos − m on the target)) + weight · CE(emb·prototypesᵀ / temperature), as
+    bcl_jax.losses. `prototypes` (C, dim): a fixed bank (default: random unit vectors).
+    `forward(images, labels)` returns (loss, l_cls, l_comp)."""
     import torch
-    import torchvision
     from torch.nn import functional as F
 
     from bcl_jax.models.heads import IMAGENET_MEAN, IMAGENET_STD
@@ -80,9 +104,8 @@ def torch_bct_module(
     class BCTStep(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = torchvision.models.resnet50(weights=None, zero_init_residual=True)
-            self.backbone.fc = torch.nn.Identity()
-            self.proj = torch.nn.Linear(self.backbone.inplanes, dim)
+            self.backbone, features = torch_backbone(backbone)
+            self.proj = torch.nn.Linear(features, dim)
             self.kernel = torch.nn.Parameter(torch.randn(dim, classes) / dim**0.5)
             for name, value in (
                 ('prototypes', prototypes),
@@ -111,27 +134,32 @@ def torch_bct_module(
     return BCTStep()
 
 
-def torch_state(params, batch_stats) -> dict[str, np.ndarray]:
-    """A `torch_bct_module` state dict (NumPy arrays) from bcl_jax's ResNet-50 EmbeddingModel
-    pure dicts: the backbone by `bcl_jax.models.convert`, the Dense kernel transposed, the
-    CosFace kernel (dim, C) as it is."""
-    state = {
-        f'backbone.{k}': v
-        for k, v in convert.backbone_to_torch(params, batch_stats, arch=ARCH).items()
-    }
+def torch_state(
+    params, batch_stats, *, arch: str = ARCH, backbone: dict | None = None
+) -> dict[str, np.ndarray]:
+    """A `torch_bct_module` state dict (NumPy arrays) from bcl_jax's EmbeddingModel pure dicts
+    (`arch`, ResNet-50 by default; another one needs its `backbone` as in `torch_backbone`):
+    the backbone by `bcl_jax.models.convert`, the Dense kernel transposed, the CosFace kernel
+    (dim, C) as it is."""
+    backbone_state = convert.backbone_to_torch(params, batch_stats, arch=arch, spec=backbone)
+    state = {f'backbone.{k}': v for k, v in backbone_state.items()}
     state['proj.weight'] = np.array(params['head']['proj']['kernel']).T.copy()
     state['proj.bias'] = np.array(params['head']['proj']['bias'])
     state['kernel'] = np.array(params['classifier']['kernel'])
     return state
 
 
-def load_bcl_jax_weights(module, params, batch_stats) -> None:
-    """Copies bcl_jax's weights into a `torch_bct_module`: every parameter and statistic (strict;
-    BatchNorm's step counters, which bcl_jax has not, set to 0)."""
+def load_state(module, state: dict[str, np.ndarray]) -> None:
+    """Copies a `torch_state` into a `torch_bct_module`: every parameter and statistic (strict:
+    any name or shape that differs fails; BatchNorm's step counters, which bcl_jax has not, 0)."""
     import torch
 
-    state = {k: torch.from_numpy(v) for k, v in torch_state(params, batch_stats).items()}
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+
+
+def load_bcl_jax_weights(module, params, batch_stats) -> None:
+    """`load_state` of bcl_jax's ResNet-50 weights (pure dicts)."""
+    load_state(module, torch_state(params, batch_stats))
 
 
 def torch_sgd(module, *, lr: float, momentum: float, weight_decay: float):
@@ -154,8 +182,47 @@ def child_main(spec_path: str, out_path: str) -> None:
         json.dump(_timings(spec), f)
 
 
-def _time_variants(spec, images, labels, device, sync) -> dict:
-    """{eager, compiled}: warm-up, then `repeats` synchronised steps taken in turn."""
+def serve_main(spec_path: str) -> None:
+    """The child process of `benchmark_step`: sets up as `child_main` does, answers with what it
+    set up (one JSON line), then, for each line it reads, the name of a variant, times
+    `spec['steps']` steps of it and answers with their seconds (a JSON line), until its input
+    closes. The parent times its JAX steps in between, so both see the same load."""
+    answers = os.fdopen(os.dup(1), 'w')
+    os.dup2(2, 1)  # the answers keep stdout to themselves: other output (warnings) goes to stderr
+    with open(spec_path) as f:
+        spec = json.load(f)
+    record, variants, sync = _setup(spec)
+    _answer(answers, record)
+    for line in sys.stdin:
+        step = variants[line.strip()]
+        _answer(answers, [_timed_step(step, sync) for _ in range(spec['steps'])])
+
+
+def _answer(stream, value) -> None:
+    stream.write(json.dumps(value) + '\n')
+    stream.flush()
+
+
+def _timed_step(step, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
+def _counts(module) -> dict:
+    """Numbers of trained parameters and of BatchNorm statistics (running means and variances)."""
+    stats = [b for n, b in module.named_buffers() if n.endswith(('running_mean', 'running_var'))]
+    return {
+        'parameters': sum(p.numel() for p in module.parameters()),
+        'batch_stats': sum(b.numel() for b in stats),
+    }
+
+
+def _build_variants(spec, images, labels, device, sync) -> tuple[dict, dict]:
+    """({eager, compiled: step}, {name: its set-up record or error}), each warmed up; the weights
+    are seeded, or loaded from `spec['weights']` (a `torch_state` in an .npz file) when set."""
     import torch
 
     head = {k: spec[k] for k in ('dim', 'scale', 'margin', 'temperature', 'weight')}
@@ -163,7 +230,10 @@ def _time_variants(spec, images, labels, device, sync) -> dict:
     variants, out = {}, {}
     for name in ('eager', 'compiled') if spec['compile'] else ('eager',):
         torch.manual_seed(0)
-        module = torch_bct_module(spec['classes'], **head)
+        module = torch_bct_module(spec['classes'], backbone=spec.get('backbone'), **head)
+        if spec.get('weights'):
+            with np.load(spec['weights']) as weights:
+                load_state(module, {k: weights[k] for k in weights.files})
         module = module.to(device, memory_format=torch.channels_last).train()
         optimizer, impl = torch_sgd(module, **opt)
         forward = torch.compile(module) if name == 'compiled' else module
@@ -189,31 +259,39 @@ def _time_variants(spec, images, labels, device, sync) -> dict:
             'warmup_steps': max(spec['warmup'], 1),
             'first_loss': first,
             'optimizer': impl,
+            **_counts(module),
             'all_seconds': [],
         }
         variants[name] = step
-    for _ in range(spec['repeats']):  # in turn, as harness.timed_together
-        for name, step in variants.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            out[name]['all_seconds'].append(time.perf_counter() - start)
-    for name in variants:
-        r = out[name]
-        r.update(seconds=min(r['all_seconds']), runs=len(r['all_seconds']))
-        r['images_per_sec'] = spec['batch'] / r['seconds']
-    return out
+    return variants, out
 
 
 def _timings(spec: dict) -> dict:
+    """`_setup`, then `repeats` synchronised steps of each variant taken in turn."""
+    record, variants, sync = _setup(spec)
+    for _ in range(spec['repeats']):  # in turn, as harness.timed_together
+        for name, step in variants.items():
+            record['steps'][name]['all_seconds'].append(_timed_step(step, sync))
+    for name in variants:
+        r = record['steps'][name]
+        r.update(seconds=min(r['all_seconds']), runs=len(r['all_seconds']))
+        r['images_per_sec'] = spec['batch'] / r['seconds']
+    return record
+
+
+def _setup(spec: dict) -> tuple[dict, dict, Callable | None]:
+    """Imports torch, picks the device (`spec['device']`, else CUDA when torch sees it) and its
+    settings, and the thread count (`spec['threads']`, else torch's default), builds and warms
+    up the variants on train_step's batch: (the record for the JSON, {name: step}, sync)."""
     try:
         import torch
         import torchvision
     except (ImportError, OSError, RuntimeError) as e:  # also a torchvision unfit for the torch
-        return {'available': False, 'error': f'{type(e).__name__}: {e}'}
-    cuda = torch.cuda.is_available()
-    device = torch.device('cuda' if cuda else 'cpu')
+        return {'available': False, 'error': f'{type(e).__name__}: {e}'}, {}, None
+    device = torch.device(spec.get('device') or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    cuda = device.type == 'cuda'
+    if spec.get('threads'):
+        torch.set_num_threads(spec['threads'])
     tf32 = tf32_for(spec['jax_default_matmul_precision'])
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -226,9 +304,9 @@ def _timings(spec: dict) -> dict:
     batch = random_batch(spec['batch'], spec['image_size'], spec['classes'])  # train_step's
     images = torch.from_numpy(batch['image']).to(device)
     labels = torch.from_numpy(batch['label'].astype(np.int64)).to(device)
-    steps = _time_variants(spec, images, labels, device, sync)
+    variants, steps = _build_variants(spec, images, labels, device, sync)
     backends = torch.backends
-    return {
+    record = {
         'available': True,
         'torch': torch.__version__,
         'torchvision': torchvision.__version__,
@@ -247,16 +325,14 @@ def _timings(spec: dict) -> dict:
         'peak_memory_bytes': torch.cuda.max_memory_allocated() if cuda else None,
         'steps': steps,
     }
+    return record, variants, sync
 
 
-def _step_spec(cfg) -> dict:
-    """What the child needs: sizes, and the GLDv2 new model's head, loss and optimizer."""
-    spec = gldv2_spec()
+def child_spec(spec, **sizes) -> dict:
+    """What the child needs of `spec` (as `gldv2_spec`: the new model's head, the loss and the
+    optimizer), with `sizes` (image_size, batch, classes, warmup, compile, ...)."""
     model, train = spec.new_model, spec.train
     return {
-        'image_size': cfg['step_image_size'],
-        'batch': cfg['step_batch'],
-        'classes': cfg['step_classes'],
         'dim': model.embedding_dim,
         'scale': model.scale,
         'margin': model.margin,
@@ -265,32 +341,86 @@ def _step_spec(cfg) -> dict:
         'lr': train.learning_rate,
         'momentum': train.momentum,
         'weight_decay': train.weight_decay,
-        'repeats': cfg['step_repeats'],
-        'warmup': cfg['torch_warmup'],
-        'compile': cfg['torch_compile'],
         'jax_default_matmul_precision': jax.config.jax_default_matmul_precision,
+        **sizes,
     }
 
 
-def _run_child(spec: dict) -> dict:
+def _step_spec(cfg) -> dict:
+    """The child's spec: the GLDv2 new model's head, loss and optimizer at train_step's sizes."""
+    return child_spec(
+        gldv2_spec(),
+        image_size=cfg['step_image_size'],
+        batch=cfg['step_batch'],
+        classes=cfg['step_classes'],
+        repeats=cfg['step_repeats'],
+        warmup=cfg['torch_warmup'],
+        compile=cfg['torch_compile'],
+    )
+
+
+def _child(function: str, *args: str) -> tuple[list[str], dict]:
+    """(argv, environment) of a Python child that runs `torch_step.<function>(*args)` with this
+    checkout's bcl_jax first on its path."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))
-    code = 'import sys; from bcl_jax.bench import torch_step; torch_step.child_main(*sys.argv[1:])'
+    code = f'import sys; from bcl_jax.bench import torch_step; torch_step.{function}(*sys.argv[1:])'
+    return [sys.executable, '-c', code, *args], dict(os.environ, PYTHONPATH=path)
+
+
+def _run_child(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = os.path.join(tmp, 'spec.json'), os.path.join(tmp, 'out.json')
         with open(spec_path, 'w') as f:
             json.dump(spec, f)
-        child = subprocess.run(
-            [sys.executable, '-c', code, spec_path, out_path],
-            check=False,
-            env=dict(os.environ, PYTHONPATH=path),
-            capture_output=True,
-            text=True,
-        )
+        argv, env = _child('child_main', spec_path, out_path)
+        child = subprocess.run(argv, check=False, env=env, capture_output=True, text=True)
         if child.returncode or not os.path.exists(out_path):
             return {'available': True, 'error': f'exit {child.returncode}: {child.stderr[-4000:]}'}
         with open(out_path) as f:
             return json.load(f)
+
+
+@contextlib.contextmanager
+def torch_server(spec: dict, weights: dict[str, np.ndarray]):
+    """The child process of `serve_main`, set up for `spec` from `weights` (a `torch_state`):
+    yields (what it set up, `ask`); `ask(variant)` times a block of that variant's steps in the
+    child and returns their seconds. Raises RuntimeError, with the child's stderr, when it
+    ends early; it ends when the block is left (its input closed)."""
+    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, 'stderr'), 'w+') as err:
+        spec = dict(spec, weights=os.path.join(tmp, 'weights.npz'))
+        np.savez(spec['weights'], **weights)
+        with open(os.path.join(tmp, 'spec.json'), 'w') as f:
+            json.dump(spec, f)
+        argv, env = _child('serve_main', f.name)
+        child = subprocess.Popen(
+            argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+
+        def read():
+            line = child.stdout.readline()
+            if not line:
+                err.seek(0)
+                raise RuntimeError(f'exit {child.wait()}: {err.read()[-4000:]}')
+            return json.loads(line)
+
+        def ask(variant: str) -> list[float]:
+            with contextlib.suppress(BrokenPipeError):  # a child gone: read() says why
+                child.stdin.write(variant + '\n')
+                child.stdin.flush()
+            return read()
+
+        try:
+            yield read(), ask
+        finally:
+            child.stdin.close()
+            child.wait()
+
+
+def torch_missing() -> dict | None:
+    """The result of a measurement that needs torch and torchvision where one is missing."""
+    missing = next((m for m in ('torch', 'torchvision') if importlib.util.find_spec(m) is None), '')
+    return {'available': False, 'error': f'No module named {missing!r}'} if missing else None
 
 
 def _compare_with_jax(out: dict, results: dict) -> None:
@@ -319,9 +449,9 @@ def _compare_with_jax(out: dict, results: dict) -> None:
 @measurement('torch_step')
 def bench_torch_step(cfg, results):
     """PyTorch's BCT step, timed in a child process (see the module docstring)."""
-    missing = next((m for m in ('torch', 'torchvision') if importlib.util.find_spec(m) is None), '')
+    missing = torch_missing()
     if missing:
-        return {'available': False, 'error': f'No module named {missing!r}'}
+        return missing
     spec = _step_spec(cfg)
     out = dict(
         _run_child(spec),

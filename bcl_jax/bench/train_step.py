@@ -156,8 +156,20 @@ def random_batch(batch: int, size: int, classes: int) -> dict:
     }
 
 
+def step_call(built: JaxStep, batch) -> Callable:
+    """A no-argument call running one step of `built` on `batch` (the state carried over from
+    call to call); it returns the loss."""
+    carried = [built.state]
+
+    def call():
+        carried[0], metrics = built.step(carried[0], batch)
+        return metrics['loss']
+
+    return call
+
+
 def _step_call(model_cfg, method: str, cfg, spec, mesh):
-    """A no-argument call running one step of `method` (the state carried over)."""
+    """`step_call` of `method` at train_step's sizes."""
     from bcl_jax.data import pipeline
 
     classes = cfg['step_classes']
@@ -170,14 +182,7 @@ def _step_call(model_cfg, method: str, cfg, spec, mesh):
         prototypes=random_bank(1, classes, model_cfg.embedding_dim),
     )
     batch = random_batch(cfg['step_batch'], cfg['step_image_size'], classes)
-    batch = pipeline.to_global(batch, mesh)
-    carried = [built.state]
-
-    def call():
-        carried[0], metrics = built.step(carried[0], batch)
-        return metrics['loss']
-
-    return call
+    return step_call(built, pipeline.to_global(batch, mesh))
 
 
 @measurement('train_step')
