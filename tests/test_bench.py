@@ -141,7 +141,18 @@ def test_bench_builds_its_step_in_one_function_and_imports_no_configs():
             assert not module.startswith('configs'), (path.name, where)
             if module.startswith(('bcl_jax.step', 'bcl_jax.train')):
                 users.add((path.name, where, module))
-    assert users == {('train_step.py', 'jax_train_step', 'bcl_jax.step')}
+    assert users == {('train_step.py', '<module>', 'bcl_jax.step')}
+    tree = ast.parse((REPO / 'bcl_jax' / 'bench' / 'train_step.py').read_text())
+    builders = {
+        f.name
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef)
+        for n in ast.walk(f)
+        if isinstance(n, ast.Attribute)
+        and n.attr == 'build'
+        and getattr(n.value, 'id', '') == 'step'
+    }
+    assert builders == {'jax_train_step'}
 
 
 def test_gldv2_spec_is_what_the_gldv2_configs_set():

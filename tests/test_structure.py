@@ -12,6 +12,8 @@ from bcl_jax.errors import ConfigError, require
 from configs import synthetic
 
 PACKAGE = os.path.join(os.path.dirname(__file__), '..', 'bcl_jax')
+# Modules that exist to hold a heavy optional library (PyTorch): imported where it runs only.
+LAZY = ('bcl_jax.serving_torch',)
 
 
 def _modules() -> dict[str, str]:
@@ -59,7 +61,7 @@ def _imports(modules):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 targets = _imported(node, module, path.endswith('__init__.py'), modules)
                 graph[module].update(t for t in targets if t != module)
-                if targets and id(node) in in_function:
+                if set(targets) - set(LAZY) and id(node) in in_function:
                     local.append((module, node.lineno))
     return graph, local
 

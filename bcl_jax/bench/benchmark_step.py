@@ -29,6 +29,8 @@ import numpy as np
 from bcl_jax.bench import torch_step, train_step
 from bcl_jax.bench.harness import alternating_blocks, random_unit_np
 from bcl_jax.bench.registry import Size, measurement, sizes
+from bcl_jax.data import pipeline
+from bcl_jax.models.resnet import backbone_spec
 
 SIZES = sizes(
     'benchmark_step',
@@ -59,8 +61,6 @@ def synthetic_spec() -> ml_collections.ConfigDict:
 
 def torch_backbone_spec(model_cfg) -> dict:
     """`torch_step.torch_backbone`'s description of the model's ResNet (`resnet.backbone_spec`)."""
-    from bcl_jax.models.resnet import backbone_spec
-
     spec = backbone_spec(model_cfg.arch, model_cfg.depth)
     return dict(spec, width=model_cfg.width, pool=model_cfg.pool)
 
@@ -102,8 +102,6 @@ def _thread_names() -> list[str]:
 def _jax_step(spec, cfg):
     """(a step call, bcl_jax's weights as a torch state dict, the numbers of parameters and of
     BatchNorm statistics) of the new model's BCT step on one CPU device."""
-    from bcl_jax.data import pipeline
-
     classes, model_cfg = cfg['benchmark_classes'], spec.new_model
     devices = jax.devices('cpu')[:1]
     mesh = jax.make_mesh((1,), ('data',), (jax.sharding.AxisType.Auto,), devices=devices)

@@ -35,6 +35,7 @@ from bcl_jax.bench.harness import random_unit_np
 from bcl_jax.bench.registry import Size, measurement, sizes
 from bcl_jax.bench.train_step import gldv2_spec, random_batch
 from bcl_jax.models import convert
+from bcl_jax.models.heads import IMAGENET_MEAN, IMAGENET_STD
 
 SIZES = sizes(
     'torch_step',
@@ -92,8 +93,6 @@ def torch_bct_module(
     `forward(images, labels)` returns (loss, l_cls, l_comp)."""
     import torch
     from torch.nn import functional as F
-
-    from bcl_jax.models.heads import IMAGENET_MEAN, IMAGENET_STD
 
     def unit(x, axis=-1):  # bcl_jax.models.heads.l2_normalize
         return x * torch.rsqrt(x.square().sum(axis, keepdim=True).clamp_min(1e-24))

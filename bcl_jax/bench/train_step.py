@@ -16,8 +16,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from bcl_jax import methods, sharding, step
 from bcl_jax.bench.harness import random_bank, timed_together
 from bcl_jax.bench.registry import Size, measurement, sizes
+from bcl_jax.data import pipeline
+from bcl_jax.stage import Reference, Stage, Trained
 
 SIZES = sizes(
     'train_step, torch_step',
@@ -116,9 +119,6 @@ def jax_train_step(model_cfg, method, spec, *, classes, mesh, prototypes, weight
     donated), SGD as configured in `spec.train` (1,000 steps an epoch), L_comp against
     `prototypes` (C, D). `weights`: (params, batch_stats) to start from instead of the model's
     seeded initialisation. The one place here that uses bcl_jax's training code."""
-    from bcl_jax import methods, sharding, step
-    from bcl_jax.stage import Reference, Stage, Trained
-
     train_cfg = ml_collections.ConfigDict(
         dict(spec.train.to_dict(), batch_size=1, epochs=1.0, steps=0)
     )
@@ -170,8 +170,6 @@ def step_call(built: JaxStep, batch) -> Callable:
 
 def _step_call(model_cfg, method: str, cfg, spec, mesh):
     """`step_call` of `method` at train_step's sizes."""
-    from bcl_jax.data import pipeline
-
     classes = cfg['step_classes']
     built = jax_train_step(
         model_cfg,
