@@ -233,6 +233,31 @@ def test_pad_crop_augment_is_the_default_stream():
         np.testing.assert_array_equal(a['image'], b['image'])
 
 
+@pytest.mark.parametrize('padding, size', [(0, 6), (2, 6), (5, 6), (6, 6), (9, 5)])
+def test_pad_crop_is_np_pad_reflect_then_a_crop_and_a_flip(padding, size):
+    """The pad-crop-flip against its definition (np.pad mode='reflect', a slice, a reversal),
+    drawn from the same generator: every offset and both flips, one reflection or several."""
+    image = np.random.default_rng(0).integers(0, 256, (size, size + 1, 3), dtype=np.uint8)
+    seen, combinations = set(), (2 * padding + 1) ** 2 * 2
+    for seed in range(20 * combinations):
+        got = pipeline._pad_crop(
+            {'image': image, 'label': 1},
+            np.random.default_rng(seed),
+            crop_padding=padding,
+            flip=True,
+        )['image']
+        rng = np.random.default_rng(seed)
+        padded = np.pad(image, ((padding,) * 2, (padding,) * 2, (0, 0)), mode='reflect')
+        y, x = rng.integers(0, 2 * padding + 1, size=2) if padding else (0, 0)
+        want = padded[y : y + size, x : x + size + 1]
+        flipped = rng.random() < 0.5
+        want = want[:, ::-1] if flipped else want
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.c_contiguous
+        seen.add((int(y), int(x), flipped))
+    assert len(seen) == combinations
+
+
 def test_augment_from_config_description_and_fingerprint():
     cfg = synthetic_config.get_config('smoke').data
     default = data.build(cfg)

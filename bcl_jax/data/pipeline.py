@@ -109,15 +109,31 @@ def _flip(image: np.ndarray, rng: np.random.Generator, flip: bool) -> np.ndarray
     return image[:, ::-1] if flip and rng.random() < 0.5 else image
 
 
+@functools.lru_cache(maxsize=256)
+def _reflected(n: int, shift: int) -> np.ndarray:
+    """The source index of each of n positions shifted by `shift` on an axis of length n
+    reflect-padded as np.pad's mode='reflect' does (edge not repeated), for |shift| < n."""
+    k = np.abs(np.arange(n) + shift)
+    return np.where(k > n - 1, 2 * (n - 1) - k, k)
+
+
 def _pad_crop(record: dict, rng: np.random.Generator, *, crop_padding: int, flip: bool) -> dict:
-    image = record['image']
-    if crop_padding:
-        h, w = image.shape[:2]
-        padded = np.pad(image, ((crop_padding,) * 2, (crop_padding,) * 2, (0, 0)), mode='reflect')
-        y, x = rng.integers(0, 2 * crop_padding + 1, size=2)
-        image = padded[y : y + h, x : x + w]
-    image = _flip(image, rng, flip)
-    return {'image': np.ascontiguousarray(image), 'label': record['label']}
+    """Reflect-pad by `crop_padding`, crop back at a random offset, flip at random: one gather
+    of the image's pixels (what np.pad, a slice and a reversal give, with the same draws)."""
+    image, p = record['image'], crop_padding
+    h, w = image.shape[:2]
+    if p >= min(h, w):  # beyond one reflection: np.pad's own rule
+        padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode='reflect')
+        y, x = rng.integers(0, 2 * p + 1, size=2)
+        image = np.ascontiguousarray(_flip(padded[y : y + h, x : x + w], rng, flip))
+        return {'image': image, 'label': record['label']}
+    rows, cols = np.arange(h), np.arange(w)
+    if p:
+        y, x = rng.integers(0, 2 * p + 1, size=2)
+        rows, cols = _reflected(h, int(y) - p), _reflected(w, int(x) - p)
+    if flip and rng.random() < 0.5:
+        cols = cols[::-1]
+    return {'image': image[rows[:, None], cols[None, :]], 'label': record['label']}
 
 
 def _random_crop(record: dict, rng: np.random.Generator, *, augment: Augment) -> dict:
