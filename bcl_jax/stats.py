@@ -30,7 +30,6 @@ import math
 import re
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 __all__ = [
     'confirmatory',
@@ -48,9 +47,17 @@ TESTS = ('new_new', 'new_old')  # the retrieval tests of a new model (evaluate.e
 _LABELS = {'new_new': 'new/new', 'new_old': 'new/old'}
 
 
+def _t():
+    """Student's t distribution. scipy.stats is imported on first use: it takes about a second
+    to import and a single run, which compares no seeds, never needs it."""
+    from scipy import stats
+
+    return stats.t
+
+
 def t_quantile(df: int, level: float = 0.95) -> float:
     """The two-sided `level` quantile of Student's t with `df` degrees of freedom."""
-    return float(scipy_stats.t.ppf(0.5 + level / 2, df))
+    return float(_t().ppf(0.5 + level / 2, df))
 
 
 def _values(x, name: str) -> np.ndarray:
@@ -370,7 +377,7 @@ def paired_t_pvalue(differences) -> float | None:
     if d.size < 2 or d.std(ddof=1) == 0:
         return None
     t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
-    return float(2 * scipy_stats.t.sf(abs(t), d.size - 1))
+    return float(2 * _t().sf(abs(t), d.size - 1))
 
 
 def holm(pvalues: dict) -> dict:

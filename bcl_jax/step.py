@@ -224,11 +224,16 @@ class Setup:
     num_params: int
 
 
+def check_reference(method, reference):
+    """Stops when `method` trains against an old model and `reference` is None."""
+    if method.needs_reference and reference is None:
+        raise ValueError(f'method {method.name!r} needs the old model and its prototypes')
+
+
 def build(stage, reference, *, mesh, shard_classes: bool) -> Setup:
     """The model, optimizer, step-0 state and jitted step of `stage` (see the module docstring)."""
     method = stage.method
-    if method.needs_reference and reference is None:
-        raise ValueError(f'method {method.name!r} needs the old model and its prototypes')
+    check_reference(method, reference)
     graphdef, params, stats = init_model(stage.model_cfg, stage.num_classes, stage.seed)
     _, per_epoch = total_steps(stage.train_cfg, len(stage.source))
     mask = no_decay_on_gem if stage.model_cfg.get('pool', 'avg') == 'gem' else None

@@ -146,6 +146,51 @@ def _resume(ckpt, state, meta: dict, stream, name: str):
     return state, start, saved.get('seconds', 0.0)
 
 
+def _trained(stage: Stage, graphdef, state, seconds: float, steps: int) -> Trained:
+    """The model of a train state, with what results.json records of its training."""
+    return Trained(
+        graphdef,
+        state['params'],
+        state['batch_stats'],
+        stage.model_cfg,
+        stage.num_classes,
+        int(state['step']),
+        seconds,
+        total_steps=steps,
+        notes=stage.method.notes(),
+    )
+
+
+def _finished(stage: Stage, ckpt, meta: dict, mesh, shard_classes: bool) -> Trained | None:
+    """A finished stage's model from its last checkpoint: the weights alone, onto a model
+    initialised abstractly enough to take them (no optimizer, method state or step to build).
+    None when the stage is not finished, or its checkpoint predates the method's notes in it
+    (then the full restore, which recomputes them)."""
+    latest = ckpt.latest_step()
+    if latest is None or latest < meta['total_steps'] or 'notes' not in ckpt.read_meta():
+        return None
+    cfg = stage.model_cfg
+    graphdef, params, stats = step_lib.init_model(cfg, stage.num_classes, 0, pretrained=False)
+    target, _ = sharding.place(
+        dict(params=params, batch_stats=stats), mesh, shard_classes=shard_classes
+    )
+    weights, saved, step = ckpt.restore_latest_weights(target, meta, strict=False)
+    if step < meta['total_steps']:  # the last step was unreadable: the full restore decides
+        return None
+    logging.info('[%s] finished at step %d/%d from %s', stage.name, step, step, ckpt.directory)
+    return Trained(
+        graphdef,
+        weights['params'],
+        weights['batch_stats'],
+        cfg,
+        stage.num_classes,
+        step,
+        saved.get('seconds', 0.0),
+        total_steps=meta['total_steps'],
+        notes=saved['notes'],
+    )
+
+
 def _banner(stage: Stage, setup, steps: int, per_epoch: float, mesh, shard_classes: bool) -> str:
     batch = stage.train_cfg.batch_size
     return (
@@ -294,6 +339,14 @@ def train(
     batch = stage.train_cfg.batch_size
     pipeline.local_batch_size(batch)  # fails early on a batch the devices cannot split
     shard_classes = loop.shard_classes
+    step_lib.check_reference(stage.method, reference)  # before its folder is made
+    ckpt = _open_checkpoints(stage, directory, loop)
+    meta = _meta(stage, steps)
+    finished = _finished(stage, ckpt, meta, mesh, shard_classes)
+    if finished is not None:
+        ckpt.close()
+        console.add_time(f'{stage.name}: set-up and restore', time.perf_counter() - set_up_start)
+        return finished
     logging.info('[%s] building the model, its optimizer and its train step', stage.name)
     setup = step_lib.build(stage, reference, mesh=mesh, shard_classes=shard_classes)
     state, method = setup.state, stage.method
@@ -302,27 +355,13 @@ def train(
     )
 
     # ---------------------------------------------------------------- resume
-    ckpt = _open_checkpoints(stage, directory, loop)
-    meta = _meta(stage, steps)
     stream = _stream(stage, loop)
     state, start, seconds = _resume(ckpt, state, meta, stream, stage.name)
     console.add_time(f'{stage.name}: set-up and restore', time.perf_counter() - set_up_start)
-    product = lambda state, seconds: Trained(
-        setup.graphdef,
-        state['params'],
-        state['batch_stats'],
-        stage.model_cfg,
-        stage.num_classes,
-        int(state['step']),
-        seconds,
-        total_steps=steps,
-        notes=method.notes(),
-    )
-
     if start >= steps:
         ckpt.close()
         stream.close()
-        return product(state, seconds)
+        return _trained(stage, setup.graphdef, state, seconds, steps)
     logging.info(
         '[%s] %s', stage.name, _banner(stage, setup, steps, per_epoch, mesh, shard_classes)
     )
@@ -363,7 +402,8 @@ def train(
             if done % loop.ckpt_every_steps == 0 or done == steps:
                 with waits('checkpoints'):
                     _check_finite(state, stage, ckpt.directory, directory)
-                    ckpt.save(done, state, stream.get_state(), dict(meta, seconds=seconds))
+                    saved = dict(meta, seconds=seconds, notes=method.notes())
+                    ckpt.save(done, state, stream.get_state(), saved)
         if end == steps:
             with waits('work between steps'):
                 method.finish(state, hooks)
@@ -372,7 +412,7 @@ def train(
         log.close()
         ckpt.close()
         stream.close()
-    return product(state, seconds)
+    return _trained(stage, setup.graphdef, state, seconds, steps)
 
 
 def load(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bcl_jax import checkpoint, sharding, train
+from bcl_jax import checkpoint, main, sharding, train
 from bcl_jax import data as data_lib
 from bcl_jax import plan as plan_lib
 from bcl_jax import step as step_lib
@@ -205,3 +205,55 @@ def test_class_sharded_run_resumes_on_another_mesh(smoke, tmp_path):
     assert kernel.shape == (dim, classes) and kernel.sharding.mesh == one
     assert_trees_close(host(resumed.params), host(straight.params))
     assert_trees_close(host(resumed.batch_stats), host(straight.batch_stats))
+
+
+# --------------------------------------------------------------------------- finished stages
+
+
+def _no_build(*args, **kwargs):
+    raise AssertionError('a finished stage built its train step')
+
+
+def test_a_finished_stage_loads_its_weights_without_building_its_step(smoke, tmp_path, monkeypatch):
+    """A rerun of a finished stage reads the weights alone: the same model, step and time as the
+    run that trained it, and no optimizer, method state or step is built."""
+    cfg, data = smoke
+    first = train_old(cfg, data, tmp_path)
+    monkeypatch.setattr(step_lib, 'build', _no_build)
+    again = train_old(cfg, data, tmp_path)
+    assert (again.step, again.total_steps, again.seconds) == (
+        first.step,
+        first.total_steps,
+        first.seconds,
+    )
+    assert again.identity() == first.identity()
+    np.testing.assert_array_equal(
+        host(again.params)['classifier']['kernel'], host(first.params)['classifier']['kernel']
+    )
+
+
+def test_a_finished_stage_keeps_its_method_notes_and_older_checkpoints_restore_in_full(
+    tmp_path, monkeypatch
+):
+    """NDPP's calibration (its notes) comes back from the checkpoint, as the run that trained it
+    computed it; a checkpoint without notes (an older bcl_jax) is restored in full, which
+    recomputes them."""
+    cfg = synthetic.get_config('smoke,methods=ndpp')
+    cfg.perturb.ndpp.rho = 0.5
+    first = main.run(cfg, str(tmp_path))['methods']['ndpp']
+    assert first['calibration']['rho'] > 0
+    builds = []
+    build = step_lib.build
+    monkeypatch.setattr(
+        step_lib, 'build', lambda *a, **k: builds.append(a[0].name) or build(*a, **k)
+    )
+    again = main.run(cfg, str(tmp_path))['methods']['ndpp']
+    assert builds == [] and again == first
+    read_meta = checkpoint.Checkpointer.read_meta
+    monkeypatch.setattr(
+        checkpoint.Checkpointer,
+        'read_meta',
+        lambda self: {k: v for k, v in read_meta(self).items() if k != 'notes'},
+    )
+    legacy = main.run(cfg, str(tmp_path))['methods']['ndpp']
+    assert builds == ['old', 'new_ndpp'] and legacy == first
