@@ -144,7 +144,7 @@ def run_one(config, workdir: str) -> dict:
     plan = validate.check_run(config, data)  # the stages of this run, resolved once
     # config.json: the settings of the models in the work directory. Written once every setting
     # is known to work; over an earlier run's only once the stages are trained, so that a rerun
-    # refused for changed settings (bcl_jax.stage) leaves it as it was.
+    # refused for changed settings (bcl_jax.fingerprint) leaves it as it was.
     config_json = os.path.join(workdir, 'config.json')
     if not epath.Path(config_json).exists():
         _write_config(config, config_json)
@@ -155,8 +155,8 @@ def run_one(config, workdir: str) -> dict:
     if config.old.checkpoint:  # the given model matches config.old.model: now its dim is known
         validate.check_dims(plan.methods, chain_models, config.old.model.embedding_dim)
     elif config.old.embeddings:  # the old model's files: their dim
-        where = f'the dim of the files in {config.old.embeddings}'
-        validate.check_dims(plan.methods, chain_models, old.dim, where)
+        files = f'the dim of the files in {config.old.embeddings}'
+        validate.check_dims(plan.methods, chain_models, old.dim, files)
 
     # 2. Old prototypes of every class of the new training set: what new models align to.
     with console.timed('old prototypes'):

@@ -203,7 +203,7 @@ def _banner(stage: Stage, setup, steps: int, per_epoch: float, mesh, shard_class
 
 def _learning_rate_advice(stage: Stage, directory: str) -> str:
     """How to train `stage` anew with a lower learning rate: a command that a rerun accepts (a
-    changed setting alone is refused, bcl_jax.stage; on_change=retrain moves the stage aside)."""
+    changed setting alone is refused, bcl_jax.fingerprint; on_change=retrain moves the stage aside)."""
     lr = stage.train_cfg.learning_rate
     aside = f'moves {directory} aside to {directory}.replaced-<n> and trains it anew'
     if stage.name == 'old' or stage.name.startswith('new_'):
