@@ -10,9 +10,9 @@
 
 Each upgrade is a stage like the others (its folder is its name; it resumes, and refuses other
 settings), trained on its classes against a `Reference` made of its predecessor and the
-predecessor's prototypes of the upgrade's classes (bcl_jax.plan builds both; main trains them). Class sets are nested: the old model's classes
-first, then the other classes in an order drawn once with `data.split_seed`. Only class splits
-(`data.old_split='classes'`) nest this way.
+predecessor's prototypes of the upgrade's classes (bcl_jax.plan builds both; main trains them).
+Class sets are nested: the old model's classes first, then the other classes in an order drawn
+once with `data.split_seed`. Only class splits (`data.old_split='classes'`) nest this way.
 """
 
 from __future__ import annotations

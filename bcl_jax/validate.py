@@ -152,10 +152,10 @@ def check_config(config):
         )
         _batch('perturb.exact_batch_size', stage_config.perturb.exact_batch_size, devices)
         method.check()
-    _upgrades(config, devices)
+    chain = _upgrades(config, devices)
     if not (config.old.checkpoint or config.old.get('embeddings')):
         # a given old model: once it is loaded (its dim is known then)
-        check_dims(built, upgrades.methods_of(config), config.old.model.embedding_dim)
+        check_dims(built, chain, config.old.model.embedding_dim)
 
 
 def check_dims(
@@ -203,8 +203,9 @@ def _same_dim(method: str, dim: int, old_dim: int, old_name: str):
     )
 
 
-def _upgrades(config, devices: int):
-    """config.upgrades, each field named by its upgrade (config.upgrades.<name>.<field>)."""
+def _upgrades(config, devices: int) -> dict:
+    """config.upgrades, each field named by its upgrade (config.upgrades.<name>.<field>);
+    returns name -> its Method."""
     variants = tuple(config.get('variants') or {})
     for name, spec in (config.get('upgrades') or {}).items():
         where = f'upgrades.{name}'
@@ -231,9 +232,11 @@ def _upgrades(config, devices: int):
                     value,
                     f'a field of config.new.{group} ({", ".join(sorted(config.new[group]))})',
                 )
-    for method in upgrades.methods_of(config).values():
+    chain = upgrades.methods_of(config)
+    for method in chain.values():
         _stage(method.config, 'new', devices)
         method.check()
+    return chain
 
 
 def check_run(config, data) -> plan_lib.Plan:

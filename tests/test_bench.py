@@ -434,13 +434,7 @@ def test_torch_step_matches_bcl_jax_step():
     small-batch BatchNorms they are ill-conditioned, and PyTorch's float32 CPU BatchNorm backward
     strays ~1e-3-3e-2 from a float64 reference there where bcl_jax's stays ~1e-5."""
     spec, classes = train_step.gldv2_spec(), 10
-    model = build_model(spec.new_model, classes, rngs=nnx.Rngs(0))
-    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    # NumPy copies: the bcl_jax step donates the device buffers it starts from.
-    params = jax.device_get(nnx.to_pure_dict(params))
-    params = _nonzero_residual_scales(params, np.random.default_rng(1))
-    stats = jax.device_get(nnx.to_pure_dict(stats))
-    bank = random_unit_np(2, classes, spec.new_model.embedding_dim)
+    params, stats, bank = _starting_point(spec, classes)
     batch = train_step.random_batch(8, 64, classes)
     jax_losses, jax_weights = _bcl_jax_steps(spec, params, stats, bank, batch, classes)
     torch_losses, torch_weights = _torch_steps(spec, params, stats, bank, batch, classes)
@@ -449,12 +443,7 @@ def test_torch_step_matches_bcl_jax_step():
     print('first step, bcl_jax', jax_losses[0], 'torch', torch_losses[0])
     np.testing.assert_allclose(torch_losses[0], jax_losses[0], rtol=1e-6)
     start = torch_step.torch_state(params, stats)
-    diffs = {}
-    for name, after in torch_weights[0].items():
-        update = start[name] - after
-        diffs[name] = (
-            np.abs(start[name] - jax_weights[0][name] - update).max() / np.abs(update).max()
-        )
+    diffs = _first_update_differences(start, jax_weights[0], torch_weights[0])
     head = {k: v for k, v in diffs.items() if k.startswith(('backbone.layer4.', 'proj.', 'kernel'))}
     assert len(head) == 1 + 2 + 3 * 9 + 3  # kernel, proj, layer4's blocks and shortcut
     print('update differences, median', np.median(list(diffs.values())), 'max', max(diffs.values()))
@@ -462,6 +451,18 @@ def test_torch_step_matches_bcl_jax_step():
     assert max(head.values()) < 1e-3, sorted(head.items(), key=lambda kv: -kv[1])[:3]
     np.testing.assert_allclose(torch_losses[1], jax_losses[1], rtol=3e-4)
     assert not np.allclose(jax_losses[1], jax_losses[0], rtol=1e-3)  # the update mattered
+
+
+def _starting_point(spec, classes: int):
+    """(params, stats, bank): the new model's seeded weights as NumPy copies (the bcl_jax step
+    donates the device buffers it starts from), residual scales made nonzero so that every
+    convolution counts, and a random prototype bank."""
+    model = build_model(spec.new_model, classes, rngs=nnx.Rngs(0))
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params = jax.device_get(nnx.to_pure_dict(params))
+    params = _nonzero_residual_scales(params, np.random.default_rng(1))
+    stats = jax.device_get(nnx.to_pure_dict(stats))
+    return params, stats, random_unit_np(2, classes, spec.new_model.embedding_dim)
 
 
 def _first_update_differences(start, jax_after, torch_after):
@@ -481,12 +482,7 @@ def test_benchmark_torch_step_matches_bcl_jax_step():
     update of every weight (this net is shallow enough for its BatchNorm gradients to agree)."""
     spec, classes = benchmark_step.synthetic_spec(), 10
     kw = {'arch': 'cifar_resnet', 'backbone': benchmark_step.torch_backbone_spec(spec.new_model)}
-    model = build_model(spec.new_model, classes, rngs=nnx.Rngs(0))
-    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params = jax.device_get(nnx.to_pure_dict(params))
-    params = _nonzero_residual_scales(params, np.random.default_rng(1))
-    stats = jax.device_get(nnx.to_pure_dict(stats))
-    bank = random_unit_np(2, classes, spec.new_model.embedding_dim)
+    params, stats, bank = _starting_point(spec, classes)
     batch = train_step.random_batch(16, 16, classes)
     jax_losses, jax_weights = _bcl_jax_steps(spec, params, stats, bank, batch, classes, **kw)
     torch_losses, torch_weights = _torch_steps(spec, params, stats, bank, batch, classes, **kw)
