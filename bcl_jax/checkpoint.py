@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -77,6 +78,26 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
+def _quiet_closed_loop_callbacks():
+    """When an asynchronous save fails (a full disk), orbax closes its event loop while
+    tensorstore's writes of the other chunks are still in flight; each of their completion
+    callbacks then reports 'Event loop is closed' as an unraisable error, from another thread
+    and before the main thread learns of the failure: a hundred tracebacks ahead of the one line
+    that says what happened (the save's own error, raised at the next save or at `close`). Those
+    reports, and only those, are left unsaid while a process saves asynchronously."""
+    previous = sys.unraisablehook
+    if getattr(previous, 'bcl_jax_quiet', False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+            previous(unraisable)
+
+    hook.bcl_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 def _free_space(directory: str) -> str:
     try:
         return f'{shutil.disk_usage(storage.absolute(directory)).free / 2**20:.1f} MiB free'
@@ -132,6 +153,8 @@ class Checkpointer:
         self.directory = storage.absolute(directory)
         self._read_only = read_only
         self._async = async_save
+        if async_save:
+            _quiet_closed_loop_callbacks()
         if read_only and not epath.Path(self.directory).is_dir():
             raise FileNotFoundError(f'checkpoint directory {self.directory} does not exist')
         options = ocp.CheckpointManagerOptions(
