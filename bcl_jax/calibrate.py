@@ -43,6 +43,7 @@ __all__ = [
     'neighbour_similarities',
     'nn_distance',
     'odpp_margin',
+    'overshoot',
     'readings',
 ]
 
@@ -89,6 +90,23 @@ def readings(old, perturbed, scale: float, *, num_classes=None, mesh=None, axis=
     own = jnp.mean(idx[:, 0] == jnp.arange(old.shape[0]))
     common = jnp.linalg.norm(jnp.mean(d, axis=0)) / jnp.maximum(shift, 1e-12)
     return {'rho': float(shift) / scale, 'own_nearest': float(own), 'common_mode': float(common)}
+
+
+def overshoot(reading: dict) -> str | None:
+    """What to tell the user when a refresh's `readings` go beyond `RHO_MAX`, else None.
+
+    A strength is calibrated with q = p; a term that reads the new bank (β, the second new-space
+    push) grows as q moves away from p. In the calibrated study such arms reached ρ ≈ 3, a shift
+    mostly shared by all classes, and training broke (docs/calibrated_study.md)."""
+    if reading['rho'] <= RHO_MAX:
+        return None
+    return (
+        f"the perturbed prototypes moved {reading['rho']:.2f} nearest-neighbour distances on "
+        f'average, beyond {RHO_MAX:g}: {1 - reading["own_nearest"]:.0%} of them now sit nearer '
+        f'another class\'s old prototype, and {reading["common_mode"]:.0%} of the shift is common '
+        'to all classes. A strength set with q = p (rho_beta, new_push) grows as the new '
+        'prototypes move away from the old ones; lower it (docs/calibrated_study.md).'
+    )
 
 
 def bisect(shift, target: float, lo: float, hi: float, *, increasing: bool = True):

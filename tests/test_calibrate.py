@@ -183,3 +183,25 @@ def test_ndpp_new_push_matches_numpy(bank):
     got = np.asarray(pt.ndpp(bank, new, k=k, alpha=alpha, beta=0.01, new_push=True))
     assert np.abs(got - want).max() < 1e-5
     assert np.abs(want - first).max() > 1e-3  # the second push does move p̃
+
+
+def test_beta_calibrated_at_q_equal_p_overshoots_once_q_moves_away(bank):
+    """The calibrated study's failure in miniature: β set for ρ_β = 0.5 with q = p; once the new
+    bank sits in other directions (p_c·q_c ≈ 0.5, as early in training), the same β moves the
+    prototypes several nearest-neighbour distances, mostly all the same way, and the refresh
+    warns. At q = p it does not."""
+    beta = calibrate.ndpp_alpha(bank, 0.5, k=4, term='beta')['beta']
+    rng = np.random.default_rng(3)
+    drift = _unit(rng.standard_normal((1, bank.shape[1])))  # a direction the new model favours
+    new = _unit(bank + 1.0 * drift + 0.3 * rng.standard_normal(bank.shape)).astype(np.float32)
+    assert 0.3 < np.mean(np.sum(bank * new, axis=1)) < 0.7
+    scale = calibrate.nn_distance(bank)
+    at_start = calibrate.readings(bank, pt.ndpp(bank, bank, k=4, alpha=0.0, beta=beta), scale)
+    assert at_start['rho'] == pytest.approx(0.5, rel=0.02)
+    assert calibrate.overshoot(at_start) is None
+    moved = pt.ndpp(bank, new, k=4, alpha=0.0, beta=beta)
+    later = calibrate.readings(bank, moved, scale)
+    assert later['rho'] == pytest.approx(_rho_reference(bank, moved), rel=1e-4)
+    assert later['rho'] > 2 and later['common_mode'] > 0.5
+    warning = calibrate.overshoot(later)
+    assert f"{later['rho']:.2f} nearest-neighbour distances" in warning

@@ -1,5 +1,7 @@
 """Tests for bcl_jax.methods: variants, and the NDPP/ODPP refresh between steps."""
 
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,11 +45,10 @@ def test_unknown_method_names_the_known_ones():
         methods.build('btc', stages.config())
 
 
-@pytest.mark.parametrize('mode', ['exact', 'ema'])
-def test_refresh_bank_recomputes_the_perturbed_positives(mode):
-    """A refresh feeds the current new prototypes (an exact pass over the data, or the
-    normalised EMA) to NDPP and stores its output as the positive bank; ODPP's Δ stays put."""
-
+def _refresh_case(mode: str, beta: float | None = None, crowd: bool = False) -> SimpleNamespace:
+    """An NDPP stage due to refresh at step 5 on a tiny benchmark (K = 3), with random unit
+    old prototypes (`crowd`: all near one direction, as a trained old bank is) and a random
+    new-prototype EMA."""
     spec = SyntheticSpec(
         image_size=stages.SIZE,
         train_families=2,
@@ -62,18 +63,33 @@ def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     model = Trained(graphdef, params, stats, model_cfg, source.num_classes, step=0)
     rng = np.random.default_rng(4)
     old = rng.normal(size=(source.num_classes, model_cfg.embedding_dim)).astype(np.float32)
+    if crowd:
+        old = old[:1] + 0.05 * old
     old /= np.linalg.norm(old, axis=1, keepdims=True)
     ema = rng.normal(size=old.shape).astype(np.float32)
     banks = dict(positive=jnp.asarray(old), new=jnp.asarray(ema))
     state = dict(params=params, batch_stats=stats, method=dict(banks=banks))
     run_cfg = stages.config(new_prototypes=mode)
     run_cfg.perturb.ndpp.k = 3
+    if beta is not None:
+        run_cfg.perturb.ndpp.beta = beta
     run_cfg.perturb.start_epochs, run_cfg.perturb.refresh_every_epochs = 0.0, 1.0
     cfg = run_cfg.perturb
     stage = stages.stage('ndpp', source=source, cfg=run_cfg, model=model_cfg)
     mesh = stages.mesh_of(8)
     reference = Reference(model, old, np.zeros(source.num_classes, np.int32))
     hooks = HookContext(stage, reference, graphdef, mesh, False, '/nonexistent', 5.0)
+    return SimpleNamespace(**locals())
+
+
+@pytest.mark.parametrize('mode', ['exact', 'ema'])
+def test_refresh_bank_recomputes_the_perturbed_positives(mode):
+    """A refresh feeds the current new prototypes (an exact pass over the data, or the
+    normalised EMA) to NDPP and stores its output as the positive bank; ODPP's Δ stays put."""
+
+    case = _refresh_case(mode)
+    source, model, mesh, old, ema = case.source, case.model, case.mesh, case.old, case.ema
+    cfg, stage, state, hooks = case.cfg, case.stage, case.state, case.hooks
     new_state, logged = stage.method.before_step(state, 5, hooks)
     assert logged['event'] == 'refresh'
     new_state = dict(bank=new_state['method']['banks'])
@@ -101,6 +117,23 @@ def test_refresh_bank_recomputes_the_perturbed_positives(mode):
     nn = np.linalg.norm(old - old[np.argmax(sims, axis=1)], axis=1).mean()
     assert logged['rho'] == pytest.approx(shift / nn, rel=1e-4)
     assert 0 <= logged['own_nearest'] <= 1 and 0 <= logged['common_mode'] <= 1
+
+
+def test_a_refresh_beyond_the_strength_cap_warns_once(caplog):
+    """A refresh that moves the prototypes more than calibrate.RHO_MAX nearest-neighbour
+    distances (here a β far above the reference's, on a crowded old bank, against an unrelated new bank) warns, once
+    per stage; the reference's β does not."""
+    quiet = _refresh_case('ema')
+    with caplog.at_level('WARNING'):
+        _, logged = quiet.stage.method.before_step(quiet.state, 5, quiet.hooks)
+    assert logged['rho'] < 1 and 'nearest-neighbour distances' not in caplog.text
+    loud = _refresh_case('ema', beta=3.0, crowd=True)
+    with caplog.at_level('WARNING'):
+        _, logged = loud.stage.method.before_step(loud.state, 5, loud.hooks)
+        loud.stage.method.before_step(loud.state, 10, loud.hooks)
+    assert logged['rho'] > 1
+    assert caplog.text.count('nearest-neighbour distances on average, beyond 1') == 1
+    assert f"moved {logged['rho']:.2f} nearest-neighbour distances" in caplog.text
 
 
 @pytest.mark.parametrize('perturb_negatives', [False, True])

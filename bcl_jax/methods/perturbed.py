@@ -21,6 +21,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from ml_collections.config_dict import placeholder
 
 from bcl_jax import calibrate, odpp, perturbation, plots, prototypes, sharding
@@ -107,12 +108,14 @@ class Perturbed(BCT):
     def __init__(self, config):
         super().__init__(config)
         self.calibration = {}  # what `calibrate` settles in `init_state`
+        self.overshoot_warned = False
 
     def init_state(self, stage, reference):
         # Until the first refresh p̃ = p, and a class's new prototype starts at its old one.
         bank = sharding.to_host(reference.prototypes)[: stage.num_classes]
         # The settings a given rho asks for (deterministic: a resumed stage recomputes them).
         self.calibration = self.calibrate(bank, jax.random.key(stage.seed))
+        self.overshoot_warned = False
         return {'banks': dict(positive=bank.copy(), new=bank.copy(), **self.own_banks(bank))}
 
     def calibrate(self, bank, key) -> dict:
@@ -190,6 +193,10 @@ class Perturbed(BCT):
             **calibrate.readings(old, positive, scale, num_classes=c, **search),
             **stats,
         )
+        warning = calibrate.overshoot(stats)
+        if warning and not self.overshoot_warned:  # once per stage: every refresh is logged
+            logging.warning('[%s] step %d: %s', ctx.stage.name, step, warning)
+            self.overshoot_warned = True
         # Each array back where its predecessor lived (sharded by class, or replicated).
         own = jax.tree.map(
             lambda x, was: jax.device_put(x, was.sharding), own, {k: banks[k] for k in own}
