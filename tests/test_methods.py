@@ -121,8 +121,8 @@ def test_refresh_bank_recomputes_the_perturbed_positives(mode):
 
 def test_a_refresh_beyond_the_strength_cap_warns_once(caplog):
     """A refresh that moves the prototypes more than calibrate.RHO_MAX nearest-neighbour
-    distances (here a β far above the reference's, on a crowded old bank, against an unrelated new bank) warns, once
-    per stage; the reference's β does not."""
+    distances (here a β far above the reference's, on a crowded old bank, against an unrelated
+    new bank) warns, once per stage; the reference's β does not."""
     quiet = _refresh_case('ema')
     with caplog.at_level('WARNING'):
         _, logged = quiet.stage.method.before_step(quiet.state, 5, quiet.hooks)
